@@ -1,0 +1,5 @@
+import sys
+
+from analog.cli import main
+
+sys.exit(main())
