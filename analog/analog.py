@@ -1,0 +1,224 @@
+"""AnaLog: the facade of seed 004 — watch a model, log inside ``with`` blocks, analyse offline.
+
+Project layout under ``root_dir/project/``::
+
+    logs/     the log store (see analog.storage.layout)
+    state/    config.json, projection.safetensors, curvature.{json,safetensors}
+
+Per-sample gradients are those of the loss the user backpropagates: with ``reduction="sum"`` the
+logged gradient of example i is ∇θ ℓ_i; with ``reduction="mean"`` it is ∇θ ℓ_i / B (B = batch size),
+which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from analog.capture import get_rule
+from analog.capture.hooks import Capture
+from analog.compression import build_projector
+from analog.config import Config, load_config
+from analog.hessian import Curvature, build_curvature
+from analog.ids import to_ids
+from analog.storage import LogStore, LogWriter, build_log_dataloader
+from analog.watch import select_modules
+
+
+class AnaLog:
+    """Log per-sample gradients/activations of watched modules and analyse them."""
+
+    def __init__(self, project: str, config=None):
+        self.project = project
+        self.config: Config = load_config(config)
+        self.modules: Dict[str, nn.Module] = {}
+        self.rules: Dict[str, Any] = {}
+        self.dims: Dict[str, Tuple[int, int, int]] = {}
+        self.projector = None
+        self.curvature: Optional[Curvature] = None
+        self.mode = "log"
+        self._writer: Optional[LogWriter] = None
+        self._pending: Dict[str, Any] = {}
+        self._capture: Optional[Capture] = None
+        self._last: Optional[Tuple[List[Any], Dict[str, Dict[str, torch.Tensor]]]] = None
+        self.analyses: Dict[str, Any] = {}
+
+    # -- paths ------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return Path(self.config.root_dir) / self.project
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "state"
+
+    # -- set-up -----------------------------------------------------------------------------
+    def update(self, values: Dict[str, Any]) -> "AnaLog":
+        """Merge ``values`` into the config (see analog.config for the keys)."""
+        if self._writer is not None or (self.curvature is not None and self.curvature.meta["n_samples"]):
+            raise RuntimeError("update() after logging started would mix settings within one store")
+        self.config = self.config.update(values)
+        if self.modules:
+            self._setup_state()
+        return self
+
+    setup = update
+
+    def watch(self, model: nn.Module, type_filter=None, name_filter=None) -> "AnaLog":
+        """Choose the modules of ``model`` to log (see analog.watch.select_modules). The model is untouched."""
+        self.modules = select_modules(model, type_filter, name_filter)
+        self.rules = {name: get_rule(m, name) for name, m in self.modules.items()}
+        self.dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(self.modules.items(),
+                                                                                        self.rules.values())}
+        self._setup_state()
+        return self
+
+    def _setup_state(self) -> None:
+        c = self.config.compression
+        self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init)
+        self.projector.setup(self.dims)
+        saved = self.state_path / "projection.safetensors"
+        if saved.exists():
+            self.projector.load_tensors(load_file(str(saved)))
+        saved_curvature = self.state_path / "curvature.json"
+        if saved_curvature.exists():
+            self.curvature = Curvature.load(self.state_path)
+        else:
+            self.curvature = build_curvature(self.config.hessian)
+
+    # -- logging ----------------------------------------------------------------------------
+    def __call__(self, data_id=None, mask: Optional[torch.Tensor] = None) -> "AnaLog":
+        self._pending = {"data_id": data_id, "mask": mask}
+        return self
+
+    def __enter__(self) -> "AnaLog":
+        if not self.modules:
+            raise RuntimeError("call analog.watch(model) before `with analog(...)`")
+        if self._capture is not None:
+            raise RuntimeError("`with analog(...)` blocks cannot be nested")
+        data_id, mask = self._pending.pop("data_id", None), self._pending.pop("mask", None)
+        ids = to_ids(data_id) if data_id is not None else None
+        training = self.mode == "log"
+        if training and self.config.save and ids is None:
+            raise ValueError("pass data_id=... to `with analog(...)` when logs are saved")
+        observer = self.curvature.observe if training and self.curvature.needs_factors else None
+        self._capture = Capture(self.modules, self.rules, self.projector, self.config.log,
+                                batch_size=len(ids) if ids is not None else None, mask=mask, observer=observer)
+        self._ids = ids
+        self._capture.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        capture, self._capture = self._capture, None
+        capture.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            return
+        logs = capture.logs
+        ids = self._ids if self._ids is not None else list(range(_batch_size(logs)))
+        self._check_finite(ids, logs)
+        self._last = (ids, logs)
+        if self.mode == "log" and logs:
+            self.curvature.add_samples(len(ids))
+            if self.config.save:
+                self._write(ids, logs)
+
+    def _check_finite(self, ids, logs) -> None:
+        if self.config.nonfinite != "error" or not logs:
+            return
+        flags = torch.stack([~torch.isfinite(t).all() for kinds in logs.values() for t in kinds.values()])
+        if bool(flags.any()):
+            for name, kinds in logs.items():
+                for kind, t in kinds.items():
+                    bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero().flatten().tolist()
+                    if bad:
+                        raise FloatingPointError(
+                            f"non-finite {kind} log in module {name!r} for ids {[ids[i] for i in bad][:10]}; "
+                            "nothing of this batch was stored (set nonfinite='allow' to store it anyway)")
+
+    def _write(self, ids, logs) -> None:
+        fields = [{"module": m, "kind": k, "shape": list(t.shape[1:])} for m, kinds in logs.items()
+                  for k, t in kinds.items()]
+        if self._writer is None:
+            self._writer = LogWriter(self.log_path, fields, self.config.storage.dtype,
+                                     self.projector.fingerprint(), self.config.storage.flush_bytes)
+            self._save_state()
+        elif fields != self._writer.header["fields"]:
+            raise ValueError(f"this batch's logs {fields} differ in modules or shapes from the store's "
+                             f"{self._writer.header['fields']}")
+        dtype = self._writer.torch_dtype
+        rows = torch.cat([t.reshape(t.shape[0], -1).to(dtype) for kinds in logs.values() for t in kinds.values()], 1)
+        self._writer.write(ids, rows.to("cpu"))
+
+    def get_log(self):
+        """(ids, {module: {kind: tensor}}) of the last ``with`` block."""
+        if self._last is None:
+            raise RuntimeError("no log yet: run a forward/backward pass inside `with analog(...)` first")
+        return self._last
+
+    # -- end of logging ---------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Flush logs, fit the curvature (once), save state. Calling it again changes nothing."""
+        if self._writer is not None:
+            self._writer.close()
+        if self.curvature is not None and not self.curvature.meta["finalized"] and self.curvature.meta["n_samples"]:
+            store = self.open_store() if self.curvature.needs_store else None
+            self.curvature.finalize(store, progress=self._progress())
+        self._save_state()
+
+    def eval(self) -> "AnaLog":
+        """Analysis mode: finalize, then `with` blocks capture queries without storing them."""
+        self.finalize()
+        self.mode = "eval"
+        return self
+
+    def _save_state(self) -> None:
+        self.state_path.mkdir(parents=True, exist_ok=True)
+        (self.state_path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        if self.projector is not None and self.projector.tensors:
+            save_file({k: v.contiguous() for k, v in self.projector.tensors.items()},
+                      str(self.state_path / "projection.safetensors"))
+        if self.curvature is not None and self.curvature.meta["finalized"]:
+            self.curvature.save(self.state_path)
+
+    def _progress(self) -> bool:
+        import sys
+
+        return self.config.progress if self.config.progress is not None else sys.stderr.isatty()
+
+    # -- reading back -----------------------------------------------------------------------
+    def open_store(self) -> LogStore:
+        fingerprint = self.projector.fingerprint() if self.projector is not None else None
+        return LogStore(self.log_path, expect_compression=fingerprint)
+
+    def build_log_dataloader(self, batch_size: int = 256, num_workers: int = 0):
+        return build_log_dataloader(self.open_store(), batch_size, num_workers)
+
+    def add_analysis(self, analyses: Dict[str, type]) -> "AnaLog":
+        """Attach analyses by name: ``add_analysis({"influence": InfluenceFunction})`` -> ``analog.influence``."""
+        for name, cls in analyses.items():
+            if hasattr(type(self), name):
+                raise ValueError(f"analysis name {name!r} clashes with an AnaLog attribute")
+            self.analyses[name] = cls(self)
+        return self
+
+    def __getattr__(self, name: str):
+        analyses = self.__dict__.get("analyses", {})
+        if name in analyses:
+            return analyses[name]
+        raise AttributeError(f"AnaLog has no attribute {name!r}; added analyses: {sorted(analyses)}")
+
+
+def _batch_size(logs) -> int:
+    for kinds in logs.values():
+        for t in kinds.values():
+            return t.shape[0]
+    return 0

@@ -1,0 +1,168 @@
+"""Influence functions over logged gradients.
+
+For a query q and a training example t, with per-module logged gradients g and the fitted
+curvature F̂ (block-diagonal over modules, damping λ as configured):
+
+    dot:     s(q, t) = Σ_m g_{q,m}ᵀ (F̂_m + λI)⁻¹ g_{t,m}
+    cosine:  s(q, t) / sqrt(s(q, q) · s(t, t))
+    l2:      −(s(q, q) + s(t, t) − 2 s(q, t))   (negative squared H⁻¹-distance; higher = closer)
+
+Positive ``dot`` scores mean up-weighting t lowers the loss on q (t helps q). Queries are
+preconditioned once; training logs stream from the store chunk by chunk and meet the queries in
+one matrix multiply per chunk. Self-influence is s(t, t).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from analog.analysis.results import InfluenceScores, TopKInfluence
+
+MODES = ("dot", "cosine", "l2")
+
+
+class InfluenceFunction:
+    """``analog.add_analysis({"influence": InfluenceFunction})`` -> ``analog.influence``."""
+
+    def __init__(self, analog):
+        self.analog = analog
+
+    # -- helpers ----------------------------------------------------------------------------
+    @property
+    def curvature(self):
+        return self.analog.curvature
+
+    def _grads(self, log, what: str) -> Tuple[List[Any], Dict[str, torch.Tensor]]:
+        ids, logs = log
+        grads = {m: kinds["grad"] for m, kinds in logs.items() if "grad" in kinds}
+        if not grads:
+            raise ValueError(f"the {what} log holds no gradients; log with update({{'log': ['grad']}})")
+        return list(ids), grads
+
+    def _check_match(self, query: Dict[str, torch.Tensor], train: Dict[str, torch.Tensor]) -> None:
+        if sorted(query) != sorted(train):
+            raise ValueError(f"query log modules {sorted(query)} differ from training log modules {sorted(train)}")
+        for m in query:
+            if query[m].shape[1:] != train[m].shape[1:]:
+                raise ValueError(
+                    f"module {m!r}: query gradients have shape {tuple(query[m].shape[1:])} but training "
+                    f"gradients {tuple(train[m].shape[1:])}; they were logged with different projections")
+
+    def precondition(self, grads: Dict[str, torch.Tensor], damping=None) -> Dict[str, torch.Tensor]:
+        """{m: (F̂_m + λI)⁻¹ g_m} flattened to (B, D_m), float32."""
+        damping = self.analog.config.damping if damping is None else damping
+        out = {}
+        for m, g in grads.items():
+            pre = self.curvature.precondition(m, g.float(), damping)
+            out[m] = pre.reshape(g.shape[0], -1).float()
+        return out
+
+    @staticmethod
+    def _flat(grads: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+        return {m: g.reshape(g.shape[0], -1).to(device, torch.float32) for m, g in grads.items()}
+
+    def _self_scores(self, grads, damping) -> torch.Tensor:
+        pre = self.precondition(grads, damping)
+        flat = self._flat(grads, next(iter(pre.values())).device)
+        return sum((pre[m] * flat[m]).sum(1) for m in pre)
+
+    def _pairwise(self, pre_q, train, mode, q_self, damping, per_module: bool):
+        flat = self._flat(train, next(iter(pre_q.values())).device)
+        parts = {m: pre_q[m] @ flat[m].T for m in pre_q}
+        dot = sum(parts.values())
+        if mode == "dot":
+            return dot, parts if per_module else {}
+        t_self = self._self_scores(train, damping).to(dot.device)
+        if mode == "cosine":
+            return dot / (q_self[:, None] * t_self[None, :]).clamp_min(1e-30).sqrt(), {}
+        return -(q_self[:, None] + t_self[None, :] - 2 * dot), {}
+
+    def _prepare(self, query_log, mode, damping):
+        if mode not in MODES:
+            raise ValueError(f"unknown influence mode {mode!r}; choose from {MODES}")
+        q_ids, q = self._grads(query_log, "query")
+        pre_q = self.precondition(q, damping)
+        q_self = None
+        if mode != "dot":
+            q_self = sum((pre_q[m] * self._flat(q, pre_q[m].device)[m]).sum(1) for m in pre_q)
+        return q_ids, q, pre_q, q_self
+
+    # -- public API -------------------------------------------------------------------------
+    def compute_influence(self, query_log, train_log, mode: str = "dot", damping: Optional[float] = None,
+                          per_module: bool = False) -> InfluenceScores:
+        """Scores of every query against every example of ``train_log`` (one batch in memory)."""
+        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping)
+        t_ids, t = self._grads(train_log, "training")
+        self._check_match(q, t)
+        scores, parts = self._pairwise(pre_q, t, mode, q_self, damping, per_module)
+        return InfluenceScores(scores.cpu(), q_ids, t_ids, {m: p.cpu() for m, p in parts.items()})
+
+    def compute_influence_all(self, query_log, log_loader=None, mode: str = "dot",
+                              damping: Optional[float] = None, per_module: bool = False,
+                              topk: Optional[int] = None, progress: Optional[bool] = None):
+        """Scores of the queries against the whole store; ``topk=k`` keeps only k best/worst per query."""
+        from tqdm.auto import tqdm
+
+        log_loader = log_loader if log_loader is not None else self.analog.build_log_dataloader()
+        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping)
+        chunks, parts_all, train_ids = [], {}, []
+        best = None
+        show = self.analog._progress() if progress is None else progress
+        for batch in tqdm(log_loader, desc="influence", disable=not show, leave=False):
+            t_ids, t = self._grads(batch, "training")
+            self._check_match(q, t)
+            scores, parts = self._pairwise(pre_q, t, mode, q_self, damping, per_module)
+            if topk is None:
+                chunks.append(scores.cpu())
+                for m, p in parts.items():
+                    parts_all.setdefault(m, []).append(p.cpu())
+            else:
+                best = _merge_topk(best, scores.cpu(), len(train_ids), topk)
+            train_ids.extend(t_ids)
+        if not train_ids:
+            raise ValueError("the training log loader yielded no examples")
+        if topk is not None:
+            return _topk_result(best, q_ids, train_ids)
+        return InfluenceScores(torch.cat(chunks, 1), q_ids, train_ids,
+                               {m: torch.cat(p, 1) for m, p in parts_all.items()})
+
+    def compute_self_influence(self, log_or_loader, damping: Optional[float] = None):
+        """s(t, t) for a log batch (returns a tensor) or a loader (returns (ids, tensor))."""
+        if isinstance(log_or_loader, tuple):
+            _, g = self._grads(log_or_loader, "self-influence")
+            return self._self_scores(g, damping).cpu()
+        ids, values = [], []
+        for batch in log_or_loader:
+            b_ids, g = self._grads(batch, "self-influence")
+            ids.extend(b_ids)
+            values.append(self._self_scores(g, damping).cpu())
+        return ids, torch.cat(values)
+
+
+def _merge_topk(best, scores: torch.Tensor, offset: int, k: int):
+    """Running top-k (largest and smallest) per row; positions are global column indices."""
+    pos = torch.arange(offset, offset + scores.shape[1]).expand(scores.shape[0], -1)
+    if best is not None:
+        hi_v, hi_i, lo_v, lo_i = best
+        hi_cat, hi_pos = torch.cat([hi_v, scores], 1), torch.cat([hi_i, pos], 1)
+        lo_cat, lo_pos = torch.cat([lo_v, scores], 1), torch.cat([lo_i, pos], 1)
+    else:
+        hi_cat, hi_pos, lo_cat, lo_pos = scores, pos, scores, pos
+    kk = min(k, hi_cat.shape[1])
+    hv, hi = hi_cat.topk(kk, dim=1)
+    lv, li = lo_cat.topk(kk, dim=1, largest=False)
+    return hv, hi_pos.gather(1, hi), lv, lo_pos.gather(1, li)
+
+
+def _topk_result(best, q_ids, train_ids) -> TopKInfluence:
+    hv, hi, lv, li = best
+    return TopKInfluence(
+        query_ids=q_ids,
+        helpful_ids=[[train_ids[j] for j in row] for row in hi.tolist()],
+        helpful_scores=hv,
+        harmful_ids=[[train_ids[j] for j in row] for row in li.tolist()],
+        harmful_scores=lv,
+        n_train=len(train_ids),
+    )

@@ -1,0 +1,68 @@
+"""Influence results: scores with the ids that name their rows and columns."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class InfluenceScores:
+    """``scores[i, j]`` = influence of training example ``train_ids[j]`` on query ``query_ids[i]``.
+
+    Positive means up-weighting the training example lowers the query's loss (it helps).
+    ``per_module`` holds the same matrix split by module when it was asked for (Σ = ``scores``).
+    """
+
+    scores: torch.Tensor
+    query_ids: List[Any]
+    train_ids: List[Any]
+    per_module: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def topk(self, k: int = 10) -> Dict[str, List[List[Any]]]:
+        """Per query, the ``k`` most helpful (highest) and most harmful (lowest) training ids."""
+        k = min(k, self.scores.shape[1])
+        helpful = self.scores.topk(k, dim=1).indices.tolist()
+        harmful = self.scores.topk(k, dim=1, largest=False).indices.tolist()
+        return {
+            "helpful": [[self.train_ids[j] for j in row] for row in helpful],
+            "harmful": [[self.train_ids[j] for j in row] for row in harmful],
+        }
+
+    def save(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"scores": self.scores.contiguous()}
+        tensors.update({f"module/{m}": s.contiguous() for m, s in self.per_module.items()})
+        save_file(tensors, str(path / "scores.safetensors"))
+        (path / "ids.json").write_text(json.dumps({"query_ids": self.query_ids, "train_ids": self.train_ids}))
+
+    @classmethod
+    def load(cls, path) -> "InfluenceScores":
+        path = Path(path)
+        tensors = load_file(str(path / "scores.safetensors"))
+        ids = json.loads((path / "ids.json").read_text())
+        per_module = {k[len("module/"):]: v for k, v in tensors.items() if k.startswith("module/")}
+        return cls(tensors["scores"], ids["query_ids"], ids["train_ids"], per_module)
+
+
+@dataclass
+class TopKInfluence:
+    """Bounded-memory result: per query, the k highest and k lowest scores and their training ids."""
+
+    query_ids: List[Any]
+    helpful_ids: List[List[Any]]
+    helpful_scores: torch.Tensor
+    harmful_ids: List[List[Any]]
+    harmful_scores: torch.Tensor
+    n_train: int = 0
+    extra: Optional[dict] = None
+
+    def topk(self, k: Optional[int] = None) -> Dict[str, List[List[Any]]]:
+        k = k or self.helpful_scores.shape[1]
+        return {"helpful": [r[:k] for r in self.helpful_ids], "harmful": [r[:k] for r in self.harmful_ids]}

@@ -1,0 +1,80 @@
+"""LoGra: low-rank gradient projection that never forms the full per-sample gradient.
+
+With P_in ∈ R^{d_in × r_in} and P_out ∈ R^{d_out × r_out} per module (and per group),
+
+    P_outᵀ G_b P_in = P_outᵀ (Σ_t δ_t a_tᵀ) P_in = Σ_t (P_outᵀ δ_t)(P_inᵀ a_t)ᵀ,
+
+so the forward hook keeps ã = a P_in (B, T, G, r_in), the backward hook forms δ̃ = δ P_out, and the
+stored per-sample gradient is Σ_t δ̃_t ã_tᵀ of shape (G, r_out, r_in) — memory O(T·r) instead of
+O(d_out·d_in) per sample.
+
+``init="random"``: Gaussian entries N(0, 1/r), seeded per module by (seed, module name), so
+E⟨P_outᵀG₁P_in, P_outᵀG₂P_in⟩ = ⟨G₁, G₂⟩ and every process builds the same matrices.
+``init="pca"``: the top-r eigenvectors of the activation covariance E[a aᵀ] and of the
+output-gradient covariance E[δ δᵀ], gathered in a first, uncompressed pass (see ``fit_pca``).
+A side whose rank is at least its dimension is left uncompressed (the identity).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from analog.compression.base import Projector, module_seed, rank_for
+
+
+def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen) / cols**0.5
+
+
+class LoGraProjector(Projector, kind="logra"):
+    def setup(self, dims: Dict[str, Tuple[int, int, int]]) -> None:
+        self.dims = dict(dims)
+        if self.init == "pca":
+            return
+        if self.init != "random":
+            raise ValueError(f"unknown LoGra init {self.init!r}; use 'random' or 'pca'")
+        tensors = {}
+        for name, (groups, d_out, d_in) in dims.items():
+            r_out, r_in = rank_for(name, self.rank)
+            for side, d, r in (("out", d_out, r_out), ("in", d_in, r_in)):
+                if r < d:
+                    p = gaussian(d, r, module_seed(self.seed, f"{name}/{side}"))
+                    tensors[f"{name}/{side}"] = p.unsqueeze(0).expand(groups, d, r).contiguous()
+        self.load_tensors(tensors)
+
+    def needs_fit(self) -> bool:
+        return self.init == "pca" and not self.tensors
+
+    def fit_pca(self, covariances: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Projections from ``{name: {"in": (G, d_in, d_in), "out": (G, d_out, d_out)}}`` covariances."""
+        tensors = {}
+        for name, (_, d_out, d_in) in self.dims.items():
+            r_out, r_in = rank_for(name, self.rank)
+            for side, d, r in (("out", d_out, r_out), ("in", d_in, r_in)):
+                if r < d:
+                    _, vecs = torch.linalg.eigh(covariances[name][side].double())
+                    tensors[f"{name}/{side}"] = vecs[..., -r:].flip(-1).float().contiguous()
+        self.load_tensors(tensors)
+
+    def grad_shape(self, name, dims):
+        groups, d_out, d_in = dims
+        r_out, r_in = rank_for(name, self.rank)
+        return (groups, min(r_out, d_out), min(r_in, d_in))
+
+    def project_activations(self, name, module, rule, x):
+        key = f"{name}/in"
+        if key not in self.tensors:
+            return rule.activations(module, x)
+        p_in = self._on(key, x.device)
+        if p_in.shape[0] == 1:
+            return rule.project_activations(module, x, p_in[0])
+        return torch.einsum("btgd,gdr->btgr", rule.activations(module, x), p_in)
+
+    def project_output_grads(self, name, delta):
+        key = f"{name}/out"
+        if key not in self.tensors:
+            return delta
+        return torch.einsum("btgd,gdr->btgr", delta, self._on(key, delta.device))

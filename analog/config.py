@@ -1,0 +1,128 @@
+"""Configuration of an AnaLog run: dataclasses in, dict/YAML in and out, unknown keys refused.
+
+Top-level keys (``AnaLog(config=...)`` or ``analog.update({...})``):
+
+=============  ====================================================================================
+root_dir       directory holding one folder per project (default ``./analog_logs``)
+log            any of ``"grad"``, ``"forward"``, ``"backward"`` (default ``["grad"]``)
+save           write logs to the store on disk (default ``True``)
+hessian        ``"none"`` (identity), ``"diagonal"``, ``"kfac"``, ``"ekfac"``, ``"raw"``; ``True`` means
+               ``"kfac"`` (one pass, cheap, works with ``save=False``); ``False`` means ``"none"``
+damping        λ added to the curvature: a float, or ``None`` for 0.1 × mean eigenvalue per module
+compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: rank}, init: random|pca,
+               seed: int}`` (default LoGra, rank 64, random, seed 0)
+storage        ``{dtype: float32|float16|bfloat16, flush_bytes: int}``
+nonfinite      ``"error"`` (default: raise, naming the module and ids) or ``"allow"``
+progress       show tqdm bars (default: only when stderr is a terminal)
+=============  ====================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+LOG_KINDS = ("grad", "forward", "backward")
+HESSIANS = ("none", "diagonal", "kfac", "ekfac", "raw")
+
+
+@dataclass
+class CompressionConfig:
+    type: str = "logra"
+    rank: Any = 64
+    init: str = "random"
+    seed: int = 0
+
+
+@dataclass
+class StorageConfig:
+    dtype: str = "float32"
+    flush_bytes: int = 64 * 2**20
+
+
+@dataclass
+class Config:
+    root_dir: str = "./analog_logs"
+    log: List[str] = field(default_factory=lambda: ["grad"])
+    save: bool = True
+    hessian: str = "none"
+    damping: Optional[float] = None
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    nonfinite: str = "error"
+    progress: Optional[bool] = None
+
+    def update(self, values: Dict[str, Any]) -> "Config":
+        """A new Config with ``values`` merged in (nested sections merge key by key)."""
+        merged = self.to_dict()
+        for key, value in values.items():
+            if key not in merged:
+                raise KeyError(f"unknown analog config key {key!r}; known keys: {sorted(merged)}")
+            if isinstance(merged[key], dict) and isinstance(value, dict):
+                unknown = set(value) - set(merged[key])
+                if unknown:
+                    raise KeyError(f"unknown key(s) {sorted(unknown)} in config section {key!r}; "
+                                   f"known: {sorted(merged[key])}")
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return Config.from_dict(merged)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "Config":
+        values = dict(values)
+        if "compression" in values and isinstance(values["compression"], dict):
+            values["compression"] = CompressionConfig(**values["compression"])
+        if "storage" in values and isinstance(values["storage"], dict):
+            values["storage"] = StorageConfig(**values["storage"])
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if isinstance(self.log, str):
+            self.log = [self.log]
+        bad = [k for k in self.log if k not in LOG_KINDS]
+        if bad:
+            raise ValueError(f"config 'log': unknown kind(s) {bad}; choose from {list(LOG_KINDS)}")
+        if self.hessian is True:
+            self.hessian = "kfac"
+        elif self.hessian is False or self.hessian is None:
+            self.hessian = "none"
+        if self.hessian not in HESSIANS:
+            raise ValueError(f"config 'hessian': unknown {self.hessian!r}; choose from {list(HESSIANS)}")
+        if self.nonfinite not in ("error", "allow"):
+            raise ValueError(f"config 'nonfinite' must be 'error' or 'allow', got {self.nonfinite!r}")
+        if self.compression.type not in ("logra", "dense", "none"):
+            raise ValueError(f"config 'compression.type': unknown {self.compression.type!r}")
+        if self.compression.type == "dense" and self.hessian in ("kfac", "ekfac"):
+            raise ValueError("K-FAC and EK-FAC need Kronecker factors, which a dense projection does not keep; "
+                             "use hessian 'raw', 'diagonal' or 'none' with compression type 'dense'")
+        if self.storage.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"config 'storage.dtype': unknown {self.storage.dtype!r}")
+
+
+def load_config(config: Union[None, str, Path, Dict[str, Any], Config]) -> Config:
+    """A Config from nothing (defaults), a dict, a Config, or a YAML file path."""
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.exists():
+            raise FileNotFoundError(f"analog config file {path} does not exist")
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"analog config file {path} must hold a mapping, not {type(values).__name__}")
+        return Config().update(values)
+    if isinstance(config, dict):
+        return Config().update(config)
+    raise TypeError(f"config must be None, a dict or a YAML path, not {type(config).__name__}")

@@ -1,0 +1,123 @@
+"""Curvature (Hessian approximations) over logged per-sample gradients, one block per module.
+
+Conventions (per module, gradients G of shape (G_groups, d_out, d_in) flattened row-major):
+
+* the empirical Fisher is F = (1/N) Σ_n vec(G_n) vec(G_n)ᵀ, N = number of logged examples;
+* ``precondition(name, g)`` returns (F̂ + λI)⁻¹ g for the approximation F̂ of each kind;
+* λ is explicit, or ``None`` for the heuristic 0.1 × mean eigenvalue of F̂ for that module;
+* damping is applied to a copy at query time: fitted state is never changed by a query.
+
+Statistics are collected in two places: Kronecker factors from the hooks while logging
+(``observe``), and gradient statistics by one streaming read of the store (``fit_store``).
+``finalize`` normalises once; calling it again changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar, Dict, Optional, Type
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_KINDS: Dict[str, Type["Curvature"]] = {}
+HEURISTIC_DAMPING = 0.1
+
+
+class CurvatureError(RuntimeError):
+    """Curvature that was not fitted, or does not match the logs it is applied to."""
+
+
+def damping_value(eigenvalues: torch.Tensor, damping: Optional[float]) -> float:
+    """λ: the explicit value, or 0.1 × mean(eigenvalues) when ``damping`` is None."""
+    if damping is not None:
+        return float(damping)
+    return HEURISTIC_DAMPING * float(eigenvalues.double().mean())
+
+
+class Curvature:
+    """Base class; subclasses register with ``kind=`` and implement the hooks they need."""
+
+    kind: ClassVar[str]
+    needs_factors: ClassVar[bool] = False
+    needs_store: ClassVar[bool] = False
+
+    def __init_subclass__(cls, kind: Optional[str] = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            cls.kind = kind
+            _KINDS[kind] = cls
+
+    def __init__(self):
+        self.state: Dict[str, torch.Tensor] = {}
+        self.meta: Dict[str, float] = {"n_samples": 0, "finalized": False}
+
+    # -- collection -------------------------------------------------------------------------
+    def observe(self, name: str, a: torch.Tensor, d: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        """Factors of one forward/backward call: a (B, T, G, r_in), d (B, T, G, r_out)."""
+
+    def add_samples(self, n: int) -> None:
+        if self.meta["finalized"]:
+            raise CurvatureError("curvature is already finalized; start a new project to log more")
+        self.meta["n_samples"] += int(n)
+
+    def finalize(self, store=None, progress: bool = False) -> None:
+        """Normalise once, then fit what needs the store. Idempotent."""
+        if self.meta["finalized"]:
+            return
+        self._finalize(store, progress)
+        self.meta["finalized"] = True
+
+    def _finalize(self, store, progress: bool) -> None:
+        pass
+
+    # -- queries ----------------------------------------------------------------------------
+    def precondition(self, name: str, g: torch.Tensor, damping: Optional[float] = None) -> torch.Tensor:
+        """(F̂ + λI)⁻¹ g for per-example gradients g of shape (B, *grad_shape)."""
+        raise NotImplementedError
+
+    def require(self, name: str, key: str) -> torch.Tensor:
+        if not self.meta["finalized"]:
+            raise CurvatureError(f"{self.kind} curvature is not fitted yet: log with analog, then call "
+                                 "analog.finalize() (or analog.eval()) before querying")
+        try:
+            return self.state[f"{name}/{key}"]
+        except KeyError:
+            raise CurvatureError(f"{self.kind} curvature has no statistics for module {name!r}; "
+                                 f"fitted modules: {self.modules()}") from None
+
+    def modules(self):
+        return sorted({k.rsplit("/", 1)[0] for k in self.state})
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state.items()}
+        save_file(tensors, str(directory / "curvature.safetensors"))
+        (directory / "curvature.json").write_text(json.dumps({"kind": self.kind, **self.meta}))
+
+    @staticmethod
+    def load(directory: Path) -> "Curvature":
+        meta = json.loads((directory / "curvature.json").read_text())
+        curvature = build_curvature(meta.pop("kind"))
+        curvature.meta = meta
+        curvature.state = load_file(str(directory / "curvature.safetensors"))
+        return curvature
+
+
+def build_curvature(kind: str) -> Curvature:
+    if kind not in _KINDS:
+        raise ValueError(f"unknown hessian {kind!r}; known: {sorted(_KINDS)}")
+    return _KINDS[kind]()
+
+
+def store_batches(store, batch_size: int = 512, progress: bool = False, desc: str = "fitting curvature"):
+    """Yield {module: grad (B, D) float64} over the store, with an optional tqdm bar."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(store), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        _, logs = store.batch(start, min(start + batch_size, len(store)))
+        yield {m: kinds["grad"].reshape(kinds["grad"].shape[0], -1).double() for m, kinds in logs.items()
+               if "grad" in kinds}

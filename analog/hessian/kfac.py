@@ -1,0 +1,89 @@
+"""K-FAC and EK-FAC in the (possibly LoGra-projected) space of the logged gradients.
+
+Factors collected by the hooks over every position t of every example (masked positions zeroed):
+
+    A = (1/T_total) Σ a_t a_tᵀ     (G, r_in, r_in),   T_total = number of unmasked positions
+    S = (1/N)       Σ δ_t δ_tᵀ     (G, r_out, r_out), N = number of examples
+
+so that, for row-major vec(G), F ≈ S ⊗ A (for sequences this scales as T·E[δδᵀ]⊗E[aaᵀ], matching
+F's per-example sum over positions). With S = Q_S diag(s) Q_Sᵀ and A = Q_A diag(α) Q_Aᵀ (float64):
+
+    K-FAC:   (F̂ + λI)⁻¹ G = Q_S [(Q_Sᵀ G Q_A) ⊘ (s αᵀ + λ)] Q_Aᵀ
+    EK-FAC:  the same with s αᵀ replaced by the corrected eigenvalues
+             Λ = (1/N) Σ_n (Q_Sᵀ G_n Q_A)⊙²,
+             computed by one streaming read of the stored per-sample gradients (no second model
+             pass), i.e. the diagonal of the Fisher in the Kronecker eigenbasis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from analog.hessian.base import Curvature, CurvatureError, damping_value, store_batches
+
+
+class KFAC(Curvature, kind="kfac"):
+    needs_factors = True
+
+    def observe(self, name, a, d, mask):
+        a64, d64 = a.double(), d.double()
+        a_sum = torch.einsum("btgi,btgj->gij", a64, a64).cpu()
+        s_sum = torch.einsum("btgo,btgp->gop", d64, d64).cpu()
+        tokens = float(mask.sum()) if mask is not None and a.shape[1] > 1 else float(a.shape[0] * a.shape[1])
+        for key, value in (("A_sum", a_sum), ("S_sum", s_sum)):
+            full = f"{name}/{key}"
+            self.state[full] = value if full not in self.state else self.state[full] + value
+        tok = f"{name}/tokens"
+        self.state[tok] = self.state.get(tok, torch.zeros((), dtype=torch.float64)) + tokens
+
+    def _finalize(self, store, progress):
+        n = self.meta["n_samples"]
+        if n == 0:
+            raise CurvatureError(f"{self.kind}: no examples were logged; nothing to fit")
+        for name in self.modules():
+            a = self.state.pop(f"{name}/A_sum") / self.state.pop(f"{name}/tokens").clamp_min(1)
+            s = self.state.pop(f"{name}/S_sum") / n
+            alpha, q_a = torch.linalg.eigh(a)
+            sigma, q_s = torch.linalg.eigh(s)
+            self.state.update({f"{name}/A": a, f"{name}/S": s, f"{name}/QA": q_a, f"{name}/QS": q_s,
+                               f"{name}/eA": alpha.clamp_min(0), f"{name}/eS": sigma.clamp_min(0)})
+
+    def eigenvalues(self, name: str) -> torch.Tensor:
+        """(G, r_out, r_in) eigenvalues of F̂ in the Kronecker eigenbasis: s αᵀ."""
+        return self.require(name, "eS")[:, :, None] * self.require(name, "eA")[:, None, :]
+
+    def precondition(self, name, g, damping=None):
+        q_s, q_a = self.require(name, "QS"), self.require(name, "QA")
+        evals = self.eigenvalues(name)
+        lam = damping_value(evals, damping)
+        g64 = g.double().reshape(g.shape[0], *evals.shape)
+        q_s, q_a, evals = q_s.to(g.device), q_a.to(g.device), evals.to(g.device)
+        rotated = q_s.transpose(-1, -2) @ g64 @ q_a
+        return (q_s @ (rotated / (evals + lam)) @ q_a.transpose(-1, -2)).reshape(g.shape)
+
+
+class EKFAC(KFAC, kind="ekfac"):
+    needs_store = True
+
+    def _finalize(self, store, progress):
+        if store is None:
+            raise CurvatureError("EK-FAC corrects eigenvalues from the logged gradients: set save=True")
+        super()._finalize(store, progress)
+        sums = {}
+        for logs in store_batches(store, progress=progress, desc="EK-FAC eigenvalue correction"):
+            for name, g in logs.items():
+                q_s, q_a = self.state[f"{name}/QS"], self.state[f"{name}/QA"]
+                rotated = q_s.transpose(-1, -2) @ g.reshape(g.shape[0], *self._shape(name)) @ q_a
+                term = (rotated**2).sum(0)
+                sums[name] = term if name not in sums else sums[name] + term
+        for name in self.modules():
+            if name not in sums:
+                raise CurvatureError(f"EK-FAC: the store has no gradients for module {name!r}")
+            self.state[f"{name}/corrected"] = sums[name] / len(store)
+
+    def _shape(self, name):
+        return (self.state[f"{name}/QS"].shape[0], self.state[f"{name}/QS"].shape[-1],
+                self.state[f"{name}/QA"].shape[-1])
+
+    def eigenvalues(self, name):
+        return self.require(name, "corrected")

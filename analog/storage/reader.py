@@ -1,0 +1,120 @@
+"""Read a log store back: validated metadata, zero-copy memory-mapped rows, split by module.
+
+Rows are memory-mapped copy-on-write (``mode="c"``): reading a contiguous range of one chunk is
+a view on the page cache, never a copy; writes to the returned tensors never reach the file.
+"""
+
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from analog.storage.layout import DTYPES, FORMAT_VERSION, STORE_FILE, StoreError, chunk_indices, chunk_name, read_json
+
+#: (ids, {module: {kind: tensor (B, *shape)}})
+LogBatch = Tuple[List[Any], Dict[str, Dict[str, torch.Tensor]]]
+
+
+class LogStore:
+    """A read-only view of the store at ``path``; ``expect`` (fields, compression) is checked."""
+
+    def __init__(self, path, expect_fields: Optional[list] = None, expect_compression: Optional[dict] = None):
+        self.path = Path(path)
+        if not (self.path / STORE_FILE).exists():
+            raise StoreError(f"no log store at {self.path} (missing {STORE_FILE}); log with save=True first")
+        self.header = read_json(self.path / STORE_FILE)
+        if self.header.get("format") != FORMAT_VERSION or self.header.get("dtype") not in DTYPES:
+            raise StoreError(f"{self.path / STORE_FILE}: unsupported format or dtype in {self.header!r}")
+        self.fields = self.header["fields"]
+        self.row_elems = int(self.header["row_elems"])
+        self.torch_dtype, self.np_dtype = DTYPES[self.header["dtype"]]
+        self._check("fields", self.fields, expect_fields)
+        self._check("compression", self.header.get("compression"), expect_compression)
+        self._open_chunks()
+
+    def _check(self, what: str, stored, expected) -> None:
+        if expected is not None and stored != expected:
+            raise StoreError(
+                f"store {self.path} was written with different {what} than expected:\n"
+                f"  stored:   {stored!r}\n  expected: {expected!r}"
+            )
+
+    def _open_chunks(self) -> None:
+        self.ids: List[Any] = []
+        self._maps: List[np.ndarray] = []
+        self._starts: List[int] = []
+        itemsize = np.dtype(self.np_dtype).itemsize
+        for index in chunk_indices(self.path)["json"]:
+            meta = read_json(self.path / chunk_name(index, "json"))
+            bin_path = self.path / chunk_name(index, "bin")
+            n = int(meta["n"])
+            if len(meta["ids"]) != n:
+                raise StoreError(f"{bin_path.with_suffix('.json')}: {len(meta['ids'])} ids for n={n}")
+            expected = n * self.row_elems * itemsize
+            if not bin_path.exists():
+                raise StoreError(f"missing chunk data file {bin_path} (its metadata says {n} examples)")
+            if bin_path.stat().st_size != expected:
+                raise StoreError(f"chunk {bin_path} has {bin_path.stat().st_size} bytes, expected {expected}")
+            self._starts.append(len(self.ids))
+            self.ids.extend(meta["ids"])
+            if n:
+                self._maps.append(np.memmap(bin_path, dtype=self.np_dtype, mode="c", shape=(n, self.row_elems)))
+            else:
+                self._maps.append(np.zeros((0, self.row_elems), dtype=self.np_dtype))
+        self._index = {(tuple(i) if isinstance(i, list) else i): k for k, i in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def modules(self) -> List[str]:
+        return list(dict.fromkeys(f["module"] for f in self.fields))
+
+    def position(self, data_id: Any) -> int:
+        try:
+            return self._index[data_id]
+        except KeyError:
+            raise KeyError(f"id {data_id!r} is not in store {self.path}") from None
+
+    # -- rows -------------------------------------------------------------------------------
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as one (n, row_elems) tensor; zero-copy within one chunk."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"rows [{start}, {stop}) out of range for {len(self)} examples")
+        parts = []
+        pos = start
+        while pos < stop:
+            c = bisect.bisect_right(self._starts, pos) - 1
+            local = pos - self._starts[c]
+            take = min(stop - pos, self._maps[c].shape[0] - local)
+            parts.append(self._tensor(self._maps[c][local : local + take]))
+            pos += take
+        if not parts:
+            return torch.empty(0, self.row_elems, dtype=self.torch_dtype)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def gather(self, positions: Sequence[int]) -> torch.Tensor:
+        """Rows at arbitrary positions (a copy)."""
+        return torch.stack([self.rows(p, p + 1)[0] for p in positions]) if len(positions) else self.rows(0, 0)
+
+    def _tensor(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if self.np_dtype is np.uint16 else t
+
+    def split(self, rows: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
+        """(B, row_elems) -> {module: {kind: (B, *shape)}} as views of ``rows``."""
+        out: Dict[str, Dict[str, torch.Tensor]] = {}
+        offset = 0
+        for field in self.fields:
+            size = int(np.prod(field["shape"])) if field["shape"] else 1
+            view = rows[:, offset : offset + size].reshape(rows.shape[0], *field["shape"])
+            out.setdefault(field["module"], {})[field["kind"]] = view
+            offset += size
+        return out
+
+    def batch(self, start: int, stop: int) -> LogBatch:
+        return self.ids[start:stop], self.split(self.rows(start, stop))
