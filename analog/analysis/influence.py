@@ -41,14 +41,28 @@ class InfluenceFunction:
             raise ValueError(f"the {what} log holds no gradients; log with update({{'log': ['grad']}})")
         return list(ids), grads
 
-    def _check_match(self, query: Dict[str, torch.Tensor], train: Dict[str, torch.Tensor]) -> None:
-        if sorted(query) != sorted(train):
-            raise ValueError(f"query log modules {sorted(query)} differ from training log modules {sorted(train)}")
+    @staticmethod
+    def _check_match(query: Dict[str, torch.Tensor], train_shapes: Dict[str, tuple]) -> None:
+        """Query gradients must have the training logs' modules and per-example shapes."""
+        if sorted(query) != sorted(train_shapes):
+            raise ValueError(f"query log modules {sorted(query)} differ from training log modules "
+                             f"{sorted(train_shapes)}")
         for m in query:
-            if query[m].shape[1:] != train[m].shape[1:]:
+            if tuple(query[m].shape[1:]) != tuple(train_shapes[m]):
                 raise ValueError(
                     f"module {m!r}: query gradients have shape {tuple(query[m].shape[1:])} but training "
-                    f"gradients {tuple(train[m].shape[1:])}; they were logged with different projections")
+                    f"gradients {tuple(train_shapes[m])}; they were logged with different projections")
+
+    @staticmethod
+    def _shapes(grads: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
+        return {m: tuple(g.shape[1:]) for m, g in grads.items()}
+
+    @staticmethod
+    def _store_shapes(log_loader) -> Optional[Dict[str, tuple]]:
+        store = getattr(getattr(log_loader, "dataset", None), "store", None)
+        if store is None:
+            return None
+        return {f["module"]: tuple(f["shape"]) for f in store.fields if f["kind"] == "grad"}
 
     def precondition(self, grads: Dict[str, torch.Tensor], damping=None) -> Dict[str, torch.Tensor]:
         """{m: (F̂_m + λI)⁻¹ g_m} flattened to (B, D_m), float32."""
@@ -79,10 +93,12 @@ class InfluenceFunction:
             return dot / (q_self[:, None] * t_self[None, :]).clamp_min(1e-30).sqrt(), {}
         return -(q_self[:, None] + t_self[None, :] - 2 * dot), {}
 
-    def _prepare(self, query_log, mode, damping):
+    def _prepare(self, query_log, mode, damping, train_shapes=None):
         if mode not in MODES:
             raise ValueError(f"unknown influence mode {mode!r}; choose from {MODES}")
         q_ids, q = self._grads(query_log, "query")
+        if train_shapes is not None:
+            self._check_match(q, train_shapes)
         pre_q = self.precondition(q, damping)
         q_self = None
         if mode != "dot":
@@ -93,9 +109,8 @@ class InfluenceFunction:
     def compute_influence(self, query_log, train_log, mode: str = "dot", damping: Optional[float] = None,
                           per_module: bool = False) -> InfluenceScores:
         """Scores of every query against every example of ``train_log`` (one batch in memory)."""
-        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping)
         t_ids, t = self._grads(train_log, "training")
-        self._check_match(q, t)
+        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._shapes(t))
         scores, parts = self._pairwise(pre_q, t, mode, q_self, damping, per_module)
         return InfluenceScores(scores.cpu(), q_ids, t_ids, {m: p.cpu() for m, p in parts.items()})
 
@@ -106,13 +121,13 @@ class InfluenceFunction:
         from tqdm.auto import tqdm
 
         log_loader = log_loader if log_loader is not None else self.analog.build_log_dataloader()
-        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping)
+        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._store_shapes(log_loader))
         chunks, parts_all, train_ids = [], {}, []
         best = None
         show = self.analog._progress() if progress is None else progress
         for batch in tqdm(log_loader, desc="influence", disable=not show, leave=False):
             t_ids, t = self._grads(batch, "training")
-            self._check_match(q, t)
+            self._check_match(q, self._shapes(t))
             scores, parts = self._pairwise(pre_q, t, mode, q_self, damping, per_module)
             if topk is None:
                 chunks.append(scores.cpu())
