@@ -2,6 +2,7 @@
 
 from analog.analog import AnaLog
 from analog.config import Config
+from analog.schedule import AnaLogScheduler
 
 __version__ = "0.1.0"
-__all__ = ["AnaLog", "Config", "__version__"]
+__all__ = ["AnaLog", "AnaLogScheduler", "Config", "__version__"]

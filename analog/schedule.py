@@ -1,0 +1,33 @@
+"""Running the passes a configuration needs, in order.
+
+Most configurations need one pass over the data (log + collect K-FAC factors; EK-FAC's eigenvalue
+correction and raw/diagonal statistics are then read from the stored logs, with no second model
+pass). LoGra with ``init="pca"`` needs a first pass that gathers the uncompressed activation and
+output-gradient covariances from which the projections are taken. ``AnaLogScheduler`` yields one
+item per pass and moves the run from pass to pass; after the last it calls ``finalize()``::
+
+    for _ in AnaLogScheduler(analog):
+        for x, y, ids in loader:
+            with analog(data_id=ids):
+                loss_fn(model(x), y).backward()
+            model.zero_grad()
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+
+class AnaLogScheduler:
+    def __init__(self, analog):
+        self.analog = analog
+
+    def __len__(self) -> int:
+        return 2 if self.analog.phase == "pca" else 1
+
+    def __iter__(self) -> Iterator[str]:
+        if self.analog.phase == "pca":
+            yield "pca"
+            self.analog.next_pass()
+        yield "log"
+        self.analog.finalize()
