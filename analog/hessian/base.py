@@ -21,6 +21,8 @@ from typing import ClassVar, Dict, Optional, Type
 import torch
 from safetensors.torch import load_file, save_file
 
+from analog.distributed import all_reduce_sum, rank, world_size
+
 _KINDS: Dict[str, Type["Curvature"]] = {}
 HEURISTIC_DAMPING = 0.1
 
@@ -63,9 +65,10 @@ class Curvature:
         self.meta["n_samples"] += int(n)
 
     def finalize(self, store=None, progress: bool = False) -> None:
-        """Normalise once, then fit what needs the store. Idempotent."""
+        """Sum over ranks, normalise once, then fit what needs the store. Idempotent."""
         if self.meta["finalized"]:
             return
+        self.meta["n_samples"] = int(all_reduce_sum(torch.tensor(float(self.meta["n_samples"]))))
         self._finalize(store, progress)
         self.meta["finalized"] = True
 
@@ -113,11 +116,24 @@ def build_curvature(kind: str) -> Curvature:
 
 
 def store_batches(store, batch_size: int = 512, progress: bool = False, desc: str = "fitting curvature"):
-    """Yield {module: grad (B, D) float64} over the store, with an optional tqdm bar."""
+    """Yield {module: grad (B, D) float64} over this rank's share of the store (every batch when
+    not distributed; batch i goes to rank i mod world otherwise), with an optional tqdm bar."""
     from tqdm.auto import tqdm
 
-    starts = range(0, len(store), batch_size)
+    starts = range(rank() * batch_size, len(store), world_size() * batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         _, logs = store.batch(start, min(start + batch_size, len(store)))
         yield {m: kinds["grad"].reshape(kinds["grad"].shape[0], -1).double() for m, kinds in logs.items()
                if "grad" in kinds}
+
+
+def reduce_sums(sums: Dict[str, torch.Tensor], store, shape_of) -> Dict[str, torch.Tensor]:
+    """Σ over ranks of per-module sums; a module this rank saw no batch of counts as zeros."""
+    out = {}
+    for field in store.fields:
+        if field["kind"] == "grad":
+            name = field["module"]
+            local = sums.get(name)
+            out[name] = all_reduce_sum(local if local is not None else torch.zeros(shape_of(name, field["shape"]),
+                                                                                  dtype=torch.float64))
+    return out

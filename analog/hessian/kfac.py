@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from analog.hessian.base import Curvature, CurvatureError, damping_value, store_batches
+from analog.distributed import all_reduce_sum
+from analog.hessian.base import Curvature, CurvatureError, damping_value, reduce_sums, store_batches
 
 
 class KFAC(Curvature, kind="kfac"):
@@ -41,8 +42,9 @@ class KFAC(Curvature, kind="kfac"):
         if n == 0:
             raise CurvatureError(f"{self.kind}: no examples were logged; nothing to fit")
         for name in self.modules():
-            a = self.state.pop(f"{name}/A_sum") / self.state.pop(f"{name}/tokens").clamp_min(1)
-            s = self.state.pop(f"{name}/S_sum") / n
+            tokens = all_reduce_sum(self.state.pop(f"{name}/tokens"))
+            a = all_reduce_sum(self.state.pop(f"{name}/A_sum")) / tokens.clamp_min(1)
+            s = all_reduce_sum(self.state.pop(f"{name}/S_sum")) / n
             alpha, q_a = torch.linalg.eigh(a)
             sigma, q_s = torch.linalg.eigh(s)
             self.state.update({f"{name}/A": a, f"{name}/S": s, f"{name}/QA": q_a, f"{name}/QS": q_s,
@@ -76,6 +78,7 @@ class EKFAC(KFAC, kind="ekfac"):
                 rotated = q_s.transpose(-1, -2) @ g.reshape(g.shape[0], *self._shape(name)) @ q_a
                 term = (rotated**2).sum(0)
                 sums[name] = term if name not in sums else sums[name] + term
+        sums = reduce_sums(sums, store, lambda name, shape: self._shape(name))
         for name in self.modules():
             if name not in sums:
                 raise CurvatureError(f"EK-FAC: the store has no gradients for module {name!r}")

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from analog.hessian.base import Curvature, damping_value, store_batches
+from analog.hessian.base import Curvature, damping_value, reduce_sums, store_batches
 
 
 class Identity(Curvature, kind="none"):
@@ -37,10 +39,13 @@ class _FromStore(Curvature):
                 term = self._term(g)
                 sums[name] = term if name not in sums else sums[name] + term
         n = len(store)
-        for name, total in sums.items():
+        for name, total in reduce_sums(sums, store, self._sum_shape).items():
             self._fit(name, total / n)
 
     def _term(self, g: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sum_shape(self, name, shape):
         raise NotImplementedError
 
     def _fit(self, name: str, stat: torch.Tensor) -> None:
@@ -50,6 +55,9 @@ class _FromStore(Curvature):
 class Diagonal(_FromStore, kind="diagonal"):
     def _term(self, g):
         return (g * g).sum(0)
+
+    def _sum_shape(self, name, shape):
+        return (math.prod(shape),)
 
     def _fit(self, name, stat):
         self.state[f"{name}/diag"] = stat
@@ -64,6 +72,9 @@ class Diagonal(_FromStore, kind="diagonal"):
 class Raw(_FromStore, kind="raw"):
     def _term(self, g):
         return g.T @ g
+
+    def _sum_shape(self, name, shape):
+        return (math.prod(shape), math.prod(shape))
 
     def _fit(self, name, stat):
         evals, evecs = torch.linalg.eigh(stat)
