@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported lazily: analog never requires them)."""

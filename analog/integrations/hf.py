@@ -1,0 +1,78 @@
+"""Hugging Face integration: log a causal-LM dataset with per-sequence gradients, or log while a
+``Trainer`` trains.
+
+Per-sequence loss (what ``log_causal_lm`` backpropagates): the sum over the sequence's predicted
+tokens of the next-token cross-entropy, ℓ_i = Σ_{t: label_{i,t+1} ≠ −100} CE(logits_{i,t}, label_{i,t+1}),
+so the logged gradient of sequence i is ∇θ ℓ_i. Padding positions get label −100 and are also
+excluded from the logged factors through the attention mask.
+
+``AnaLogTrainer`` wraps each training step in ``with analog(...)``. The Trainer's loss is the mean
+over the batch's tokens, so the logged gradients are ∇θ ℓ_i / (number of tokens in the batch):
+use it to watch training, and ``log_causal_lm`` (a separate pass) for attribution.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over sequences and predicted tokens of the next-token cross-entropy (labels −100 ignored)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+
+
+def log_causal_lm(analog, model, batches: Iterable[dict], progress: Optional[bool] = None) -> None:
+    """Log every batch ``{"input_ids", "attention_mask", "ids"}`` (ids: one per sequence)."""
+    show = analog._progress() if progress is None else progress
+    device = next(model.parameters()).device
+    for batch in tqdm(batches, desc="logging sequences", disable=not show):
+        input_ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        with analog(data_id=batch["ids"], mask=mask):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            causal_lm_loss(logits, labels).backward()
+        model.zero_grad(set_to_none=True)
+
+
+def query_causal_lm(analog, model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    """The gradient log of a query batch (e.g. generated text) in analysis mode."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    labels = input_ids.masked_fill(mask == 0, -100)
+    with analog(mask=mask):
+        causal_lm_loss(model(input_ids=input_ids, attention_mask=mask).logits, labels).backward()
+    model.zero_grad(set_to_none=True)
+    return analog.get_log()
+
+
+def make_trainer_class():
+    """``AnaLogTrainer``: a ``transformers.Trainer`` whose training steps run inside ``with analog(...)``.
+
+    Construct it with ``analog=`` and ``id_key=`` (the batch key holding one id per example; it is
+    removed before the model sees the batch).
+    """
+    from transformers import Trainer
+
+    class AnaLogTrainer(Trainer):
+        def __init__(self, *args, analog=None, id_key: str = "ids", **kwargs):
+            if analog is None:
+                raise ValueError("AnaLogTrainer needs analog=AnaLog(...) with a watched model")
+            super().__init__(*args, **kwargs)
+            self.analog, self.id_key = analog, id_key
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            if self.id_key not in inputs:
+                raise KeyError(f"batch has no {self.id_key!r} key; keep it with remove_unused_columns=False "
+                               "and a collator that passes it through")
+            ids = inputs.pop(self.id_key)
+            with self.analog(data_id=ids, mask=inputs.get("attention_mask")):
+                return super().training_step(model, inputs, *args, **kwargs)
+
+    return AnaLogTrainer
