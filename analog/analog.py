@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from analog.capture import get_rule
 from analog.capture.hooks import Capture
 from analog.compression import build_projector
+from analog.compression.base import NoProjector
 from analog.config import Config, load_config
 from analog.hessian import Curvature, build_curvature
 from analog.ids import to_ids
 from analog.storage import LogStore, LogWriter, build_log_dataloader
+from analog.storage.layout import write_bytes_atomic
 from analog.watch import select_modules
 
 
@@ -42,6 +44,8 @@ class AnaLog:
         self.projector = None
         self.curvature: Optional[Curvature] = None
         self.mode = "log"
+        self.phase = "log"
+        self._pca_stats: Optional[Curvature] = None
         self._writer: Optional[LogWriter] = None
         self._pending: Dict[str, Any] = {}
         self._capture: Optional[Capture] = None
@@ -89,6 +93,7 @@ class AnaLog:
         saved = self.state_path / "projection.safetensors"
         if saved.exists():
             self.projector.load_tensors(load_file(str(saved)))
+        self.phase = "pca" if self.projector.needs_fit() else "log"
         saved_curvature = self.state_path / "curvature.json"
         if saved_curvature.exists():
             self.curvature = Curvature.load(self.state_path)
@@ -107,12 +112,20 @@ class AnaLog:
             raise RuntimeError("`with analog(...)` blocks cannot be nested")
         data_id, mask = self._pending.pop("data_id", None), self._pending.pop("mask", None)
         ids = to_ids(data_id) if data_id is not None else None
-        training = self.mode == "log"
-        if training and self.config.save and ids is None:
-            raise ValueError("pass data_id=... to `with analog(...)` when logs are saved")
-        observer = self.curvature.observe if training and self.curvature.needs_factors else None
-        self._capture = Capture(self.modules, self.rules, self.projector, self.config.log,
-                                batch_size=len(ids) if ids is not None else None, mask=mask, observer=observer)
+        batch_size = len(ids) if ids is not None else None
+        self._observed: List[Tuple] = []
+        if self.mode == "log" and self.phase == "pca":
+            self._pca_stats = self._pca_stats or build_curvature("kfac")
+            self._capture = Capture(self.modules, self.rules, NoProjector(), (), batch_size=batch_size,
+                                    mask=mask, observer=self._pca_stats.observe)
+        else:
+            training = self.mode == "log"
+            if training and self.config.save and ids is None:
+                raise ValueError("pass data_id=... to `with analog(...)` when logs are saved")
+            # factors reach the curvature only once the batch passed the checks in __exit__
+            observer = (lambda *f: self._observed.append(f)) if training and self.curvature.needs_factors else None
+            self._capture = Capture(self.modules, self.rules, self.projector, self.config.log,
+                                    batch_size=batch_size, mask=mask, observer=observer)
         self._ids = ids
         self._capture.__enter__()
         return self
@@ -126,15 +139,21 @@ class AnaLog:
         ids = self._ids if self._ids is not None else list(range(_batch_size(logs)))
         self._check_finite(ids, logs)
         self._last = (ids, logs)
-        if self.mode == "log" and logs:
-            self.curvature.add_samples(len(ids))
+        if self.phase == "pca" and self.mode == "log":
+            self._pca_stats.add_samples(len(ids))
+        elif self.mode == "log" and logs:
             if self.config.save:
                 self._write(ids, logs)
+            self.curvature.add_samples(len(ids))
+            for factors in self._observed:
+                self.curvature.observe(*factors)
 
     def _check_finite(self, ids, logs) -> None:
         if self.config.nonfinite != "error" or not logs:
             return
-        flags = torch.stack([~torch.isfinite(t).all() for kinds in logs.values() for t in kinds.values()])
+        # one reduction per tensor: a NaN/Inf anywhere makes the sum non-finite (an overflowing sum of finite
+        # values only triggers the exact per-row check below, which then finds nothing)
+        flags = torch.stack([~torch.isfinite(t.sum()) for kinds in logs.values() for t in kinds.values()])
         if bool(flags.any()):
             for name, kinds in logs.items():
                 for kind, t in kinds.items():
@@ -164,6 +183,17 @@ class AnaLog:
             raise RuntimeError("no log yet: run a forward/backward pass inside `with analog(...)` first")
         return self._last
 
+    def next_pass(self) -> None:
+        """End the PCA pass of LoGra ``init='pca'``: take the projections from its covariances."""
+        if self.phase != "pca":
+            return
+        if self._pca_stats is None or not self._pca_stats.meta["n_samples"]:
+            raise RuntimeError("LoGra init='pca' needs a first pass over the data inside `with analog(...)`")
+        self._pca_stats.finalize()
+        state = self._pca_stats.state
+        self.projector.fit_pca({m: {"in": state[f"{m}/A"], "out": state[f"{m}/S"]} for m in self.modules})
+        self._pca_stats, self.phase = None, "log"
+
     # -- end of logging ---------------------------------------------------------------------
     def finalize(self) -> None:
         """Flush logs, fit the curvature (once), save state. Calling it again changes nothing."""
@@ -182,10 +212,11 @@ class AnaLog:
 
     def _save_state(self) -> None:
         self.state_path.mkdir(parents=True, exist_ok=True)
-        (self.state_path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=1))
+        # atomic (temporary file + rename): a run killed here leaves the previous state readable
+        write_bytes_atomic(self.state_path / "config.json", json.dumps(self.config.to_dict(), indent=1).encode())
         if self.projector is not None and self.projector.tensors:
-            save_file({k: v.contiguous() for k, v in self.projector.tensors.items()},
-                      str(self.state_path / "projection.safetensors"))
+            write_bytes_atomic(self.state_path / "projection.safetensors",
+                               save({k: v.contiguous() for k, v in self.projector.tensors.items()}))
         if self.curvature is not None and self.curvature.meta["finalized"]:
             self.curvature.save(self.state_path)
 
@@ -197,7 +228,7 @@ class AnaLog:
     # -- reading back -----------------------------------------------------------------------
     def open_store(self) -> LogStore:
         fingerprint = self.projector.fingerprint() if self.projector is not None else None
-        return LogStore(self.log_path, expect_compression=fingerprint)
+        return LogStore(self.log_path, expect_compression=fingerprint, expect_modules=list(self.modules) or None)
 
     def build_log_dataloader(self, batch_size: int = 256, num_workers: int = 0):
         return build_log_dataloader(self.open_store(), batch_size, num_workers)

@@ -58,11 +58,16 @@ class Config:
 
     def update(self, values: Dict[str, Any]) -> "Config":
         """A new Config with ``values`` merged in (nested sections merge key by key)."""
+        if not isinstance(values, dict):
+            raise TypeError(f"analog config must be a mapping, not {type(values).__name__}")
         merged = self.to_dict()
         for key, value in values.items():
             if key not in merged:
                 raise KeyError(f"unknown analog config key {key!r}; known keys: {sorted(merged)}")
-            if isinstance(merged[key], dict) and isinstance(value, dict):
+            if isinstance(merged[key], dict) and not isinstance(value, dict):
+                raise TypeError(f"config section {key!r} must be a mapping with keys {sorted(merged[key])}, "
+                                f"not {value!r}")
+            if isinstance(merged[key], dict):
                 unknown = set(value) - set(merged[key])
                 if unknown:
                     raise KeyError(f"unknown key(s) {sorted(unknown)} in config section {key!r}; "
@@ -87,8 +92,16 @@ class Config:
         return cfg
 
     def validate(self) -> None:
+        if not isinstance(self.root_dir, (str, Path)):
+            raise TypeError(f"config 'root_dir' must be a path, not {self.root_dir!r}")
+        self.root_dir = str(self.root_dir)
+        if not isinstance(self.save, bool):
+            raise TypeError(f"config 'save' must be true or false, not {self.save!r}")
         if isinstance(self.log, str):
             self.log = [self.log]
+        if not isinstance(self.log, (list, tuple)):
+            raise TypeError(f"config 'log' must be a list of kinds from {list(LOG_KINDS)}, not {self.log!r}")
+        self.log = list(self.log)
         bad = [k for k in self.log if k not in LOG_KINDS]
         if bad:
             raise ValueError(f"config 'log': unknown kind(s) {bad}; choose from {list(LOG_KINDS)}")
@@ -98,6 +111,11 @@ class Config:
             self.hessian = "none"
         if self.hessian not in HESSIANS:
             raise ValueError(f"config 'hessian': unknown {self.hessian!r}; choose from {list(HESSIANS)}")
+        if self.damping is not None and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float))
+                                         or not self.damping >= 0):
+            raise ValueError(f"config 'damping' must be a number >= 0 or None, got {self.damping!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise TypeError(f"config 'progress' must be true, false or null, got {self.progress!r}")
         if self.nonfinite not in ("error", "allow"):
             raise ValueError(f"config 'nonfinite' must be 'error' or 'allow', got {self.nonfinite!r}")
         if self.compression.type not in ("logra", "dense", "none"):
@@ -107,6 +125,10 @@ class Config:
                              "use hessian 'raw', 'diagonal' or 'none' with compression type 'dense'")
         if self.storage.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"config 'storage.dtype': unknown {self.storage.dtype!r}")
+        flush = self.storage.flush_bytes
+        if isinstance(flush, bool) or not isinstance(flush, (int, float)) or not flush >= 1:
+            raise ValueError(f"config 'storage.flush_bytes' must be a positive number of bytes, got {flush!r}")
+        self.storage.flush_bytes = int(flush)
 
 
 def load_config(config: Union[None, str, Path, Dict[str, Any], Config]) -> Config:

@@ -17,7 +17,7 @@ import torch
 def content_hash(row: torch.Tensor) -> str:
     row = row.detach().to("cpu").contiguous()
     h = hashlib.sha1(f"{row.dtype}:{tuple(row.shape)}:".encode())
-    h.update(row.view(torch.uint8).numpy().tobytes() if row.numel() else b"")
+    h.update(row.reshape(-1).view(torch.uint8).numpy().tobytes() if row.numel() else b"")
     return h.hexdigest()[:16]
 
 

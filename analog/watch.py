@@ -37,9 +37,13 @@ def select_modules(
             continue
         chosen[name] = module
     if not chosen:
+        hint = ""
+        if find_rule(model) is not None and not any(True for _ in model.children()):
+            hint = (f"; the model itself is a bare {type(model).__name__} and analog watches named submodules: "
+                    "wrap it, e.g. nn.Sequential(model)")
         raise ValueError(f"watch() selected no module of {type(model).__name__} "
                          f"(type_filter={type_filter}, name_filter={name_filter}); loggable types: "
-                         f"{', '.join(registered_types())}")
+                         f"{', '.join(registered_types())}{hint}")
     return chosen
 
 

@@ -6,9 +6,11 @@ A store is a directory::
     chunk_000000.bin        rows of one chunk: n × row_elems values, C order, in the store dtype
     chunk_000000.json       {"n": n, "ids": [...], "nbytes": n·row_bytes}; written last, atomically
 
+    writer.lock             held (flock) by the one process appending to the store
+
 A chunk exists for readers only once its ``.json`` is in place, and that file is written after its
 ``.bin`` is complete and synced. A process killed mid-write therefore leaves at most one ``.bin``
-with no ``.json``, which readers ignore and the next writer replaces.
+with no ``.json`` (and perhaps a ``*.tmp``), which readers ignore and the next writer removes.
 """
 
 from __future__ import annotations
@@ -40,12 +42,33 @@ class StoreError(RuntimeError):
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to ``path`` through a synced temporary file and an atomic rename."""
+    write_bytes_atomic(path, json.dumps(payload).encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file and an atomic rename."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_json(path: Path) -> Any:
@@ -54,6 +77,8 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except FileNotFoundError:
         raise StoreError(f"missing file {path}") from None
+    except OSError as e:
+        raise StoreError(f"cannot read metadata file {path}: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"corrupt or truncated metadata file {path}: {e}") from None
 
@@ -80,3 +105,55 @@ def row_elems(fields: List[Dict[str, Any]]) -> int:
             n *= int(s)
         total += n
     return total
+
+
+def read_header(path: Path) -> Dict[str, Any]:
+    """The validated ``store.json`` of the store at ``path``."""
+    file = path / STORE_FILE
+    header = read_json(file)
+    problem = _header_problem(header)
+    if problem:
+        raise StoreError(f"corrupt store metadata {file}: {problem}")
+    return header
+
+
+def _header_problem(header: Any) -> str:
+    if not isinstance(header, dict):
+        return f"expected a JSON object, found {type(header).__name__}"
+    if header.get("format") != FORMAT_VERSION:
+        return f"unsupported format {header.get('format')!r} (this analog reads format {FORMAT_VERSION})"
+    if header.get("dtype") not in DTYPES:
+        return f"unknown dtype {header.get('dtype')!r}"
+    fields = header.get("fields")
+    if not isinstance(fields, list) or not all(_field_ok(f) for f in fields):
+        return f"'fields' must be a list of {{module, kind, shape}}, found {fields!r}"
+    if header.get("row_elems") != row_elems(fields):
+        return f"'row_elems' is {header.get('row_elems')!r} but the fields hold {row_elems(fields)} values"
+    if not isinstance(header.get("compression"), dict):
+        return f"'compression' must be an object, found {header.get('compression')!r}"
+    return ""
+
+
+def _field_ok(field: Any) -> bool:
+    return (isinstance(field, dict) and isinstance(field.get("module"), str) and isinstance(field.get("kind"), str)
+            and isinstance(field.get("shape"), list)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in field["shape"]))
+
+
+def read_chunk_meta(path: Path, index: int, row_bytes: int) -> Dict[str, Any]:
+    """The validated metadata of chunk ``index``, after checking its ``.bin`` holds exactly its rows."""
+    meta_path, bin_path = path / chunk_name(index, "json"), path / chunk_name(index, "bin")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("n"), int) or meta["n"] < 0 \
+            or not isinstance(meta.get("ids"), list):
+        raise StoreError(f"corrupt chunk metadata {meta_path}: expected {{'n': int >= 0, 'ids': [...]}}")
+    n = meta["n"]
+    if len(meta["ids"]) != n:
+        raise StoreError(f"corrupt chunk metadata {meta_path}: {len(meta['ids'])} ids for n={n}")
+    if not bin_path.exists():
+        raise StoreError(f"missing chunk data file {bin_path} (its metadata {meta_path.name} says {n} examples)")
+    size, expected = bin_path.stat().st_size, n * row_bytes
+    if size != expected:
+        raise StoreError(f"chunk data file {bin_path} has {size} bytes, expected {expected} "
+                         f"({n} examples of {row_bytes} bytes); it is truncated or corrupt")
+    return meta

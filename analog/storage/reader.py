@@ -13,28 +13,56 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from analog.storage.layout import DTYPES, FORMAT_VERSION, STORE_FILE, StoreError, chunk_indices, chunk_name, read_json
+from analog.storage.layout import (
+    DTYPES,
+    STORE_FILE,
+    StoreError,
+    chunk_indices,
+    chunk_name,
+    read_chunk_meta,
+    read_header,
+)
 
 #: (ids, {module: {kind: tensor (B, *shape)}})
 LogBatch = Tuple[List[Any], Dict[str, Dict[str, torch.Tensor]]]
 
 
 class LogStore:
-    """A read-only view of the store at ``path``; ``expect`` (fields, compression) is checked."""
+    """A read-only view of the store at ``path``.
 
-    def __init__(self, path, expect_fields: Optional[list] = None, expect_compression: Optional[dict] = None):
+    ``expect_fields`` and ``expect_compression`` (each optional) must equal the store's; every
+    module of the store must be among ``expect_modules`` (a watched module may have logged nothing,
+    e.g. when frozen). A store written otherwise is a ``StoreError`` that shows both sides.
+    """
+
+    def __init__(
+        self,
+        path,
+        expect_fields: Optional[list] = None,
+        expect_compression: Optional[dict] = None,
+        expect_modules: Optional[Sequence[str]] = None,
+    ):
         self.path = Path(path)
+        self._expect = (expect_fields, expect_compression, expect_modules)
         if not (self.path / STORE_FILE).exists():
-            raise StoreError(f"no log store at {self.path} (missing {STORE_FILE}); log with save=True first")
-        self.header = read_json(self.path / STORE_FILE)
-        if self.header.get("format") != FORMAT_VERSION or self.header.get("dtype") not in DTYPES:
-            raise StoreError(f"{self.path / STORE_FILE}: unsupported format or dtype in {self.header!r}")
+            raise StoreError(f"no log store at {self.path} (missing {self.path / STORE_FILE}); "
+                             "log with save=True first")
+        self.header = read_header(self.path)
         self.fields = self.header["fields"]
         self.row_elems = int(self.header["row_elems"])
         self.torch_dtype, self.np_dtype = DTYPES[self.header["dtype"]]
         self._check("fields", self.fields, expect_fields)
         self._check("compression", self.header.get("compression"), expect_compression)
+        if expect_modules is not None:
+            self._check_modules(list(expect_modules))
         self._open_chunks()
+
+    def __getstate__(self):
+        """Pickle as the path (e.g. for DataLoader workers started with spawn), not the mapped data."""
+        return {"path": str(self.path), "expect": self._expect}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["path"], *state["expect"])
 
     def _check(self, what: str, stored, expected) -> None:
         if expected is not None and stored != expected:
@@ -43,28 +71,30 @@ class LogStore:
                 f"  stored:   {stored!r}\n  expected: {expected!r}"
             )
 
+    def _check_modules(self, expected: List[str]) -> None:
+        unknown = [m for m in self.modules if m not in expected]
+        if unknown:
+            raise StoreError(
+                f"store {self.path} holds logs of module(s) {unknown} that this reader does not watch:\n"
+                f"  stored:  {self.modules}\n  watched: {expected}\n"
+                "watch the same modules of the same architecture as the run that wrote it"
+            )
+
     def _open_chunks(self) -> None:
         self.ids: List[Any] = []
         self._maps: List[np.ndarray] = []
         self._starts: List[int] = []
-        itemsize = np.dtype(self.np_dtype).itemsize
+        row_bytes = self.row_elems * np.dtype(self.np_dtype).itemsize
         for index in chunk_indices(self.path)["json"]:
-            meta = read_json(self.path / chunk_name(index, "json"))
-            bin_path = self.path / chunk_name(index, "bin")
-            n = int(meta["n"])
-            if len(meta["ids"]) != n:
-                raise StoreError(f"{bin_path.with_suffix('.json')}: {len(meta['ids'])} ids for n={n}")
-            expected = n * self.row_elems * itemsize
-            if not bin_path.exists():
-                raise StoreError(f"missing chunk data file {bin_path} (its metadata says {n} examples)")
-            if bin_path.stat().st_size != expected:
-                raise StoreError(f"chunk {bin_path} has {bin_path.stat().st_size} bytes, expected {expected}")
+            meta = read_chunk_meta(self.path, index, row_bytes)
+            n = meta["n"]
             self._starts.append(len(self.ids))
             self.ids.extend(meta["ids"])
-            if n:
+            if n and self.row_elems:
+                bin_path = self.path / chunk_name(index, "bin")
                 self._maps.append(np.memmap(bin_path, dtype=self.np_dtype, mode="c", shape=(n, self.row_elems)))
             else:
-                self._maps.append(np.zeros((0, self.row_elems), dtype=self.np_dtype))
+                self._maps.append(np.zeros((n, self.row_elems), dtype=self.np_dtype))
         self._index = {(tuple(i) if isinstance(i, list) else i): k for k, i in enumerate(self.ids)}
 
     def __len__(self) -> int:

@@ -1,10 +1,18 @@
 """Background writer: batches of rows in, synced chunks out, memory bounded in bytes.
 
 ``write`` appends a batch (already on the CPU) to an in-memory buffer; once the buffer holds at
-least ``flush_bytes`` it is handed to a writer thread through a queue of depth one, so at most
-about 2 × flush_bytes are held and training waits on the disk only when the disk is slower than
-logging. An exception in the thread is kept and raised in the caller at its next ``write``,
-``flush`` or ``close`` — never lost.
+least ``flush_bytes`` it is handed to a writer thread. A new chunk is handed over only after the
+previous one is on disk (double buffering), so the writer holds at most two chunks — each under
+``flush_bytes`` plus one batch — and training waits on the disk only when the disk is slower than
+logging. The writer keeps references to the rows it is given: do not modify them in place after
+``write``.
+
+An exception in the thread is kept and raised in the caller at its next ``write``, ``flush`` or
+``close`` — never lost — and at every later call: a writer that failed once writes nothing more.
+
+One process at a time may append to a store: the writer holds an advisory lock on
+``writer.lock`` (released by the OS when the process dies, so a killed run does not block the
+next one).
 """
 
 from __future__ import annotations
@@ -25,10 +33,18 @@ from analog.storage.layout import (
     StoreError,
     chunk_indices,
     chunk_name,
-    read_json,
+    read_chunk_meta,
+    read_header,
     row_elems,
     write_json_atomic,
 )
+
+try:  # advisory locking; unavailable on Windows, where the lock is skipped
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+LOCK_FILE = "writer.lock"
 
 
 class LogWriter:
@@ -44,6 +60,8 @@ class LogWriter:
     ):
         if dtype not in DTYPES:
             raise ValueError(f"unknown storage dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        if int(flush_bytes) < 1:
+            raise ValueError(f"flush_bytes must be positive, got {flush_bytes}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.header = {
@@ -54,8 +72,14 @@ class LogWriter:
             "compression": fingerprint or {},
         }
         self.torch_dtype, self.np_dtype = DTYPES[dtype]
+        self.row_bytes = self.header["row_elems"] * np.dtype(self.np_dtype).itemsize
         self.flush_bytes = int(flush_bytes)
-        self.ids = self._open_store()
+        self._lock = _StoreLock(self.path)
+        try:
+            self.ids = self._open_store()
+        except BaseException:
+            self._lock.close()
+            raise
         self._buffer: List[torch.Tensor] = []
         self._buffer_ids: List[Any] = []
         self._buffer_bytes = 0
@@ -66,11 +90,9 @@ class LogWriter:
         self.closed = False
 
     def _open_store(self) -> set:
-        """Check an existing store's header; collect its ids; choose the next chunk index."""
-        store_file = self.path / STORE_FILE
-        found = chunk_indices(self.path)
-        if store_file.exists():
-            existing = read_json(store_file)
+        """Check an existing store; collect its ids; drop a crashed run's leftovers; pick the next chunk."""
+        if (self.path / STORE_FILE).exists():
+            existing = read_header(self.path)
             for key in ("fields", "dtype", "compression"):
                 if existing.get(key) != self.header[key]:
                     raise StoreError(
@@ -79,12 +101,23 @@ class LogWriter:
                         "or log name"
                     )
         else:
-            write_json_atomic(store_file, self.header)
+            write_json_atomic(self.path / STORE_FILE, self.header)
+        found = chunk_indices(self.path)
         ids = set()
         for index in found["json"]:
-            ids.update(_hashable(i) for i in read_json(self.path / chunk_name(index, "json"))["ids"])
-        self._next = max(found["bin"] + found["json"], default=-1) + 1
+            ids.update(_hashable(i) for i in read_chunk_meta(self.path, index, self.row_bytes)["ids"])
+        self._next = max(found["json"], default=-1) + 1
+        self._remove_leftovers(found)
         return ids
+
+    def _remove_leftovers(self, found: Dict[str, List[int]]) -> None:
+        """Remove what a killed writer left: chunk data past the last complete chunk, temporary files."""
+        for index in found["bin"]:
+            if index >= self._next:
+                (self.path / chunk_name(index, "bin")).unlink()
+        for entry in os.listdir(self.path):
+            if entry.endswith(".json.tmp"):
+                (self.path / entry).unlink()
 
     # -- caller side ------------------------------------------------------------------------
     def write(self, ids: Sequence[Any], rows: torch.Tensor) -> None:
@@ -92,20 +125,31 @@ class LogWriter:
         self._raise_pending()
         if self.closed:
             raise StoreError(f"writer for {self.path} is closed")
-        if rows.shape != (len(ids), self.header["row_elems"]):
+        ids = list(ids)
+        if tuple(rows.shape) != (len(ids), self.header["row_elems"]):
             raise ValueError(f"rows of shape {tuple(rows.shape)} for {len(ids)} ids and "
                              f"{self.header['row_elems']} values per example")
-        for i in ids:
-            key = _hashable(i)
-            if key in self.ids:
-                raise ValueError(f"id {i!r} is already in store {self.path}; ids must be unique")
-            self.ids.add(key)
+        self._check_new(ids)
         rows = rows.detach().to("cpu", self.torch_dtype).contiguous()
+        self.ids.update(_hashable(i) for i in ids)
         self._buffer.append(rows)
         self._buffer_ids.extend(ids)
         self._buffer_bytes += rows.numel() * rows.element_size()
         if self._buffer_bytes >= self.flush_bytes:
             self._submit()
+
+    def _check_new(self, ids: List[Any]) -> None:
+        """Refuse a batch (as a whole) holding an id twice or an id already logged."""
+        seen = set()
+        for i in ids:
+            key = _hashable(i)
+            if key in self.ids:
+                raise ValueError(f"id {i!r} is already in store {self.path}; ids must be unique "
+                                 "(nothing of this batch was stored)")
+            if key in seen:
+                raise ValueError(f"id {i!r} appears twice in one batch; ids must be unique "
+                                 "(nothing of this batch was stored)")
+            seen.add(key)
 
     def flush(self) -> None:
         """Hand the buffer to the thread and wait until everything is on disk."""
@@ -114,7 +158,9 @@ class LogWriter:
         self._raise_pending()
 
     def close(self) -> None:
+        """Flush and stop the thread; raises a pending write error (again on every later call)."""
         if self.closed:
+            self._raise_pending()
             return
         try:
             self.flush()
@@ -122,20 +168,23 @@ class LogWriter:
             self.closed = True
             self._queue.put(None)
             self._thread.join()
+            self._lock.close()
         self._raise_pending()
 
     def _submit(self) -> None:
+        """Hand the buffer over once the previous chunk is on disk (at most two chunks held)."""
         if not self._buffer:
             return
-        rows = torch.cat(self._buffer)
-        self._queue.put((self._next, list(self._buffer_ids), rows))
+        self._queue.join()
+        self._raise_pending()
+        self._queue.put((self._next, self._buffer_ids, self._buffer))
         self._next += 1
         self._buffer, self._buffer_ids, self._buffer_bytes = [], [], 0
 
     def _raise_pending(self) -> None:
         if self._error is not None:
-            error, self._error = self._error, None
-            raise StoreError(f"writing logs to {self.path} failed: {error!r}") from error
+            raise StoreError(f"writing logs to {self.path} failed: {self._error!r}; logs from then on "
+                             "were not stored") from self._error
 
     # -- thread side ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -151,15 +200,42 @@ class LogWriter:
             finally:
                 self._queue.task_done()
 
-    def _write_chunk(self, index: int, ids: List[Any], rows: torch.Tensor) -> None:
-        data = rows.view(torch.int16).numpy().view(np.uint16) if self.np_dtype is np.uint16 else rows.numpy()
+    def _write_chunk(self, index: int, ids: List[Any], parts: List[torch.Tensor]) -> None:
+        """The rows, synced, then the chunk's metadata, atomically: a chunk is complete or absent."""
         bin_path = self.path / chunk_name(index, "bin")
+        nbytes = 0
         with open(bin_path, "wb") as f:
-            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            for rows in parts:
+                data = rows.reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))
+                nbytes += data.nbytes
             f.flush()
             os.fsync(f.fileno())
-        meta = {"n": len(ids), "ids": ids, "nbytes": int(data.nbytes)}
-        write_json_atomic(self.path / chunk_name(index, "json"), meta)
+        write_json_atomic(self.path / chunk_name(index, "json"), {"n": len(ids), "ids": ids, "nbytes": nbytes})
+
+
+class _StoreLock:
+    """An exclusive advisory lock on ``writer.lock``; a no-op where ``fcntl`` is missing."""
+
+    def __init__(self, path: Path):
+        self.file = None
+        if fcntl is None:  # pragma: no cover
+            return
+        self.file = open(path / LOCK_FILE, "a+b")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise StoreError(f"store {path} is being written by another writer (lock {path / LOCK_FILE} is "
+                             "held); finalize() that run first, or log to another project") from None
+
+    def close(self) -> None:
+        """Release the lock, also for processes forked meanwhile (they share the open file)."""
+        if self.file is not None and not self.file.closed:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            finally:
+                self.file.close()
 
 
 def _hashable(i: Any) -> Any:
