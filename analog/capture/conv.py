@@ -18,9 +18,10 @@ from analog.capture.rules import LayerRule, append_ones, has_bias
 
 
 def _as_2d(module) -> tuple:
-    """(kernel, dilation, padding, stride) as 2-D tuples (a Conv1d is a 1 × k Conv2d)."""
+    """(kernel, dilation, padding, stride) as 2-D tuples (a Conv1d is a 1 × k Conv2d: no padding on height)."""
     if isinstance(module, nn.Conv1d):
-        return tuple((1, v[0]) for v in (module.kernel_size, module.dilation, module.padding, module.stride))
+        (k,), (d,), (p,), (s,) = module.kernel_size, module.dilation, module.padding, module.stride
+        return (1, k), (1, d), (0, p), (1, s)
     return module.kernel_size, module.dilation, module.padding, module.stride
 
 

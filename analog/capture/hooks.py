@@ -2,18 +2,29 @@
 
 ``Capture`` registers a forward hook on every watched module when the block is entered and
 removes every handle when it is left (also on an exception), so passes outside the block change
-nothing. For each forward call whose output needs a gradient, the forward hook keeps the
-(projected) activations ã and registers a hook on that call's output tensor; when the gradient
-arrives, the backward side forms δ̃ and the per-sample gradient Σ_t δ̃_t ã_tᵀ of that call.
+nothing; tensor hooks already placed on outputs are disarmed too, so a backward run after the
+block through a graph built inside it leaves the logs as they were.
+
+For each forward call whose output needs a gradient, the forward hook keeps the (projected)
+activations ã and registers a hook on that call's output tensor; when the gradient arrives, the
+backward side forms δ̃ and the per-sample gradient Σ_t δ̃_t ã_tᵀ of that call, passed through
+the projector's ``compress_grad`` (the dense projection; the identity for LoGra).
 A module called several times in one step (weight sharing) adds up its calls, as autograd does.
 Under gradient checkpointing the recomputed forward registers hooks on outputs that receive no
 gradient, so nothing is counted twice.
 
 All captured values are float32 (autocast inputs are upcast before projection).
+
+``torch.compile``: Dynamo by default does not guard compiled code on module hooks
+(``torch._dynamo.config.skip_nnmodule_hook_guards``), so a model compiled and run *before* the
+block would keep running its hook-free graph inside it and log nothing, silently. Entering a
+block therefore turns those guards on; if Dynamo was already in use with them off, its caches are
+reset once (a one-time recompile) so every compiled graph from then on sees analog's hooks.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -44,8 +55,11 @@ class Capture:
         self.needs_backward = "grad" in self.kinds or "backward" in self.kinds or observer is not None
         self.logs: Dict[str, Dict[str, torch.Tensor]] = {}
         self._handles = []
+        self._open = False
 
     def __enter__(self) -> "Capture":
+        guard_compiled_hooks()
+        self._open = True
         try:
             for name, module in self.modules.items():
                 hook = self._make_forward_hook(name)
@@ -59,6 +73,8 @@ class Capture:
         self.remove()
 
     def remove(self) -> None:
+        """Remove the module hooks and disarm the tensor hooks already placed on outputs."""
+        self._open = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -85,13 +101,16 @@ class Capture:
             self._add(name, "forward", a)
 
     def _backward(self, name, module, a, grad) -> None:
+        if not self._open:
+            return  # a backward run after the block (through a graph built inside it) changes nothing
         with torch.no_grad():
             d = self.rules[name].output_grads(module, _float(grad))
             d = self._masked(name, self.projector.project_output_grads(name, d))
             if self.observer is not None:
                 self.observer(name, a, d, self.mask)
             if "grad" in self.kinds:
-                self._add(name, "grad", torch.einsum("btgo,btgi->bgoi", d, a))
+                g = torch.einsum("btgo,btgi->bgoi", d, a)
+                self._add(name, "grad", self.projector.compress_grad(name, g))  # linear: Σ_calls commutes
             if "forward" in self.kinds:
                 self._add(name, "forward", a)
             if "backward" in self.kinds:
@@ -118,6 +137,15 @@ class Capture:
                 f"{x.shape[1]} positions for {x.shape[0]} examples"
             )
         return x * self.mask.to(device=x.device, dtype=x.dtype)[:, :, None, None]
+
+
+def guard_compiled_hooks() -> None:
+    """Make ``torch.compile``d code re-check module hooks (see the module docstring)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None or not dynamo.config.skip_nnmodule_hook_guards:
+        return  # nothing compiled yet (a later compile reads the flag), or guards already on
+    dynamo.config.skip_nnmodule_hook_guards = False
+    dynamo.reset()
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,13 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, 1, x.shape[-1])
 
 
+def _project(module, x: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
+    """[x, 1] P_in = x P_in[:-1] + P_in[-1] with a bias: the column of ones is never materialised."""
+    if not has_bias(module):
+        return _positions(x) @ p_in
+    return torch.addmm(p_in[-1], x.reshape(-1, x.shape[-1]), p_in[:-1]).view(x.shape[0], -1, 1, p_in.shape[-1])
+
+
 class LinearRule(LayerRule, module_type=nn.Linear):
     def in_dim(self, module: nn.Linear) -> int:
         return module.in_features + int(has_bias(module))
@@ -30,6 +37,9 @@ class LinearRule(LayerRule, module_type=nn.Linear):
     def activations(self, module, x):
         a = _positions(x)
         return append_ones(a) if has_bias(module) else a
+
+    def project_activations(self, module, x, p_in):
+        return _project(module, x, p_in)
 
     def output_grads(self, module, grad_out):
         return _positions(grad_out)
@@ -54,6 +64,9 @@ class HFConv1DRule(LayerRule, module_type="transformers.pytorch_utils.Conv1D"):
     def activations(self, module, x):
         a = _positions(x)
         return append_ones(a) if has_bias(module) else a
+
+    def project_activations(self, module, x, p_in):
+        return _project(module, x, p_in)
 
     def output_grads(self, module, grad_out):
         return _positions(grad_out)
