@@ -27,24 +27,25 @@ class KFAC(Curvature, kind="kfac"):
     needs_factors = True
 
     def observe(self, name, a, d, mask):
-        a64, d64 = a.double(), d.double()
-        a_sum = torch.einsum("btgi,btgj->gij", a64, a64).cpu()
-        s_sum = torch.einsum("btgo,btgp->gop", d64, d64).cpu()
-        tokens = float(mask.sum()) if mask is not None and a.shape[1] > 1 else float(a.shape[0] * a.shape[1])
-        for key, value in (("A_sum", a_sum), ("S_sum", s_sum)):
+        """Add one call's Σ a aᵀ and Σ δ δᵀ: float32 products, float64 running sums on the logging device."""
+        a_sum = torch.einsum("btgi,btgj->gij", a, a).double()
+        s_sum = torch.einsum("btgo,btgp->gop", d, d).double()
+        if mask is not None and a.shape[1] > 1:
+            tokens = mask.to(a.device).sum().double()
+        else:
+            tokens = torch.tensor(float(a.shape[0] * a.shape[1]), dtype=torch.float64, device=a.device)
+        for key, value in (("A_sum", a_sum), ("S_sum", s_sum), ("tokens", tokens)):
             full = f"{name}/{key}"
             self.state[full] = value if full not in self.state else self.state[full] + value
-        tok = f"{name}/tokens"
-        self.state[tok] = self.state.get(tok, torch.zeros((), dtype=torch.float64)) + tokens
 
     def _finalize(self, store, progress):
         n = self.meta["n_samples"]
         if n == 0:
             raise CurvatureError(f"{self.kind}: no examples were logged; nothing to fit")
         for name in self.modules():
-            tokens = all_reduce_sum(self.state.pop(f"{name}/tokens"))
-            a = all_reduce_sum(self.state.pop(f"{name}/A_sum")) / tokens.clamp_min(1)
-            s = all_reduce_sum(self.state.pop(f"{name}/S_sum")) / n
+            tokens = all_reduce_sum(self.state.pop(f"{name}/tokens")).cpu()
+            a = all_reduce_sum(self.state.pop(f"{name}/A_sum")).cpu() / tokens.clamp_min(1)
+            s = all_reduce_sum(self.state.pop(f"{name}/S_sum")).cpu() / n
             alpha, q_a = torch.linalg.eigh(a)
             sigma, q_s = torch.linalg.eigh(s)
             self.state.update({f"{name}/A": a, f"{name}/S": s, f"{name}/QA": q_a, f"{name}/QS": q_s,

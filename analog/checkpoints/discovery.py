@@ -1,0 +1,106 @@
+"""Find the checkpoints in a directory and order them by training step.
+
+Recognised entries (the step is the last integer in the name; order is numeric, never lexical):
+
+* files ``*.pt``, ``*.pth``, ``*.ckpt``, ``*.bin``, ``*.safetensors`` holding a state dict
+  (``model_step_1200.pt``, ``ckpt-30.safetensors``);
+* Hugging Face model folders (``checkpoint-N/``, ``step-N/``) with ``model.safetensors``,
+  ``pytorch_model.bin`` or their sharded forms;
+* the pico-train layout ``step_N/learning_dynamics/{split}_{activations,weights,gradients}.pt``
+  (optionally under ``RUN/checkpoints/``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+__all__ = ["CheckpointRef", "CHECKPOINT_SUFFIXES", "discover_checkpoints", "select_steps", "step_from_name"]
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+MODEL_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+_LAST_INT = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """Where one checkpoint lives: ``layout`` is ``"file"``, ``"folder"`` (HF) or ``"pico"``."""
+
+    step: int
+    path: Path
+    layout: str
+
+
+def step_from_name(name: str) -> Optional[int]:
+    """The last integer in ``name`` without its checkpoint suffix, or ``None`` when there is none."""
+    for suffix in CHECKPOINT_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    match = _LAST_INT.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _folder_layout(folder: Path) -> Optional[str]:
+    if (folder / "learning_dynamics").is_dir():
+        return "pico"
+    for pattern in MODEL_FILE_PATTERNS:
+        if any(folder.glob(pattern)):
+            return "folder"
+    return None
+
+
+def discover_checkpoints(root: Union[str, Path]) -> List[CheckpointRef]:
+    """List the checkpoints under ``root`` sorted by step.
+
+    Raises ``FileNotFoundError`` when ``root`` does not exist and ``ValueError`` when it holds no
+    checkpoint or two entries share a step (both paths are named).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    if not root.is_dir():
+        raise ValueError(f"expected a directory of checkpoints, got a file: {root}")
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    found: dict = {}
+    skipped: List[str] = []
+    for child in sorted(root.iterdir()):
+        step = step_from_name(child.name)
+        if child.is_file() and child.name.endswith(CHECKPOINT_SUFFIXES):
+            layout = "file"
+        elif child.is_dir():
+            layout = _folder_layout(child)
+        else:
+            continue
+        if layout is None:
+            continue
+        if step is None:
+            skipped.append(child.name)
+            continue
+        if step in found:
+            raise ValueError(f"two checkpoints for step {step}: {found[step].path} and {child}")
+        found[step] = CheckpointRef(step=step, path=child, layout=layout)
+    if skipped:
+        warnings.warn(f"skipped checkpoints without a step number in their name: {', '.join(skipped)}")
+    if not found:
+        raise ValueError(
+            f"no checkpoints found in {root}: expected files ending in {', '.join(CHECKPOINT_SUFFIXES)} "
+            "or folders named like checkpoint-N/, step-N/ or step_N/ with a step number N"
+        )
+    return [found[step] for step in sorted(found)]
+
+
+def select_steps(refs: Sequence[CheckpointRef], steps: Optional[Sequence[int]]) -> List[CheckpointRef]:
+    """Keep the checkpoints at ``steps`` (all when ``None``); a missing step is an error naming it."""
+    if steps is None:
+        return list(refs)
+    by_step = {ref.step: ref for ref in refs}
+    missing = [step for step in steps if step not in by_step]
+    if missing:
+        available = ", ".join(str(ref.step) for ref in refs)
+        raise ValueError(f"step(s) {missing} not found among the checkpoints; available steps: {available}")
+    return [by_step[step] for step in sorted(set(steps))]

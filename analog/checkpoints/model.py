@@ -1,0 +1,74 @@
+"""Build a model from a class defined in a Python file and load checkpoints into it strictly."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Mapping, Optional, Type, Union
+
+import torch
+
+from .loading import CheckpointError
+
+__all__ = ["import_file", "load_model_class", "load_strict"]
+
+
+def import_file(path: Union[str, Path], module_name: Optional[str] = None) -> ModuleType:
+    """Import a Python file as a module (its top-level code runs: only use files you trust)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Python file not found: {path}")
+    name = module_name or f"analog_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_model_class(path: Union[str, Path], class_name: Optional[str] = None) -> Type[torch.nn.Module]:
+    """The ``nn.Module`` subclass ``class_name`` from ``path``; inferred when the file defines exactly one."""
+    module = import_file(path)
+    if class_name is not None:
+        cls = getattr(module, class_name, None)
+        if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module)):
+            raise ValueError(f"{path}: no nn.Module subclass named '{class_name}'")
+        return cls
+    defined = [
+        obj
+        for obj in vars(module).values()
+        if inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and obj.__module__ == module.__name__
+    ]
+    if len(defined) != 1:
+        names = ", ".join(c.__name__ for c in defined) or "none"
+        raise ValueError(f"{path}: cannot infer the model class (found {names}); pass --class-name")
+    return defined[0]
+
+
+def load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy ``state_dict`` into ``model``; any missing, unexpected or mis-shaped key is an error.
+
+    The comparison happens before anything is copied, so a failed load never leaves a
+    half-loaded model behind.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        if missing:
+            parts.append("missing keys: " + ", ".join(missing))
+        if unexpected:
+            parts.append("unexpected keys: " + ", ".join(unexpected))
+        if mis_shaped:
+            parts.append("shape mismatches: " + "; ".join(mis_shaped))
+        raise CheckpointError(f"{source}: checkpoint does not match {type(model).__name__} ({'; '.join(parts)})")
+    model.load_state_dict(dict(state_dict), strict=True)

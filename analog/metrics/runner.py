@@ -1,0 +1,223 @@
+"""Run an analysis: one checkpoint in memory at a time, every metric entry on it, then the outputs.
+
+Per step: each (component, split) is extracted once into :class:`LayerData` objects that all
+entries share, so a matrix used by several spectral metrics is decomposed once. Comparative
+entries keep only their target's component tensors (not the whole target checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from analog.checkpoints import (
+    Checkpoint,
+    CheckpointRef,
+    discover_checkpoints,
+    load_model_class,
+    load_strict,
+    select_steps,
+)
+
+from .base import LayerData, MetricInputError, as_samples
+from .components import BaseComponent, OVCircuitComponent
+from .config import AnalysisConfig, MetricEntry
+from .output import ResultWriter, Row
+from .registry import COMPONENTS, METRICS
+
+__all__ = ["ModelSpec", "run_analysis"]
+
+_AGGREGATE = {"mean": statistics.fmean, "median": statistics.median, "min": min, "max": max, "sum": sum}
+
+
+@dataclass
+class ModelSpec:
+    """A model class file for metrics that run the model (``--model FILE --class-name X``)."""
+
+    path: str
+    class_name: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Plan:
+    entry: MetricEntry
+    metric: Any
+    components: List[BaseComponent]
+    targets: List[Dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def _head_counts(run_path: Path, refs: List[CheckpointRef]) -> Tuple[Optional[int], Optional[int]]:
+    """Attention head counts from pico's ``training_config.yaml`` or a Hugging Face ``config.json``."""
+    pico = run_path / "training_config.yaml"
+    if pico.is_file():
+        model = (yaml.safe_load(pico.read_text()) or {}).get("model", {})
+        return model.get("attention_n_heads"), model.get("attention_n_kv_heads")
+    for folder in [run_path] + [r.path for r in refs if r.path.is_dir()][:1]:
+        hf = folder / "config.json"
+        if hf.is_file():
+            cfg = json.loads(hf.read_text())
+            return cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    return None, None
+
+
+def _build_plans(config: AnalysisConfig, heads: Tuple[Optional[int], Optional[int]]) -> List[_Plan]:
+    plans = []
+    for entry in config.metrics:
+        metric = METRICS.get(entry.metric_name)(**dict(entry.settings))
+        components = [COMPONENTS.get(c.component_name)(c) for c in entry.components]
+        for component in components:
+            if isinstance(component, OVCircuitComponent):
+                component.set_model_config(*heads)
+        plans.append(_Plan(entry, metric, [] if metric.kind == "model" else components))
+    return plans
+
+
+def _load_targets(plans: List[_Plan], refs: Dict[int, CheckpointRef], allow_pickle: bool) -> None:
+    for plan in plans:
+        if plan.metric.kind != "comparative":
+            continue
+        step = plan.entry.target_checkpoint
+        if step not in refs:
+            raise ValueError(
+                f"target_checkpoint {step} of metric '{plan.entry.label}' not found; steps: {sorted(refs)}"
+            )
+        with Checkpoint(refs[step], allow_pickle) as ckpt:
+            for comp in plan.components:
+                data = comp.extract(ckpt, plan.entry.data_split)
+                where = f"target step {step}"
+                plan.targets.append(
+                    {k: as_samples(v, f"{where} layer '{k}'", comp.config.data_type) for k, v in data.items()}
+                )
+
+
+def _layer_value(plan: _Plan, index: int, layer: LayerData) -> Optional[float]:
+    """One metric on one layer; ``None`` when an all-tensors component skips the layer."""
+    metric, comp = plan.metric, plan.components[index]
+    if comp.selects_all and (not layer.tensor.is_floating_point() or (metric.needs_matrix and layer.tensor.dim() < 2)):
+        return None
+    if metric.kind != "comparative":
+        return metric.compute(layer)
+    target = plan.targets[index].get(layer.name)
+    if target is None:
+        raise KeyError(f"layer '{layer.name}' at step {layer.step} has no counterpart in the target checkpoint")
+    x = as_samples(layer.tensor, layer.where, comp.config.data_type)
+    if x.shape[0] != target.shape[0]:
+        raise MetricInputError(f"{layer.where}: {x.shape[0]} samples vs {target.shape[0]} in the target checkpoint")
+    return metric.compare(x, target)
+
+
+def _step_values(plans: List[_Plan], ckpt: Checkpoint) -> Dict[Tuple[int, int], Dict[str, float]]:
+    """``values[(plan, component)][layer]`` at one step, computed layer by layer.
+
+    Plans sharing a (component, split) extract it once; each layer's :class:`LayerData` (and its
+    single SVD) serves every plan, then is dropped before the next layer is converted.
+    """
+    groups: Dict[tuple, List[Tuple[int, int]]] = {}
+    for p, plan in enumerate(plans):
+        for c, comp in enumerate(plan.components):
+            groups.setdefault((comp.config.key(), plan.entry.data_split), []).append((p, c))
+    values: Dict[Tuple[int, int], Dict[str, float]] = {users: {} for users in sum(groups.values(), [])}
+    for (_, split), users in groups.items():
+        first_plan, first_comp = users[0]
+        data = plans[first_plan].components[first_comp].extract(ckpt, split)
+        for name in list(data):
+            layer = LayerData(name, data.pop(name), ckpt.step)
+            for p, c in users:
+                try:
+                    value = _layer_value(plans[p], c, layer)
+                except MetricInputError as exc:
+                    raise MetricInputError(f"metric '{plans[p].entry.label}': {exc}") from exc
+                if value is not None:
+                    values[(p, c)][name] = value
+    return values
+
+
+def _entry_rows(p: int, plan: _Plan, step: int, values: dict, model) -> List[Row]:
+    entry = plan.entry
+    if plan.metric.kind == "model":
+        return [Row(step, entry.label, "model", "model", plan.metric.compute_model(model))]
+    rows = []
+    for c, comp in enumerate(plan.components):
+        rows += [Row(step, entry.label, comp.label, name, v) for name, v in values[(p, c)].items()]
+    if entry.aggregation and rows:
+        finite = [r.value for r in rows if r.value == r.value]
+        value = float(_AGGREGATE[entry.aggregation](finite)) if finite else float("nan")
+        rows.append(Row(step, entry.label, "aggregate", f"{entry.aggregation} over layers", value))
+    return rows
+
+
+def _build_model(spec: Optional[ModelSpec], plans: List[_Plan]):
+    if not any(p.metric.kind == "model" for p in plans):
+        return None
+    if spec is None:
+        names = ", ".join(p.entry.label for p in plans if p.metric.kind == "model")
+        raise ValueError(f"metric(s) {names} run the model: pass --model FILE.py --class-name NAME")
+    return load_model_class(spec.path, spec.class_name)(**spec.kwargs)
+
+
+def run_analysis(
+    config: AnalysisConfig,
+    run_path,
+    *,
+    output_dir: Optional[str] = None,
+    allow_pickle: bool = False,
+    model: Optional[ModelSpec] = None,
+    quiet: bool = False,
+) -> Dict[str, Path]:
+    """Compute every metric entry of ``config`` on the checkpoints under ``run_path``.
+
+    Writes under ``output_dir / analysis_name`` and returns the paths of ``metrics.csv``,
+    ``transitions.json`` and ``report.html`` (plus ``out_dir``).
+    """
+    run_path = Path(run_path)
+    all_refs = discover_checkpoints(run_path)
+    refs = select_steps(all_refs, config.steps)
+    plans = _build_plans(config, _head_counts(run_path, all_refs))
+    _load_targets(plans, {r.step: r for r in all_refs}, allow_pickle)
+    net = _build_model(model, plans)
+    out_dir = Path(output_dir or config.monitoring.output_dir) / config.analysis_name
+    writer = ResultWriter(out_dir, config.to_dict())
+    wandb_run = _start_wandb(config) if config.monitoring.save_to_wandb else None
+    bar = tqdm(refs, desc="checkpoints", unit="ckpt", disable=quiet or not sys.stderr.isatty())
+    for ref in bar:
+        bar.set_postfix(step=ref.step)
+        with Checkpoint(ref, allow_pickle) as ckpt:
+            if net is not None:
+                load_strict(net, ckpt.state_dict(), f"step {ref.step} ({ref.path})")
+            values = _step_values(plans, ckpt)
+            results = {
+                (plan.entry.label, plan.entry.data_split): _entry_rows(p, plan, ref.step, values, net)
+                for p, plan in enumerate(plans)
+            }
+        writer.write_step(ref.step, results)
+        if wandb_run is not None:
+            wandb_run.log({f"{r.metric}/{r.layer}": r.value for rows in results.values() for r in rows}, step=ref.step)
+    if wandb_run is not None:
+        wandb_run.finish()
+    paths = writer.finish(config.transitions, title=config.analysis_name)
+    return {"out_dir": out_dir, **{k.split(".")[0]: v for k, v in paths.items()}}
+
+
+def _start_wandb(config: AnalysisConfig):
+    """Only imported when ``monitoring.save_to_wandb`` is true."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise ImportError("monitoring.save_to_wandb is true but wandb is not installed: pip install wandb") from exc
+    settings = dict(config.monitoring.wandb)
+    return wandb.init(
+        entity=settings.get("entity"),
+        project=settings.get("project"),
+        name=settings.get("name", config.analysis_name),
+        mode=settings.get("mode"),
+        config=config.to_dict(),
+    )

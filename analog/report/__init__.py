@@ -1,0 +1,1 @@
+"""Report pages and plots (one module per page)."""
