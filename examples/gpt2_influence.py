@@ -73,6 +73,7 @@ def main(argv=None) -> None:
                         bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(config)
     train(model, seqs, mask, args.steps)
+    model.eval()  # attribution passes must be deterministic: no dropout
     text = complete(model, args.prompt, stoi, vocab, args.seq_len - len(args.prompt))
     print(f"completion: {text!r}")
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from analog.analysis.results import InfluenceScores, TopKInfluence
+from analog.analysis.results import InfluenceScores, TokenInfluence, TopKInfluence
 
 MODES = ("dot", "cosine", "l2")
 
@@ -116,10 +116,20 @@ class InfluenceFunction:
 
     def compute_influence_all(self, query_log, log_loader=None, mode: str = "dot",
                               damping: Optional[float] = None, per_module: bool = False,
-                              topk: Optional[int] = None, progress: Optional[bool] = None):
-        """Scores of the queries against the whole store; ``topk=k`` keeps only k best/worst per query."""
+                              topk: Optional[int] = None, progress: Optional[bool] = None,
+                              distributed: bool = False):
+        """Scores of the queries against the whole store; ``topk=k`` keeps only k best/worst per query.
+
+        ``distributed=True`` (collective: every rank calls it with the same queries): each rank scores
+        a contiguous share of the training logs (of ``log_loader``'s store range, or of the whole
+        store) and every rank gets the gathered result — the full matrix, or the top-k merged across
+        ranks — equal to the single-process one. Without a process group it is the plain call.
+        """
         from tqdm.auto import tqdm
 
+        offset = 0
+        if distributed:
+            log_loader, offset = self._shard_loader(log_loader)
         log_loader = log_loader if log_loader is not None else self.analog.build_log_dataloader()
         q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._store_shapes(log_loader))
         chunks, parts_all, train_ids = [], {}, []
@@ -134,14 +144,90 @@ class InfluenceFunction:
                 for m, p in parts.items():
                     parts_all.setdefault(m, []).append(p.cpu())
             else:
-                best = _merge_topk(best, scores.cpu(), len(train_ids), topk)
+                best = _merge_topk(best, scores.cpu(), offset + len(train_ids), topk)
             train_ids.extend(t_ids)
+        if distributed:
+            return self._gather(q_ids, train_ids, chunks, parts_all, best, topk)
         if not train_ids:
             raise ValueError("the training log loader yielded no examples")
         if topk is not None:
             return _topk_result(best, q_ids, train_ids)
         return InfluenceScores(torch.cat(chunks, 1), q_ids, train_ids,
                                {m: torch.cat(p, 1) for m, p in parts_all.items()})
+
+    def _shard_loader(self, log_loader):
+        """(this rank's loader over its contiguous share, the share's first position in the full range)."""
+        from analog.distributed import shard_range
+        from analog.storage import build_log_dataloader
+        from analog.storage.dataset import LogBatches
+
+        if log_loader is None:
+            store, batch_size, workers, lo, hi = self.analog.open_store(), 256, 0, 0, None
+        else:
+            dataset = getattr(log_loader, "dataset", None)
+            if not isinstance(dataset, LogBatches):
+                raise ValueError("distributed=True shards the store itself: pass log_loader=None or a loader "
+                                 "from analog.build_log_dataloader / analog.storage.build_log_dataloader")
+            store, batch_size, workers = dataset.store, dataset.batch_size, log_loader.num_workers
+            lo, hi = dataset.start, dataset.stop
+        hi = len(store) if hi is None else hi
+        start, stop = shard_range(hi - lo)
+        return build_log_dataloader(store, batch_size, workers, lo + start, lo + stop), start
+
+    @staticmethod
+    def _gather(q_ids, train_ids, chunks, parts_all, best, topk):
+        """Every rank's share, in rank order: the full matrix, or the top-k merged across ranks."""
+        from analog.distributed import all_gather_object
+
+        if topk is None:
+            local = (torch.cat(chunks, 1) if chunks else torch.zeros(len(q_ids), 0),
+                     {m: torch.cat(p, 1) for m, p in parts_all.items()}, train_ids)
+        else:
+            local = (best, train_ids)
+        gathered = all_gather_object(local)
+        train_ids = [i for g in gathered for i in g[-1]]
+        if not train_ids:
+            raise ValueError("the training log loader yielded no examples")
+        if topk is not None:
+            merged = None
+            for b, _ in gathered:
+                if b is not None:
+                    merged = b if merged is None else _combine_topk(merged, b, topk)
+            return _topk_result(merged, q_ids, train_ids)
+        scores = torch.cat([g[0] for g in gathered], 1)
+        modules = dict.fromkeys(m for g in gathered for m in g[1])
+        per_module = {m: torch.cat([g[1][m] for g in gathered if m in g[1]], 1) for m in modules}
+        return InfluenceScores(scores, q_ids, train_ids, per_module)
+
+    def compute_token_influence(self, query_log, log_loader=None, damping: Optional[float] = None,
+                                progress: Optional[bool] = None) -> TokenInfluence:
+        """Per-position dot scores s(q_t, train) of a query log made with ``analog(per_token=True)``.
+
+        ``scores[i, t, j]`` = g_{q_i,t}ᵀ (F̂ + λI)⁻¹ g_j, where g_{q_i,t} = δ̃_t ã_tᵀ is position t's
+        share of query i's gradient; summing over t gives ``compute_influence_all``'s dot score.
+        """
+        from tqdm.auto import tqdm
+
+        q_ids, logs = query_log
+        tokens = {m: kinds["token_grad"] for m, kinds in logs.items() if "token_grad" in kinds}
+        if not tokens:
+            raise ValueError("the query log has no per-token gradients; log it inside analog(per_token=True)")
+        b, t = next(iter(tokens.values())).shape[:2]
+        flat = {m: g.reshape(b * t, *g.shape[2:]) for m, g in tokens.items()}
+        log_loader = log_loader if log_loader is not None else self.analog.build_log_dataloader()
+        shapes = self._store_shapes(log_loader)
+        if shapes is not None:
+            self._check_match(flat, shapes)
+        pre = self.precondition(flat, damping)
+        chunks, train_ids = [], []
+        show = self.analog._progress() if progress is None else progress
+        for batch in tqdm(log_loader, desc="token influence", disable=not show, leave=False):
+            ids, grads = self._grads(batch, "training")
+            self._check_match(flat, self._shapes(grads))
+            train = self._flat(grads, next(iter(pre.values())).device)
+            chunks.append(sum(pre[m] @ train[m].T for m in pre).reshape(b, t, -1).cpu())
+            train_ids.extend(ids)
+        return TokenInfluence(torch.cat(chunks, 2), list(q_ids), train_ids)
 
     def compute_self_influence(self, log_or_loader, damping: Optional[float] = None):
         """s(t, t) for a log batch (returns a tensor) or a loader (returns (ids, tensor))."""
@@ -169,6 +255,16 @@ def _merge_topk(best, scores: torch.Tensor, offset: int, k: int):
     hv, hi = hi_cat.topk(kk, dim=1)
     lv, li = lo_cat.topk(kk, dim=1, largest=False)
     return hv, hi_pos.gather(1, hi), lv, lo_pos.gather(1, li)
+
+
+def _combine_topk(a, b, k: int):
+    """Top-k of two running top-k results (positions already global)."""
+    hv, hi = torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1)
+    lv, li = torch.cat([a[2], b[2]], 1), torch.cat([a[3], b[3]], 1)
+    kk = min(k, hv.shape[1])
+    hv, h = hv.topk(kk, dim=1)
+    lv, low = lv.topk(kk, dim=1, largest=False)
+    return hv, hi.gather(1, h), lv, li.gather(1, low)
 
 
 def _topk_result(best, q_ids, train_ids) -> TopKInfluence:

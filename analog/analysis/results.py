@@ -66,3 +66,16 @@ class TopKInfluence:
     def topk(self, k: Optional[int] = None) -> Dict[str, List[List[Any]]]:
         k = k or self.helpful_scores.shape[1]
         return {"helpful": [r[:k] for r in self.helpful_ids], "harmful": [r[:k] for r in self.harmful_ids]}
+
+
+@dataclass
+class TokenInfluence:
+    """``scores[i, t, j]``: influence of training example ``train_ids[j]`` on position t of query i."""
+
+    scores: torch.Tensor
+    query_ids: List[Any]
+    train_ids: List[Any]
+
+    def sequence_scores(self) -> torch.Tensor:
+        """Σ over positions: the per-sequence dot scores (n_query × n_train)."""
+        return self.scores.sum(1)

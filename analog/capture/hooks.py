@@ -37,7 +37,10 @@ FactorObserver = Callable[[str, torch.Tensor, torch.Tensor, Optional[torch.Tenso
 
 
 class Capture:
-    """Per-batch capture of ``kinds`` ⊆ {"grad", "forward", "backward"} from watched modules."""
+    """Per-batch capture of ``kinds`` ⊆ {"grad", "token_grad", "forward", "backward"} from watched modules.
+
+    ``token_grad`` keeps one gradient per position (for per-token influence of queries).
+    """
 
     def __init__(
         self,
@@ -52,7 +55,7 @@ class Capture:
         self.modules, self.rules, self.projector = modules, rules, projector
         self.kinds = tuple(kinds)
         self.batch_size, self.mask, self.observer = batch_size, mask, observer
-        self.needs_backward = "grad" in self.kinds or "backward" in self.kinds or observer is not None
+        self.needs_backward = bool({"grad", "token_grad", "backward"} & set(self.kinds)) or observer is not None
         self.logs: Dict[str, Dict[str, torch.Tensor]] = {}
         self._handles = []
         self._open = False
@@ -111,10 +114,19 @@ class Capture:
             if "grad" in self.kinds:
                 g = torch.einsum("btgo,btgi->bgoi", d, a)
                 self._add(name, "grad", self.projector.compress_grad(name, g))  # linear: Σ_calls commutes
+            if "token_grad" in self.kinds:
+                self._add(name, "token_grad", self._token_grads(name, d, a))
             if "forward" in self.kinds:
                 self._add(name, "forward", a)
             if "backward" in self.kinds:
                 self._add(name, "backward", d)
+
+    def _token_grads(self, name, d, a) -> torch.Tensor:
+        """Per-position gradients δ̃_t ã_tᵀ, (B, T, *grad_shape); Σ_t gives the per-sample gradient."""
+        b, t = d.shape[:2]
+        g = torch.einsum("btgo,btgi->btgoi", d, a).reshape(b * t, *d.shape[2:], a.shape[-1])
+        g = self.projector.compress_grad(name, g)
+        return g.reshape(b, t, *g.shape[1:])
 
     # -- helpers ----------------------------------------------------------------------------
     def _add(self, name: str, kind: str, value: torch.Tensor) -> None:

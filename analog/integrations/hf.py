@@ -8,7 +8,9 @@ excluded from the logged factors through the attention mask.
 
 ``AnaLogTrainer`` wraps each training step in ``with analog(...)``. The Trainer's loss is the mean
 over the batch's tokens, so the logged gradients are ∇θ ℓ_i / (number of tokens in the batch):
-use it to watch training, and ``log_causal_lm`` (a separate pass) for attribution.
+use it to watch training, and ``log_causal_lm`` (a separate pass) for attribution. Put the model in
+``eval()`` mode for attribution passes: Hugging Face models are built in training mode, and dropout
+would make the logged and the query gradients those of different random sub-networks.
 """
 
 from __future__ import annotations
