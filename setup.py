@@ -28,8 +28,8 @@ setup(
     ],
     extras_require={
         "demo": ["scikit-learn"],
-        "hf": ["transformers"],
-        "test": ["pytest", "scikit-learn", "transformers", "ruff"],
+        "hf": ["transformers", "accelerate"],
+        "test": ["pytest", "scikit-learn", "transformers", "accelerate", "ruff"],
     },
     entry_points={"console_scripts": ["analog=analog.cli:main"]},
     classifiers=[

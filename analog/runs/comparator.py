@@ -1,0 +1,231 @@
+"""Compare parsed training runs: a table, plots, a text report and a JSON file of the data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, Union
+
+from analog.runs.log_parser import LogParser, parse_training_log
+from analog.runs.metrics import STEP_SERIES, TrainingMetrics
+from analog.runs.plots import (
+    paired,
+    plot_loss_comparison,
+    plot_ppl_comparison,
+    plot_throughput_comparison,
+    plot_training_curves,
+    x_values,
+)
+
+GENERIC_STEMS = {"train", "training", "log", "logs", "trainer_state", "metrics", "output", "stdout", "run"}
+COLUMNS = [
+    ("Run", "name", "s"),
+    ("Steps", "num_steps", "d"),
+    ("Tokens", "total_tokens", "tokens"),
+    ("Final loss", "final_loss", ".4f"),
+    ("Min loss", "min_loss", ".4f"),
+    ("Loss@common", "loss_at_common", ".4f"),
+    ("Final PPL", "final_ppl", ".2f"),
+    ("Best val loss", "best_val_loss", ".4f"),
+    ("Best val PPL", "best_val_ppl", ".2f"),
+    ("Tok/s", "mean_tok_per_sec", ".0f"),
+    ("Malformed", "malformed_lines", "d"),
+]
+
+
+def run_name(path: Union[str, os.PathLike]) -> str:
+    """A run's default name: the file stem, or the folder's name for stems like ``train``."""
+    path = Path(path)
+    if path.is_dir():
+        return path.name
+    return path.parent.name if path.stem.lower() in GENERIC_STEMS and path.parent.name else path.stem
+
+
+def file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
+
+
+def _format(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if spec == "tokens":
+        for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(value) >= size:
+                return f"{value / size:.2f}{unit}"
+        return f"{value:.0f}"
+    return format(int(value) if spec == "d" else value, spec)
+
+
+def _json_values(values: Sequence[float]) -> List[Optional[float]]:
+    """NaN/inf are not JSON: they become null."""
+    return [v if isinstance(v, int) or math.isfinite(v) else None for v in values]
+
+
+class RunComparator:
+    """Collects runs (``add_run``) and compares them at equal steps or equal tokens (``align``).
+
+    ``smoothing`` is the weight w of the exponential moving average drawn over the raw curves
+    (0 = none, see ``plots.smooth``); tables and JSON always use the raw values.
+    """
+
+    def __init__(self, align: str = "step", smoothing: float = 0.0):
+        x_values(TrainingMetrics(), align)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.align = align
+        self.smoothing = smoothing
+        self.runs: Dict[str, TrainingMetrics] = {}
+
+    def add_run(
+        self,
+        name: Optional[str],
+        source: Union[str, os.PathLike, TrainingMetrics],
+        parser_cls: Optional[Type[LogParser]] = None,
+    ) -> "RunComparator":
+        """Add a run from a log path (parsed with ``parse_training_log``) or parsed metrics."""
+        metrics = source if isinstance(source, TrainingMetrics) else parse_training_log(source, parser_cls)
+        if not name:
+            base = name = run_name(metrics.source or "run")
+            count = 1
+            while name in self.runs:
+                count += 1
+                name = f"{base}_{count}"
+        if name in self.runs:
+            raise ValueError(f"a run named {name!r} was already added")
+        self.runs[name] = metrics
+        return self
+
+    def _check(self) -> None:
+        if not self.runs:
+            raise ValueError("no runs to compare: add_run() first")
+        if self.align == "tokens":
+            missing = [name for name, m in self.runs.items() if not m.has("tokens")]
+            if missing:
+                raise ValueError(f"runs without token counts cannot be aligned by tokens: {missing}")
+
+    def common_x(self) -> Optional[float]:
+        """The furthest step (or token count) every run's training loss reaches."""
+        ends = []
+        for metrics in self.runs.values():
+            xs, _ = paired(x_values(metrics, self.align), metrics.loss)
+            if not xs:
+                return None
+            ends.append(max(xs))
+        return min(ends) if ends else None
+
+    def loss_at(self, name: str, x: Optional[float]) -> Optional[float]:
+        """Training loss of run ``name`` at its last point with abscissa ≤ x."""
+        if x is None:
+            return None
+        points = [(px, py) for px, py in zip(*paired(x_values(self.runs[name], self.align), self.runs[name].loss))]
+        before = [py for px, py in points if px <= x]
+        return before[-1] if before else None
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """One dict per run: its summary, plus ``loss_at_common``."""
+        self._check()
+        common = self.common_x()
+        return [
+            {"name": name, **metrics.summary(), "loss_at_common": self.loss_at(name, common)}
+            for name, metrics in self.runs.items()
+        ]
+
+    def format_table(self) -> str:
+        rows = self.rows()
+        cells = [[title for title, _, _ in COLUMNS]]
+        cells += [[_format(row[key], spec) for _, key, spec in COLUMNS] for row in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        common = self.common_x()
+        lines.append("")
+        shown = _format(common, "tokens" if self.align == "tokens" else "d")
+        lines.append(f"Loss@common: training loss at {self.align} {shown}, the last one all runs reach.")
+        return "\n".join(lines)
+
+    def print_comparison_table(self, file=None) -> None:
+        print(self.format_table(), file=file or sys.stdout)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Everything parsed, as JSON-ready data (NaN -> null)."""
+        self._check()
+        common = self.common_x()
+        runs = {}
+        for name, m in self.runs.items():
+            series = {"steps": list(m.steps), **{s: _json_values(getattr(m, s)) for s in STEP_SERIES}}
+            series["extras"] = {key: _json_values(values) for key, values in m.extras.items()}
+            runs[name] = {
+                "source": m.source,
+                "format": m.format,
+                "summary": m.summary(),
+                "loss_at_common": self.loss_at(name, common),
+                "lines_read": m.lines_read,
+                "malformed_lines": m.malformed_lines,
+                "malformed_examples": list(m.malformed_examples),
+                "series": series,
+                "validation": {
+                    "steps": list(m.val_steps),
+                    "tokens": _json_values(m.val_tokens),
+                    "loss": _json_values(m.val_loss),
+                    "ppl": _json_values(m.val_ppl),
+                    "gap": _json_values(m.val_gap),
+                },
+            }
+        return {"align": self.align, "smoothing": self.smoothing, "common_x": common, "runs": runs}
+
+    def report_text(self) -> str:
+        lines = [f"Run comparison (aligned by {self.align}, smoothing {self.smoothing})", "", self.format_table(), ""]
+        for name, m in self.runs.items():
+            lines.append(f"{name}: {m.source} [{m.format}] {m.lines_read} lines, {m.malformed_lines} malformed")
+            lines.extend(f"    {example}" for example in m.malformed_examples)
+        return "\n".join(lines) + "\n"
+
+    def generate_comparison(self, output_dir: Union[str, os.PathLike]) -> Dict[str, str]:
+        """Write the plots, ``comparison_report.txt`` and ``comparison_data.json``; returns their paths."""
+        self._check()
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        kw = {"align": self.align, "smoothing": self.smoothing}
+        files = {
+            "loss_comparison": plot_loss_comparison(self.runs, str(out / "loss_comparison.png"), **kw),
+            "ppl_comparison": plot_ppl_comparison(self.runs, str(out / "ppl_comparison.png"), **kw),
+            "throughput_comparison": plot_throughput_comparison(
+                self.runs, str(out / "throughput_comparison.png"), **kw
+            ),
+        }
+        used = set()
+        for name, metrics in self.runs.items():
+            stem = file_safe(name)
+            while stem in used:
+                stem += "_"
+            used.add(stem)
+            files[f"curves_{name}"] = plot_training_curves(metrics, str(out / f"curves_{stem}.png"), name, **kw)
+        (out / "comparison_report.txt").write_text(self.report_text(), encoding="utf-8")
+        with open(out / "comparison_data.json", "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2, allow_nan=False)
+        files["comparison_report"] = str(out / "comparison_report.txt")
+        files["comparison_data"] = str(out / "comparison_data.json")
+        return files
+
+
+def compare_runs(
+    runs: Union[Mapping[str, Any], Sequence[Any]],
+    output_dir: Union[str, os.PathLike],
+    align: str = "step",
+    smoothing: float = 0.0,
+    print_table: bool = True,
+) -> RunComparator:
+    """Parse ``runs`` ({name: log path or TrainingMetrics}, or a list of paths), print the table
+    and write every comparison file to ``output_dir``. Returns the comparator."""
+    comparator = RunComparator(align=align, smoothing=smoothing)
+    items = runs.items() if isinstance(runs, Mapping) else [(None, source) for source in runs]
+    for name, source in items:
+        comparator.add_run(name, source)
+    if print_table:
+        comparator.print_comparison_table()
+    comparator.generate_comparison(output_dir)
+    return comparator

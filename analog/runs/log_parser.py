@@ -1,0 +1,211 @@
+"""Parse training logs into ``TrainingMetrics``.
+
+Text logs use the line formats below (fields in any order, ``|``-separated after the header;
+the training line is one line, wrapped here)::
+
+    [Epoch 1/3] Step 100 | Tokens: 1.6M | LM Loss: 10.4500 | Polar: 2.7497 | PPL: 34546.05 \
+        | LR: 8.19e-08 | GradNorm: 5.96 | Gate std: 0.0838 | Tok/s: 20555
+    [Validation] Loss: 3.3593, PPL: 28.77, Train/Val Gap: 0.83x
+
+Other formats are recognised by content: a JSON document with ``log_history`` (Hugging Face
+``trainer_state.json``), one JSON object per line, or CSV with a step column. Custom text formats:
+subclass ``LogParser`` and override ``_parse_line`` (call ``super()._parse_line(line)`` for lines
+you do not handle), then ``parse_training_log(path, parser_cls=MyLogParser)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Type, Union
+
+from analog.runs.metrics import TrainingMetrics
+from analog.runs.structured import looks_like_csv, parse_csv, parse_json_lines, parse_trainer_state
+
+PathLike = Union[str, os.PathLike]
+_SUFFIXES = {"": 1, "K": 10**3, "k": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+_NUMBER = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)([KkMBGT]?)[x%]?$")
+
+
+class LogParseError(ValueError):
+    """A log that cannot be read at all (empty, binary, or without a single metrics line)."""
+
+
+def parse_number(text: str) -> float:
+    """``"1.6M"`` -> 1600000.0, ``"0.83x"`` -> 0.83, ``"8.19e-08"``, ``"nan"``/``"inf"``.
+
+    Suffixes K/k, M, B/G, T multiply by 10^3, 10^6, 10^9, 10^12 (exactly, via ``Decimal``).
+    Raises ``ValueError`` for anything else.
+    """
+    text = text.strip()
+    if text.lower() in ("nan", "inf", "+inf", "-inf"):
+        return float(text)
+    match = _NUMBER.match(text)
+    if not match:
+        raise ValueError(f"not a number: {text!r}")
+    try:
+        return float(Decimal(match.group(1)) * _SUFFIXES[match.group(2)])
+    except InvalidOperation as error:
+        raise ValueError(f"not a number: {text!r}") from error
+
+
+class LogParser:
+    """Line-by-line parser of text training logs; fills ``self.metrics``.
+
+    A line whose header matches ``TRAIN_PATTERN`` or ``VALIDATION_PATTERN`` but whose fields cannot
+    be read is counted in ``metrics.malformed_lines`` (with an example); other lines are ignored.
+    """
+
+    TRAIN_PATTERN = re.compile(r"(?:\[Epoch\s+(\d+)\s*/\s*(\d+)\]\s*)?\bStep\s+(\d+)\s*(\|.*)?$")
+    VALIDATION_PATTERN = re.compile(r"\[Validation\]\s*(.*)$")
+    FIELD_PATTERN = re.compile(r"^\s*([A-Za-z][\w /.\-]*?)\s*[:=]\s*(\S+)\s*$")
+    #: field name (lower case) -> series of a training line
+    TRAIN_FIELDS: Dict[str, str] = {
+        "lm loss": "loss",
+        "loss": "loss",
+        "train loss": "loss",
+        "ppl": "ppl",
+        "lr": "lr",
+        "gradnorm": "grad_norm",
+        "grad norm": "grad_norm",
+        "tok/s": "tok_per_sec",
+        "tokens/s": "tok_per_sec",
+        "tokens": "tokens",
+    }
+    #: field name (lower case) -> series of a validation line
+    VALIDATION_FIELDS: Dict[str, str] = {
+        "loss": "val_loss",
+        "ppl": "val_ppl",
+        "train/val gap": "val_gap",
+        "tokens": "val_tokens",
+    }
+
+    def __init__(self, source: str = ""):
+        self.metrics = TrainingMetrics(source=source, format="text")
+        self.line_number = 0
+
+    def parse_file(self, path: PathLike) -> TrainingMetrics:
+        with open(path, encoding="utf-8") as handle:
+            return self.parse_lines(handle)
+
+    def parse_lines(self, lines: Iterable[str]) -> TrainingMetrics:
+        for self.line_number, line in enumerate(lines, start=1):
+            self.metrics.lines_read = self.line_number
+            self._parse_line(line.rstrip("\r\n"))
+        self.metrics.pad()
+        return self.metrics
+
+    def _parse_line(self, line: str) -> None:
+        """Read one line: a validation line, a training line, or something to ignore."""
+        match = self.VALIDATION_PATTERN.search(line)
+        if match:
+            self._read_fields(line, match.group(1), ",", self.VALIDATION_FIELDS, validation=True)
+            return
+        match = self.TRAIN_PATTERN.search(line)
+        if match:
+            epoch, total, step, rest = match.groups()
+            if epoch is None and rest is None:
+                return
+            if total is not None:
+                self.metrics.total_epochs = int(total)
+            values = {"epochs": float(epoch)} if epoch is not None else {}
+            self._read_fields(line, rest or "", "|", self.TRAIN_FIELDS, step=int(step), values=values)
+
+    def _read_fields(self, line, text, sep, known, step=None, values=None, validation=False) -> None:
+        """Parse ``Key: value`` fields; a known key with an unreadable value makes the line malformed.
+        Unknown keys with numeric values go to ``extras`` (``Gate std`` -> ``gate_std``)."""
+        values = dict(values or {})
+        found = 0
+        for field in filter(str.strip, text.split(sep)):
+            match = self.FIELD_PATTERN.match(field)
+            if not match:
+                self.metrics.add_malformed(self.line_number, line, f"cannot read field {field.strip()!r}")
+                return
+            key, raw = match.group(1).strip().lower(), match.group(2)
+            name = known.get(key)
+            try:
+                value = parse_number(raw)
+            except ValueError:
+                if name is None:
+                    continue
+                self.metrics.add_malformed(self.line_number, line, f"{match.group(1)}: {raw!r} is not a number")
+                return
+            found += 1
+            if name is not None:
+                values[name] = value
+            elif not validation:
+                values[re.sub(r"\W+", "_", key).strip("_")] = value
+        if not found:
+            self.metrics.add_malformed(self.line_number, line, "no metric fields")
+        elif validation:
+            self.metrics.add_validation(**values)
+        else:
+            self.metrics.add_step(step, **values)
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; ``LogParseError`` naming the file when it is empty or binary."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise LogParseError(f"training log {path} is empty")
+    if b"\x00" in data[:8192]:
+        raise LogParseError(f"training log {path} is a binary file, not a text log")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LogParseError(f"training log {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def detect_format(text: str) -> str:
+    """``trainer_state``, ``jsonl``, ``csv`` or ``text``, from the content alone."""
+    stripped = text.lstrip()
+    first_line = stripped.splitlines()[0] if stripped else ""
+    if stripped.startswith("{"):
+        try:
+            document = json.loads(stripped)
+        except json.JSONDecodeError:
+            return "jsonl"
+        return "trainer_state" if isinstance(document, dict) and "log_history" in document else "jsonl"
+    if looks_like_csv(first_line):
+        return "csv"
+    return "text"
+
+
+def parse_training_log(path: PathLike, parser_cls: Optional[Type[LogParser]] = None) -> TrainingMetrics:
+    """Parse the training log at ``path`` (a file, or a directory holding ``trainer_state.json``).
+
+    The format is detected from the content (see ``detect_format``); ``parser_cls`` replaces
+    ``LogParser`` for text logs. Raises ``FileNotFoundError`` for a missing path and
+    ``LogParseError`` for an empty or binary file or one without a single metrics record.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{path} is a directory without trainer_state.json")
+        path = path / "trainer_state.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"training log not found: {path}")
+    text = _read_text(path)
+    kind = "text" if parser_cls is not None else detect_format(text)
+    metrics = TrainingMetrics(source=str(path), format=kind)
+    try:
+        if kind == "trainer_state":
+            parse_trainer_state(text, metrics)
+        elif kind == "jsonl":
+            parse_json_lines(text.splitlines(), metrics)
+        elif kind == "csv":
+            parse_csv(text, metrics)
+        else:
+            metrics = (parser_cls or LogParser)(source=str(path)).parse_lines(text.splitlines())
+    except ValueError as error:
+        raise LogParseError(f"cannot parse {path} as {kind}: {error}") from error
+    metrics.pad()
+    if metrics.num_records == 0:
+        raise LogParseError(
+            f"no training metrics found in {path} (read as {kind}: {metrics.lines_read} lines, "
+            f"{metrics.malformed_lines} malformed)"
+        )
+    return metrics

@@ -1,0 +1,156 @@
+"""Structured training logs: Hugging Face ``trainer_state.json``, JSON Lines and CSV.
+
+Column/key names are matched case-insensitively through ``ALIASES`` (``learning_rate`` -> ``lr``,
+``eval_loss`` -> ``val_loss``, ...). A record with a validation key is a validation point (its
+``eval_*`` keys such as ``eval_runtime`` are dropped; a training loss, lr, ... in the same record
+also makes a training point). Any other record with a step is a training point, its unknown
+numeric keys going to ``extras``. A record that only adds keys to the previous training step
+(same step, no overlap) is merged into it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+from analog.runs.metrics import NAN, STEP_SERIES, VAL_SERIES, TrainingMetrics
+
+ALIASES = {
+    "step": ("step", "global_step", "iteration", "iter", "train/global_step"),
+    "epochs": ("epoch", "train/epoch"),
+    "loss": ("loss", "lm_loss", "train/loss"),
+    "ppl": ("ppl", "perplexity", "train_ppl", "train/ppl"),
+    "lr": ("lr", "learning_rate", "train/learning_rate"),
+    "grad_norm": ("grad_norm", "gradnorm", "train/grad_norm"),
+    "tokens": ("tokens", "tokens_seen", "num_input_tokens_seen", "train/num_input_tokens_seen"),
+    "tok_per_sec": ("tok_per_sec", "tok/s", "tokens_per_sec", "tokens_per_second", "throughput"),
+    "val_loss": ("val_loss", "eval_loss", "validation_loss", "eval/loss", "val/loss"),
+    "val_ppl": ("val_ppl", "eval_ppl", "eval_perplexity", "validation_ppl", "eval/ppl", "val/ppl"),
+    "val_gap": ("val_gap", "train_val_gap"),
+}
+_CANONICAL = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
+#: keys of end-of-training summaries, not of a step (Hugging Face ``train_runtime`` record)
+SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "total_flos")
+
+
+def canonical(key: str) -> Optional[str]:
+    """Canonical series name of a column/key, or None when it is not one we know."""
+    return _CANONICAL.get(key.strip().lower())
+
+
+def to_float(value: Any) -> float:
+    """A JSON/CSV cell as float: numbers as they are, '' or None as NaN; raises ValueError else."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return NAN
+    if isinstance(value, bool):
+        raise ValueError(f"boolean {value!r} is not a metric value")
+    if isinstance(value, (int, float)):
+        return float(value)
+    return float(str(value).strip())
+
+
+def add_record(metrics: TrainingMetrics, record: Mapping[str, Any]) -> Optional[str]:
+    """Add one key/value record; returns a reason string when it is malformed, None otherwise."""
+    if any(key in record for key in SUMMARY_KEYS):
+        return None
+    values: Dict[str, float] = {}
+    extras: Dict[str, float] = {}
+    for key, raw in record.items():
+        name = canonical(str(key))
+        try:
+            value = to_float(raw)
+        except (TypeError, ValueError):
+            if name is not None:
+                return f"{key}={raw!r} is not a number"
+            continue
+        if name is not None:
+            values[name] = value
+        else:
+            extras[str(key)] = value
+    if "step" not in values or math.isnan(values["step"]):
+        return "no step" if (values or extras) else None
+    step = int(values.pop("step"))
+    val_values = {k: values.pop(k) for k in VAL_SERIES if k in values}
+    if val_values:
+        metrics.add_validation(step, **val_values)
+        if not set(values) - {"epochs"}:
+            return None
+        extras = {k: v for k, v in extras.items() if not k.lower().startswith(("eval", "val"))}
+    if values or extras:
+        _add_or_merge(metrics, step, {**values, **extras})
+    return None
+
+
+def _add_or_merge(metrics: TrainingMetrics, step: int, values: Dict[str, float]) -> None:
+    if metrics.steps and metrics.steps[-1] == step:
+
+        def current(name):
+            series = getattr(metrics, name) if name in STEP_SERIES else metrics.extras.get(name)
+            return series[-1] if series else NAN
+
+        if all(math.isnan(current(name)) for name in values):
+            for name, value in values.items():
+                if name in STEP_SERIES:
+                    getattr(metrics, name)[-1] = value
+                else:
+                    series = metrics.extras.setdefault(name, [NAN] * len(metrics.steps))
+                    series[-1] = value
+            return
+    metrics.add_step(step, **values)
+
+
+def parse_trainer_state(text: str, metrics: TrainingMetrics) -> TrainingMetrics:
+    """Hugging Face ``trainer_state.json``: the records of its ``log_history`` list."""
+    state = json.loads(text)
+    history = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise ValueError("JSON document has no 'log_history' list")
+    metrics.lines_read = len(history)
+    for index, record in enumerate(history, start=1):
+        reason = add_record(metrics, record) if isinstance(record, dict) else "not an object"
+        if reason:
+            metrics.add_malformed(index, json.dumps(record)[:200], f"log_history[{index - 1}]: {reason}")
+    return metrics
+
+
+def parse_json_lines(lines: Iterable[str], metrics: TrainingMetrics) -> TrainingMetrics:
+    """One JSON object per line; blank lines are skipped, anything else is malformed."""
+    for number, line in enumerate(lines, start=1):
+        metrics.lines_read = number
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            metrics.add_malformed(number, line, f"invalid JSON: {error.msg}")
+            continue
+        reason = add_record(metrics, record) if isinstance(record, dict) else "not a JSON object"
+        if reason:
+            metrics.add_malformed(number, line, reason)
+    return metrics
+
+
+def parse_csv(text: str, metrics: TrainingMetrics) -> TrainingMetrics:
+    """A header row, then one row per record; rows with the wrong number of cells are malformed."""
+    rows = csv.reader(io.StringIO(text))
+    header = [cell.strip() for cell in next(rows)]
+    for number, row in enumerate(rows, start=2):
+        metrics.lines_read = number
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            metrics.add_malformed(number, ",".join(row), f"{len(row)} cells for {len(header)} columns")
+            continue
+        reason = add_record(metrics, dict(zip(header, row)))
+        if reason:
+            metrics.add_malformed(number, ",".join(row), reason)
+    return metrics
+
+
+def looks_like_csv(first_line: str) -> bool:
+    """A header row: comma-separated names, one of which is a step column."""
+    cells = [cell.strip() for cell in first_line.split(",")]
+    return len(cells) >= 2 and any(canonical(cell) == "step" for cell in cells)
