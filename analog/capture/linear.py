@@ -52,7 +52,7 @@ class LinearRule(LayerRule, module_type=nn.Linear):
         return out
 
 
-class HFConv1DRule(LayerRule, module_type="transformers.pytorch_utils.Conv1D"):
+class HFConv1DRule(LinearRule, module_type="transformers.pytorch_utils.Conv1D"):
     """GPT-2's Conv1D: y = x W + b with W of shape (d_in, d_out); its gradient is Gᵀ."""
 
     def in_dim(self, module) -> int:
@@ -61,20 +61,9 @@ class HFConv1DRule(LayerRule, module_type="transformers.pytorch_utils.Conv1D"):
     def out_dim(self, module) -> int:
         return module.weight.shape[1]
 
-    def activations(self, module, x):
-        a = _positions(x)
-        return append_ones(a) if has_bias(module) else a
-
-    def project_activations(self, module, x, p_in):
-        return _project(module, x, p_in)
-
-    def output_grads(self, module, grad_out):
-        return _positions(grad_out)
-
     def param_grads(self, module, grad) -> Dict[str, torch.Tensor]:
         g = grad[:, 0]
-        d_in = module.weight.shape[0]
-        out = {"weight": g[..., :d_in].transpose(1, 2)}
+        out = {"weight": g[..., : module.weight.shape[0]].transpose(1, 2)}
         if has_bias(module):
             out["bias"] = g[..., -1]
         return out

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from analog import AnaLog
+from analog import AnaLog, AnaLogScheduler
 from analog.analysis import InfluenceFunction
 
 BATCH = 250
@@ -28,11 +28,12 @@ def _fit(task, root: str, hessian: str, compression: dict, damping: Optional[flo
     run = AnaLog("bench", {"root_dir": root, "compression": compression, "progress": False})
     run.update({"log": ["grad"], "hessian": hessian, "save": True, "damping": damping})
     run.watch(model)
-    for start in range(0, task.n_train, BATCH):
-        idx = list(range(start, min(start + BATCH, task.n_train)))
-        with run(data_id=idx):
-            F.cross_entropy(model(task.x_train[idx]), task.y_train[idx], reduction="sum").backward()
-        model.zero_grad(set_to_none=True)
+    for _ in AnaLogScheduler(run):  # two passes for LoGra init="pca", one otherwise
+        for start in range(0, task.n_train, BATCH):
+            idx = list(range(start, min(start + BATCH, task.n_train)))
+            with run(data_id=idx):
+                F.cross_entropy(model(task.x_train[idx]), task.y_train[idx], reduction="sum").backward()
+            model.zero_grad(set_to_none=True)
     run.eval()
     run.add_analysis({"influence": InfluenceFunction})
     return run, model
@@ -62,8 +63,8 @@ def repeated(task, query_batches: List[np.ndarray], hessian: str, compression: d
 NONE = {"type": "none"}
 
 
-def logra(rank: int) -> dict:
-    return {"type": "logra", "rank": rank, "seed": 0}
+def logra(rank: int, init: str = "random") -> dict:
+    return {"type": "logra", "rank": rank, "seed": 0, "init": init}
 
 
 METHODS = {
@@ -73,6 +74,8 @@ METHODS = {
     "analog-raw-logra-r16": partial(method, hessian="raw", compression=logra(16)),
     "analog-raw-logra-r8": partial(method, hessian="raw", compression=logra(8)),
     "analog-raw-logra-r4": partial(method, hessian="raw", compression=logra(4)),
+    "analog-raw-logra-pca-r16": partial(method, hessian="raw", compression=logra(16, "pca")),
+    "analog-raw-logra-pca-r8": partial(method, hessian="raw", compression=logra(8, "pca")),
     "analog-ekfac-logra-r16": partial(method, hessian="ekfac", compression=logra(16)),
     "analog-identity": partial(method, hessian="none", compression=NONE),
     "analog-ekfac-heuristic": partial(method, hessian="ekfac", compression=NONE, heuristic=True),
