@@ -107,7 +107,7 @@ def _write_page(out, x, y, flipped, xq, yq, top, self_inf, summary) -> Path:
     queries = [{"image": img(xq[q]), "caption": f"test {q}, label {int(yq[q])}",
                 "helpful": [train_item(i) for i in top["helpful"][q]],
                 "harmful": [train_item(i) for i in top["harmful"][q]]} for q in range(len(top["helpful"]))]
-    flagged = [train_item(int(i)) for i in self_inf.topk(min(40, len(self_inf))).indices]
+    flagged = [train_item(int(i)) for i in self_inf.topk(min(100, max(1, len(self_inf) // 20))).indices]
     return influence_page(Path(out) / "report.html", "analog demo: influence on digits", queries, flagged, summary)
 
 
