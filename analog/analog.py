@@ -5,6 +5,15 @@ Project layout under ``root_dir/project/``::
     logs/     the log store (see analog.storage.layout)
     state/    config.json, projection.safetensors, curvature.{json,safetensors}
 
+Distributed (torch.distributed initialised, world size > 1): every rank watches the same model
+(a DistributedDataParallel wrapper is looked through: module names carry no ``module.`` prefix),
+enters the logging ``with`` blocks for its own shard of the data (ids must be disjoint across
+ranks) and calls ``finalize``/``eval``: these are collective. Projections are seeded and broadcast
+from rank 0; the first logging block of each pass checks that all ranks watch the same modules with
+the same projection (a clear error on every rank otherwise). Each rank appends to the one store
+(see analog.storage.layout), ``finalize`` waits until every rank's chunks are on disk before the
+curvature, reduced across ranks, reads it; rank 0 writes the state files.
+
 Per-sample gradients are those of the loss the user backpropagates: with ``reduction="sum"`` the
 logged gradient of example i is ∇θ ℓ_i; with ``reduction="mean"`` it is ∇θ ℓ_i / B (B = batch size),
 which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
@@ -20,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from analog import distributed
 from analog.capture import get_rule
 from analog.capture.hooks import Capture
 from analog.compression import build_projector
@@ -78,8 +88,9 @@ class AnaLog:
     setup = update
 
     def watch(self, model: nn.Module, type_filter=None, name_filter=None) -> "AnaLog":
-        """Choose the modules of ``model`` to log (see analog.watch.select_modules). The model is untouched."""
-        self.modules = select_modules(model, type_filter, name_filter)
+        """Choose the modules of ``model`` to log (see analog.watch.select_modules). The model is untouched;
+        a DistributedDataParallel wrapper is looked through (its module's names, no ``module.`` prefix)."""
+        self.modules = select_modules(distributed.unwrap(model), type_filter, name_filter)
         self.rules = {name: get_rule(m, name) for name, m in self.modules.items()}
         self.dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(self.modules.items(),
                                                                                         self.rules.values())}
@@ -93,6 +104,7 @@ class AnaLog:
         saved = self.state_path / "projection.safetensors"
         if saved.exists():
             self.projector.load_tensors(load_file(str(saved)))
+        self._sync_projector()
         self.phase = "pca" if self.projector.needs_fit() else "log"
         saved_curvature = self.state_path / "curvature.json"
         if saved_curvature.exists():
@@ -100,9 +112,37 @@ class AnaLog:
         else:
             self.curvature = build_curvature(self.config.hessian)
 
+    def _sync_projector(self) -> None:
+        """Under torch.distributed: check that ranks agree on what is projected, then give every rank
+        rank 0's projection tensors (seeded alike already; this also covers PCA fits and saved state)."""
+        self._ranks_checked = None
+        if not distributed.is_distributed():
+            return
+        distributed.check_same("the watched modules, their (groups, d_out, d_in) and the projection", {
+            "modules": {n: list(d) for n, d in self.dims.items()},
+            "compression": self.config.compression.__dict__,
+            "projection tensors": {k: list(v.shape) for k, v in self.projector.tensors.items()},
+        })
+        if self.projector.tensors:
+            self.projector.load_tensors(distributed.broadcast_tensors(self.projector.tensors))
+
+    def _check_ranks(self) -> None:
+        """Once per pass, at the first logging block: all ranks log the same modules with the same projection."""
+        if not distributed.is_distributed() or getattr(self, "_ranks_checked", None) == self.phase:
+            return
+        distributed.check_same("what they log (modules, projection fingerprint, settings)", {
+            "modules": {n: list(d) for n, d in self.dims.items()},
+            "projection": self.projector.fingerprint(),
+            "pass": self.phase,
+            "settings": {k: getattr(self.config, k) for k in ("log", "save", "hessian")},
+        })
+        self._ranks_checked = self.phase
+
     # -- logging ----------------------------------------------------------------------------
-    def __call__(self, data_id=None, mask: Optional[torch.Tensor] = None) -> "AnaLog":
-        self._pending = {"data_id": data_id, "mask": mask}
+    def __call__(self, data_id=None, mask: Optional[torch.Tensor] = None, per_token: bool = False) -> "AnaLog":
+        """Arguments of the next ``with`` block. ``per_token=True`` (analysis mode) also keeps one
+        gradient per position, ``log[module]["token_grad"]`` of shape (B, T, *grad_shape)."""
+        self._pending = {"data_id": data_id, "mask": mask, "per_token": per_token}
         return self
 
     def __enter__(self) -> "AnaLog":
@@ -111,6 +151,11 @@ class AnaLog:
         if self._capture is not None:
             raise RuntimeError("`with analog(...)` blocks cannot be nested")
         data_id, mask = self._pending.pop("data_id", None), self._pending.pop("mask", None)
+        per_token = self._pending.pop("per_token", False)
+        if per_token and self.mode != "eval":
+            raise ValueError("per_token=True is for queries in analysis mode: call analog.eval() first")
+        if self.mode == "log":
+            self._check_ranks()
         ids = to_ids(data_id) if data_id is not None else None
         batch_size = len(ids) if ids is not None else None
         self._observed: List[Tuple] = []
@@ -124,7 +169,8 @@ class AnaLog:
                 raise ValueError("pass data_id=... to `with analog(...)` when logs are saved")
             # factors reach the curvature only once the batch passed the checks in __exit__
             observer = (lambda *f: self._observed.append(f)) if training and self.curvature.needs_factors else None
-            self._capture = Capture(self.modules, self.rules, self.projector, self.config.log,
+            kinds = (*self.config.log, "token_grad") if per_token else self.config.log
+            self._capture = Capture(self.modules, self.rules, self.projector, kinds,
                                     batch_size=batch_size, mask=mask, observer=observer)
         self._ids = ids
         self._capture.__enter__()
@@ -192,6 +238,7 @@ class AnaLog:
         self._pca_stats.finalize()
         state = self._pca_stats.state
         self.projector.fit_pca({m: {"in": state[f"{m}/A"], "out": state[f"{m}/S"]} for m in self.modules})
+        self._sync_projector()
         self._pca_stats, self.phase = None, "log"
 
     # -- end of logging ---------------------------------------------------------------------
@@ -199,6 +246,7 @@ class AnaLog:
         """Flush logs, fit the curvature (once), save state. Calling it again changes nothing."""
         if self._writer is not None:
             self._writer.close()
+        distributed.barrier()  # every rank's chunks are on disk before the curvature reads the store
         if self.curvature is not None and not self.curvature.meta["finalized"] and self.curvature.meta["n_samples"]:
             store = self.open_store() if self.curvature.needs_store else None
             self.curvature.finalize(store, progress=self._progress())
@@ -211,6 +259,8 @@ class AnaLog:
         return self
 
     def _save_state(self) -> None:
+        if distributed.rank() != 0:  # the state is the same on every rank: rank 0 writes it
+            return
         self.state_path.mkdir(parents=True, exist_ok=True)
         # atomic (temporary file + rename): a run killed here leaves the previous state readable
         write_bytes_atomic(self.state_path / "config.json", json.dumps(self.config.to_dict(), indent=1).encode())

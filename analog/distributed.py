@@ -6,7 +6,7 @@ the device that backend needs and back, and nothing calls ``.cuda()`` unless the
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -65,5 +65,36 @@ def check_same(what: str, value: Any) -> None:
     """Raise on every rank when ranks disagree on ``value`` (module set, projection, ...)."""
     values = all_gather_object(value)
     if any(v != values[0] for v in values):
+        if all(isinstance(v, dict) for v in values):  # name only the entries that differ
+            keys = [k for k in dict.fromkeys(k for v in values for k in v) if any(v.get(k) != values[0].get(k)
+                                                                                 for v in values)]
+            values = [{k: v.get(k) for k in keys} for v in values]
         details = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
         raise RuntimeError(f"processes disagree on {what}: {details}")
+
+
+def broadcast_tensors(tensors: Dict[str, torch.Tensor], src: int = 0) -> Dict[str, torch.Tensor]:
+    """Rank ``src``'s values of a dict of tensors (same keys, shapes and dtypes on every rank:
+    ``check_same`` them first, or the collectives mismatch)."""
+    if not is_distributed():
+        return tensors
+    return {k: broadcast(tensors[k], src).to(tensors[k].dtype) for k in sorted(tensors)}
+
+
+def shard_range(n: int, rank_: Optional[int] = None, world: Optional[int] = None) -> Tuple[int, int]:
+    """[start, stop) of ``rank``'s contiguous share of ``n`` items (shares differ by at most one;
+    concatenated in rank order they are 0..n)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (so module names carry no ``module.`` prefix)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model

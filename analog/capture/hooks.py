@@ -92,7 +92,8 @@ class Capture:
     def _forward(self, name, module, inputs, output) -> None:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"module {name!r} returned {type(output).__name__}; analog expects a tensor")
-        with torch.no_grad():
+        # projections run in float32 even inside the user's autocast region
+        with torch.no_grad(), torch.autocast(inputs[0].device.type, enabled=False):
             x = inputs[0].detach()
             self._check_batch(name, x.shape[0])
             a = self.projector.project_activations(name, module, self.rules[name], _float(x))
@@ -106,7 +107,7 @@ class Capture:
     def _backward(self, name, module, a, grad) -> None:
         if not self._open:
             return  # a backward run after the block (through a graph built inside it) changes nothing
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
             d = self.rules[name].output_grads(module, _float(grad))
             d = self._masked(name, self.projector.project_output_grads(name, d))
             if self.observer is not None:

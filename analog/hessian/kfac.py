@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from analog.distributed import all_reduce_sum
+from analog.distributed import all_gather_object, all_reduce_sum
 from analog.hessian.base import Curvature, CurvatureError, damping_value, reduce_sums, store_batches
 
 
@@ -42,14 +42,24 @@ class KFAC(Curvature, kind="kfac"):
         n = self.meta["n_samples"]
         if n == 0:
             raise CurvatureError(f"{self.kind}: no examples were logged; nothing to fit")
-        for name in self.modules():
-            tokens = all_reduce_sum(self.state.pop(f"{name}/tokens")).cpu()
-            a = all_reduce_sum(self.state.pop(f"{name}/A_sum")).cpu() / tokens.clamp_min(1)
-            s = all_reduce_sum(self.state.pop(f"{name}/S_sum")).cpu() / n
+        for name, (a_shape, s_shape) in self._factor_shapes().items():
+            zeros = lambda shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731  (a rank that saw none)
+            tokens = all_reduce_sum(self.state.pop(f"{name}/tokens", zeros(()))).cpu()
+            a = all_reduce_sum(self.state.pop(f"{name}/A_sum", zeros(a_shape))).cpu() / tokens.clamp_min(1)
+            s = all_reduce_sum(self.state.pop(f"{name}/S_sum", zeros(s_shape))).cpu() / n
             alpha, q_a = torch.linalg.eigh(a)
             sigma, q_s = torch.linalg.eigh(s)
             self.state.update({f"{name}/A": a, f"{name}/S": s, f"{name}/QA": q_a, f"{name}/QS": q_s,
                                f"{name}/eA": alpha.clamp_min(0), f"{name}/eS": sigma.clamp_min(0)})
+
+    def _factor_shapes(self):
+        """{module: (A shape, S shape)} over every rank, so each rank makes the same reductions."""
+        local = {m: (tuple(self.state[f"{m}/A_sum"].shape), tuple(self.state[f"{m}/S_sum"].shape))
+                 for m in self.modules()}
+        shapes = {}
+        for part in all_gather_object(local):
+            shapes.update(part)
+        return dict(sorted(shapes.items()))
 
     def eigenvalues(self, name: str) -> torch.Tensor:
         """(G, r_out, r_in) eigenvalues of F̂ in the Kronecker eigenbasis: s αᵀ."""

@@ -8,6 +8,15 @@ A store is a directory::
 
     writer.lock             held (flock) by the one process appending to the store
 
+Distributed runs (torch.distributed, world size W > 1): every rank appends its own shard to the
+same directory. Rank 0 uses the names above; rank r > 0 writes ``chunk_r{r:03d}_NNNNNN.{bin,json}``
+and holds ``writer.r{r:03d}.lock``. Every rank writes the same ``store.json`` (atomically, through
+its own temporary file), which records ``world_size``; appending with another world size is an
+error, since the store would mix shards of different runs. Readers take the chunks in order of
+(rank, index), so the store reads as one: rank 0's examples, then rank 1's, and so on. Ranks must
+log disjoint ids (e.g. through a ``DistributedSampler``): a writer refuses ids already on disk when
+it opens and ids it logged itself, and a reader refuses a store holding an id twice, naming it.
+
 A chunk exists for readers only once its ``.json`` is in place, and that file is written after its
 ``.bin`` is complete and synced. A process killed mid-write therefore leaves at most one ``.bin``
 with no ``.json`` (and perhaps a ``*.tmp``), which readers ignore and the next writer removes.
@@ -19,14 +28,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 
 FORMAT_VERSION = 1
 STORE_FILE = "store.json"
-CHUNK_RE = re.compile(r"chunk_(\d{6})\.(bin|json)$")
+CHUNK_RE = re.compile(r"chunk_(?:r(\d{3,})_)?(\d{6})\.(bin|json)$")
+LOCK_FILE = "writer.lock"
 
 #: store dtype name -> (torch dtype, numpy dtype used for the raw bytes)
 DTYPES = {
@@ -40,15 +50,16 @@ class StoreError(RuntimeError):
     """A log store that is missing, corrupt, or not what the reader expects."""
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_json_atomic(path: Path, payload: Any, tmp_suffix: str = ".tmp") -> None:
     """Write JSON to ``path`` through a synced temporary file and an atomic rename."""
-    write_bytes_atomic(path, json.dumps(payload).encode("utf-8"))
+    write_bytes_atomic(path, json.dumps(payload).encode("utf-8"), tmp_suffix)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a synced temporary file and an atomic rename."""
+def write_bytes_atomic(path: Path, data: bytes, tmp_suffix: str = ".tmp") -> None:
+    """Write ``data`` to ``path`` through a synced temporary file (``path`` + ``tmp_suffix``; give
+    processes writing the same file different suffixes) and an atomic rename."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + tmp_suffix)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -83,18 +94,33 @@ def read_json(path: Path) -> Any:
         raise StoreError(f"corrupt or truncated metadata file {path}: {e}") from None
 
 
-def chunk_name(index: int, ext: str) -> str:
-    return f"chunk_{index:06d}.{ext}"
+def chunk_name(index: int, ext: str, rank: int = 0) -> str:
+    """File name of chunk ``index`` written by ``rank`` (rank 0: the single-process name)."""
+    return f"chunk_{index:06d}.{ext}" if rank == 0 else f"chunk_r{rank:03d}_{index:06d}.{ext}"
 
 
-def chunk_indices(root: Path) -> Dict[str, List[int]]:
-    """Indices of chunk files present, by extension."""
-    found: Dict[str, List[int]] = {"bin": [], "json": []}
+def lock_name(rank: int = 0) -> str:
+    return LOCK_FILE if rank == 0 else f"writer.r{rank:03d}.lock"
+
+
+def rank_tmp_suffix(rank: int = 0) -> str:
+    """Temporary-file suffix of ``rank`` for files every rank writes (``store.json``)."""
+    return ".tmp" if rank == 0 else f".r{rank:03d}.tmp"
+
+
+def chunk_keys(root: Path) -> Dict[str, List[Tuple[int, int]]]:
+    """(rank, index) of the chunk files present, by extension, in reading order."""
+    found: Dict[str, List[Tuple[int, int]]] = {"bin": [], "json": []}
     for entry in os.listdir(root):
         m = CHUNK_RE.match(entry)
         if m:
-            found[m.group(2)].append(int(m.group(1)))
+            found[m.group(3)].append((int(m.group(1) or 0), int(m.group(2))))
     return {k: sorted(v) for k, v in found.items()}
+
+
+def chunk_indices(root: Path, rank: int = 0) -> Dict[str, List[int]]:
+    """Indices of the chunk files of ``rank`` present, by extension."""
+    return {k: [i for r, i in v if r == rank] for k, v in chunk_keys(root).items()}
 
 
 def row_elems(fields: List[Dict[str, Any]]) -> int:
@@ -131,7 +157,15 @@ def _header_problem(header: Any) -> str:
         return f"'row_elems' is {header.get('row_elems')!r} but the fields hold {row_elems(fields)} values"
     if not isinstance(header.get("compression"), dict):
         return f"'compression' must be an object, found {header.get('compression')!r}"
+    ws = header.get("world_size", 1)
+    if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
+        return f"'world_size' must be an integer >= 1, found {ws!r}"
     return ""
+
+
+def stored_world_size(header: Dict[str, Any]) -> int:
+    """The world size a store was written with (stores from before it was recorded: 1)."""
+    return int(header.get("world_size", 1))
 
 
 def _field_ok(field: Any) -> bool:
@@ -140,9 +174,9 @@ def _field_ok(field: Any) -> bool:
             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in field["shape"]))
 
 
-def read_chunk_meta(path: Path, index: int, row_bytes: int) -> Dict[str, Any]:
-    """The validated metadata of chunk ``index``, after checking its ``.bin`` holds exactly its rows."""
-    meta_path, bin_path = path / chunk_name(index, "json"), path / chunk_name(index, "bin")
+def read_chunk_meta(path: Path, index: int, row_bytes: int, rank: int = 0) -> Dict[str, Any]:
+    """The validated metadata of chunk ``index`` of ``rank``, after checking its ``.bin`` holds exactly its rows."""
+    meta_path, bin_path = path / chunk_name(index, "json", rank), path / chunk_name(index, "bin", rank)
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("n"), int) or meta["n"] < 0 \
             or not isinstance(meta.get("ids"), list):

@@ -17,10 +17,11 @@ from analog.storage.layout import (
     DTYPES,
     STORE_FILE,
     StoreError,
-    chunk_indices,
+    chunk_keys,
     chunk_name,
     read_chunk_meta,
     read_header,
+    stored_world_size,
 )
 
 #: (ids, {module: {kind: tensor (B, *shape)}})
@@ -85,17 +86,43 @@ class LogStore:
         self._maps: List[np.ndarray] = []
         self._starts: List[int] = []
         row_bytes = self.row_elems * np.dtype(self.np_dtype).itemsize
-        for index in chunk_indices(self.path)["json"]:
-            meta = read_chunk_meta(self.path, index, row_bytes)
+        world = stored_world_size(self.header)
+        self._chunks: List[Tuple[int, int]] = []
+        for rank, index in chunk_keys(self.path)["json"]:  # (rank, index) order: the shards read as one
+            if rank >= world:
+                raise StoreError(
+                    f"store {self.path} was written with world size {world} but holds chunk "
+                    f"{chunk_name(index, 'json', rank)} of rank {rank}: it mixes logs from different world sizes")
+            meta = read_chunk_meta(self.path, index, row_bytes, rank)
             n = meta["n"]
             self._starts.append(len(self.ids))
+            self._chunks.append((rank, index))
             self.ids.extend(meta["ids"])
             if n and self.row_elems:
-                bin_path = self.path / chunk_name(index, "bin")
+                bin_path = self.path / chunk_name(index, "bin", rank)
                 self._maps.append(np.memmap(bin_path, dtype=self.np_dtype, mode="c", shape=(n, self.row_elems)))
             else:
                 self._maps.append(np.zeros((n, self.row_elems), dtype=self.np_dtype))
         self._index = {(tuple(i) if isinstance(i, list) else i): k for k, i in enumerate(self.ids)}
+        if len(self._index) != len(self.ids):
+            self._raise_duplicate()
+
+    def _raise_duplicate(self) -> None:
+        """A store holding an id twice (e.g. two ranks logged the same example) cannot be read by id."""
+        first: Dict[Any, int] = {}
+        for k, i in enumerate(self.ids):
+            key = tuple(i) if isinstance(i, list) else i
+            if key in first:
+                a, b = (self._chunk_of(p) for p in (first[key], k))
+                raise StoreError(
+                    f"store {self.path} holds id {i!r} twice (in {chunk_name(a[1], 'json', a[0])} and "
+                    f"{chunk_name(b[1], 'json', b[0])}); ids must be unique across ranks: give each rank a "
+                    "disjoint shard of the data (e.g. torch.utils.data.DistributedSampler with drop_last "
+                    "or padding that does not repeat ids)")
+            first[key] = k
+
+    def _chunk_of(self, position: int) -> Tuple[int, int]:
+        return self._chunks[bisect.bisect_right(self._starts, position) - 1]
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -12,7 +12,8 @@ An exception in the thread is kept and raised in the caller at its next ``write`
 
 One process at a time may append to a store: the writer holds an advisory lock on
 ``writer.lock`` (released by the OS when the process dies, so a killed run does not block the
-next one).
+next one). Under torch.distributed each rank appends its own shard with its own chunk names and
+lock (see analog.storage.layout); ``rank``/``world_size`` default to the process group's.
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ import numpy as np
 import torch
 
 from analog.storage.layout import (
+    CHUNK_RE,
     DTYPES,
     FORMAT_VERSION,
     STORE_FILE,
     StoreError,
-    chunk_indices,
+    chunk_keys,
     chunk_name,
+    lock_name,
+    rank_tmp_suffix,
     read_chunk_meta,
     read_header,
     row_elems,
+    stored_world_size,
     write_json_atomic,
 )
 
@@ -44,7 +49,6 @@ try:  # advisory locking; unavailable on Windows, where the lock is skipped
 except ImportError:  # pragma: no cover
     fcntl = None
 
-LOCK_FILE = "writer.lock"
 
 
 class LogWriter:
@@ -57,7 +61,15 @@ class LogWriter:
         dtype: str = "float32",
         fingerprint: Optional[dict] = None,
         flush_bytes: int = 64 * 2**20,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
     ):
+        from analog import distributed
+
+        self.rank = distributed.rank() if rank is None else int(rank)
+        self.world_size = distributed.world_size() if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} out of range for world size {self.world_size}")
         if dtype not in DTYPES:
             raise ValueError(f"unknown storage dtype {dtype!r}; use one of {sorted(DTYPES)}")
         if int(flush_bytes) < 1:
@@ -70,11 +82,12 @@ class LogWriter:
             "dtype": dtype,
             "row_elems": row_elems(fields),
             "compression": fingerprint or {},
+            "world_size": self.world_size,
         }
         self.torch_dtype, self.np_dtype = DTYPES[dtype]
         self.row_bytes = self.header["row_elems"] * np.dtype(self.np_dtype).itemsize
         self.flush_bytes = int(flush_bytes)
-        self._lock = _StoreLock(self.path)
+        self._lock = _StoreLock(self.path, self.rank)
         try:
             self.ids = self._open_store()
         except BaseException:
@@ -93,6 +106,11 @@ class LogWriter:
         """Check an existing store; collect its ids; drop a crashed run's leftovers; pick the next chunk."""
         if (self.path / STORE_FILE).exists():
             existing = read_header(self.path)
+            if stored_world_size(existing) != self.world_size:
+                raise StoreError(
+                    f"store {self.path} holds logs written by {stored_world_size(existing)} process(es) but this "
+                    f"run has world size {self.world_size}: mixing logs from different world sizes in one store is "
+                    "not supported; log to another project (or run with the same number of processes)")
             for key in ("fields", "dtype", "compression"):
                 if existing.get(key) != self.header[key]:
                     raise StoreError(
@@ -100,24 +118,26 @@ class LogWriter:
                         f"(stored {existing.get(key)!r}, now {self.header[key]!r}); use another project "
                         "or log name"
                     )
-        else:
-            write_json_atomic(self.path / STORE_FILE, self.header)
-        found = chunk_indices(self.path)
+        else:  # every rank writes the same header, each through its own temporary file
+            write_json_atomic(self.path / STORE_FILE, self.header, rank_tmp_suffix(self.rank))
+        found = chunk_keys(self.path)
         ids = set()
-        for index in found["json"]:
-            ids.update(_hashable(i) for i in read_chunk_meta(self.path, index, self.row_bytes)["ids"])
-        self._next = max(found["json"], default=-1) + 1
-        self._remove_leftovers(found)
+        for r, index in found["json"]:  # every rank's complete chunks: ids already on disk are refused
+            ids.update(_hashable(i) for i in read_chunk_meta(self.path, index, self.row_bytes, r)["ids"])
+        self._next = max((i for r, i in found["json"] if r == self.rank), default=-1) + 1
+        self._remove_leftovers([i for r, i in found["bin"] if r == self.rank])
         return ids
 
-    def _remove_leftovers(self, found: Dict[str, List[int]]) -> None:
-        """Remove what a killed writer left: chunk data past the last complete chunk, temporary files."""
-        for index in found["bin"]:
+    def _remove_leftovers(self, bins: List[int]) -> None:
+        """Remove what a killed writer of this rank left: chunk data past its last complete chunk,
+        temporary files (other ranks' files are theirs: they may be writing them right now)."""
+        for index in bins:
             if index >= self._next:
-                (self.path / chunk_name(index, "bin")).unlink()
+                (self.path / chunk_name(index, "bin", self.rank)).unlink(missing_ok=True)
+        own_tmp = STORE_FILE + rank_tmp_suffix(self.rank)
         for entry in os.listdir(self.path):
-            if entry.endswith(".json.tmp"):
-                (self.path / entry).unlink()
+            if entry == own_tmp or (entry.endswith(".json.tmp") and _chunk_rank(entry) == self.rank):
+                (self.path / entry).unlink(missing_ok=True)
 
     # -- caller side ------------------------------------------------------------------------
     def write(self, ids: Sequence[Any], rows: torch.Tensor) -> None:
@@ -202,7 +222,7 @@ class LogWriter:
 
     def _write_chunk(self, index: int, ids: List[Any], parts: List[torch.Tensor]) -> None:
         """The rows, synced, then the chunk's metadata, atomically: a chunk is complete or absent."""
-        bin_path = self.path / chunk_name(index, "bin")
+        bin_path = self.path / chunk_name(index, "bin", self.rank)
         nbytes = 0
         with open(bin_path, "wb") as f:
             for rows in parts:
@@ -211,22 +231,24 @@ class LogWriter:
                 nbytes += data.nbytes
             f.flush()
             os.fsync(f.fileno())
-        write_json_atomic(self.path / chunk_name(index, "json"), {"n": len(ids), "ids": ids, "nbytes": nbytes})
+        write_json_atomic(self.path / chunk_name(index, "json", self.rank),
+                          {"n": len(ids), "ids": ids, "nbytes": nbytes})
 
 
 class _StoreLock:
-    """An exclusive advisory lock on ``writer.lock``; a no-op where ``fcntl`` is missing."""
+    """An exclusive advisory lock on ``rank``'s lock file; a no-op where ``fcntl`` is missing."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rank: int = 0):
         self.file = None
         if fcntl is None:  # pragma: no cover
             return
-        self.file = open(path / LOCK_FILE, "a+b")
+        lock = path / lock_name(rank)
+        self.file = open(lock, "a+b")
         try:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.file.close()
-            raise StoreError(f"store {path} is being written by another writer (lock {path / LOCK_FILE} is "
+            raise StoreError(f"store {path} is being written by another writer (lock {lock} is "
                              "held); finalize() that run first, or log to another project") from None
 
     def close(self) -> None:
@@ -236,6 +258,12 @@ class _StoreLock:
                 fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
             finally:
                 self.file.close()
+
+
+def _chunk_rank(entry: str) -> Optional[int]:
+    """The rank whose chunk file (or its temporary file) ``entry`` is, or None."""
+    m = CHUNK_RE.match(entry[: -len(".tmp")] if entry.endswith(".tmp") else entry)
+    return int(m.group(1) or 0) if m else None
 
 
 def _hashable(i: Any) -> Any:
