@@ -109,6 +109,11 @@ class AnaLog:
         saved_curvature = self.state_path / "curvature.json"
         if saved_curvature.exists():
             self.curvature = Curvature.load(self.state_path)
+            if self.curvature.kind != self.config.hessian:
+                raise ValueError(
+                    f"project {self.project!r} at {self.path} holds a fitted {self.curvature.kind!r} curvature but "
+                    f"the config asks for {self.config.hessian!r}; set hessian={self.curvature.kind!r} to use it, "
+                    "or log into a new project")
         else:
             self.curvature = build_curvature(self.config.hessian)
 

@@ -103,3 +103,11 @@ def test_unfitted_hessian_is_a_clear_error(tmp_path):
         torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
     with pytest.raises(CurvatureError, match="finalize"):
         run.influence.compute_influence(run.get_log(), run.get_log())
+
+
+def test_reopening_a_project_with_another_hessian_is_a_clear_error(fitted):
+    run, model, x, y = fitted
+    again = AnaLog(project="api", config={"root_dir": run.config.root_dir,
+                                          "compression": {"type": "logra", "rank": 4}})
+    with pytest.raises(ValueError, match="holds a fitted 'ekfac' curvature"):
+        again.update({"hessian": "kfac"}).watch(model)
