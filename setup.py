@@ -33,7 +33,6 @@ setup(
     },
     entry_points={"console_scripts": ["analog=analog.cli:main"]},
     classifiers=[
-        "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
