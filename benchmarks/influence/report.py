@@ -18,6 +18,12 @@ NOTES = """\
   *empirical*; dattri uses the exact Hessian, which on this ReLU network has negative eigenvalues below −λ,
   so the explicit solve is near-singular (low LDS) while truncated CG is implicitly regularised;
   `exact-fisher` is the explicitly formed empirical Fisher (the uncompressed reference for analog's `raw`).
+- **analog** fits its curvature on the logged gradients, i.e. the *empirical* Fisher (block-diagonal over
+  modules); at the same absolute λ its EK-FAC therefore matches Kronfluence's empirical EK-FAC (0.490 both
+  in the run above). This model fits its training set, so the empirical Fisher is tiny (mean eigenvalue
+  ~4e-5) and λ = 1e-3 swamps it. Rows marked `-heuristic` use analog's default damping instead,
+  0.1 × mean eigenvalue per module. `logra-rN` rows store LoGra-projected gradients (rank N per side;
+  `pca` = projections from a first PCA pass), 8–16× smaller than the full gradients of this small MLP.
 - **Wall time**: fit + score in a fresh process (task built and libraries imported before the clock);
   **peak RSS** is the process's high-water mark (python + torch + task ≈ the `base` column), **ΔRSS** the
   part above it. Ratios are against the reference method: time ÷ reference time, ΔRSS ÷ reference ΔRSS.
