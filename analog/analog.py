@@ -22,6 +22,7 @@ which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -157,6 +158,12 @@ class AnaLog:
             raise RuntimeError("`with analog(...)` blocks cannot be nested")
         data_id, mask = self._pending.pop("data_id", None), self._pending.pop("mask", None)
         per_token = self._pending.pop("per_token", False)
+        if self.mode == "eval" and not getattr(self, "_warned_training", False):
+            if any(m.training for m in self.modules.values()):
+                self._warned_training = True
+                warnings.warn("analog is in analysis mode but the watched model is in training mode: dropout or "
+                              "batch-norm make query gradients differ from run to run; call model.eval()",
+                              stacklevel=2)
         if per_token and self.mode != "eval":
             raise ValueError("per_token=True is for queries in analysis mode: call analog.eval() first")
         if self.mode == "log":

@@ -111,3 +111,11 @@ def test_reopening_a_project_with_another_hessian_is_a_clear_error(fitted):
                                           "compression": {"type": "logra", "rank": 4}})
     with pytest.raises(ValueError, match="holds a fitted 'ekfac' curvature"):
         again.update({"hessian": "kfac"}).watch(model)
+
+
+def test_queries_from_a_model_in_training_mode_warn(fitted):
+    run, model, x, y = fitted
+    model.train()
+    with pytest.warns(UserWarning, match="training mode"):
+        query_log(run, model, x[:2], y[:2])
+    model.eval()
