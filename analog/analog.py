@@ -36,11 +36,14 @@ from analog.capture.hooks import Capture
 from analog.compression import build_projector
 from analog.compression.base import NoProjector
 from analog.config import Config, load_config
-from analog.hessian import Curvature, build_curvature
+from analog.hessian import Curvature, CurvatureError, build_curvature
 from analog.ids import to_ids
 from analog.storage import LogStore, LogWriter, build_log_dataloader
-from analog.storage.layout import write_bytes_atomic
+from analog.storage.layout import DTYPES, write_bytes_atomic
 from analog.watch import select_modules
+
+#: config keys that only affect queries, so they may change after logging
+QUERY_TIME_KEYS = frozenset({"damping", "progress"})
 
 
 class AnaLog:
@@ -78,13 +81,20 @@ class AnaLog:
 
     # -- set-up -----------------------------------------------------------------------------
     def update(self, values: Dict[str, Any]) -> "AnaLog":
-        """Merge ``values`` into the config (see analog.config for the keys)."""
-        if self._writer is not None or (self.curvature is not None and self.curvature.meta["n_samples"]):
-            raise RuntimeError("update() after logging started would mix settings within one store")
-        self.config = self.config.update(values)
-        if self.modules:
+        """Merge ``values`` into the config (see analog.config for the keys). Query-time keys
+        (``damping``, ``progress``) can change at any time; the others only before logging starts."""
+        self.config = self._checked_update(values)
+        if self.modules and not set(values) <= QUERY_TIME_KEYS:
             self._setup_state()
         return self
+
+    def _checked_update(self, values: Dict[str, Any]) -> Config:
+        started = self._writer is not None or (self.curvature is not None and self.curvature.meta["n_samples"])
+        fixed = sorted(set(values) - QUERY_TIME_KEYS)
+        if started and fixed:
+            raise RuntimeError(f"update() of {fixed} after logging started would mix settings within one store; "
+                               f"only {sorted(QUERY_TIME_KEYS)} can change now")
+        return self.config.update(values)
 
     setup = update
 
@@ -177,6 +187,10 @@ class AnaLog:
                                     mask=mask, observer=self._pca_stats.observe)
         else:
             training = self.mode == "log"
+            if training and self.curvature.meta["finalized"] and self.curvature.kind != "none":
+                raise CurvatureError(
+                    f"project {self.project!r} has its {self.curvature.kind} curvature already fitted; logging more "
+                    "would not be counted in it: log into a new project (nothing of this batch was written)")
             if training and self.config.save and ids is None:
                 raise ValueError("pass data_id=... to `with analog(...)` when logs are saved")
             # factors reach the curvature only once the batch passed the checks in __exit__
@@ -209,11 +223,14 @@ class AnaLog:
     def _check_finite(self, ids, logs) -> None:
         if self.config.nonfinite != "error" or not logs:
             return
-        # one reduction per tensor: a NaN/Inf anywhere makes the sum non-finite (an overflowing sum of finite
-        # values only triggers the exact per-row check below, which then finds nothing)
-        flags = torch.stack([~torch.isfinite(t.sum()) for kinds in logs.values() for t in kinds.values()])
+        # checked in the dtype that will be stored (a float16 store overflows above 65504); one reduction per
+        # tensor: a NaN/Inf anywhere makes the sum non-finite (an overflowing sum of finite values only
+        # triggers the exact per-row check below, which then finds nothing)
+        dtype = DTYPES[self.config.storage.dtype][0] if self.mode == "log" and self.config.save else torch.float32
+        stored = {name: {kind: t.to(dtype) for kind, t in kinds.items()} for name, kinds in logs.items()}
+        flags = torch.stack([~torch.isfinite(t.float().sum()) for kinds in stored.values() for t in kinds.values()])
         if bool(flags.any()):
-            for name, kinds in logs.items():
+            for name, kinds in stored.items():
                 for kind, t in kinds.items():
                     bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero().flatten().tolist()
                     if bad:

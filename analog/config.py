@@ -102,6 +102,8 @@ class Config:
         if not isinstance(self.log, (list, tuple)):
             raise TypeError(f"config 'log' must be a list of kinds from {list(LOG_KINDS)}, not {self.log!r}")
         self.log = list(self.log)
+        if not self.log:
+            raise ValueError(f"config 'log' is empty: choose at least one of {list(LOG_KINDS)}")
         bad = [k for k in self.log if k not in LOG_KINDS]
         if bad:
             raise ValueError(f"config 'log': unknown kind(s) {bad}; choose from {list(LOG_KINDS)}")

@@ -93,9 +93,11 @@ class InfluenceFunction:
             return dot / (q_self[:, None] * t_self[None, :]).clamp_min(1e-30).sqrt(), {}
         return -(q_self[:, None] + t_self[None, :] - 2 * dot), {}
 
-    def _prepare(self, query_log, mode, damping, train_shapes=None):
+    def _prepare(self, query_log, mode, damping, train_shapes=None, per_module=False, topk=None):
         if mode not in MODES:
             raise ValueError(f"unknown influence mode {mode!r}; choose from {MODES}")
+        if per_module and (mode != "dot" or topk is not None):
+            raise ValueError("per_module=True splits dot scores of the full matrix: use mode='dot' without topk")
         q_ids, q = self._grads(query_log, "query")
         if train_shapes is not None:
             self._check_match(q, train_shapes)
@@ -110,7 +112,7 @@ class InfluenceFunction:
                           per_module: bool = False) -> InfluenceScores:
         """Scores of every query against every example of ``train_log`` (one batch in memory)."""
         t_ids, t = self._grads(train_log, "training")
-        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._shapes(t))
+        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._shapes(t), per_module)
         scores, parts = self._pairwise(pre_q, t, mode, q_self, damping, per_module)
         return InfluenceScores(scores.cpu(), q_ids, t_ids, {m: p.cpu() for m, p in parts.items()})
 
@@ -131,7 +133,8 @@ class InfluenceFunction:
         if distributed:
             log_loader, offset = self._shard_loader(log_loader)
         log_loader = log_loader if log_loader is not None else self.analog.build_log_dataloader()
-        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._store_shapes(log_loader))
+        q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._store_shapes(log_loader),
+                                                per_module, topk)
         chunks, parts_all, train_ids = [], {}, []
         best = None
         show = self.analog._progress() if progress is None else progress

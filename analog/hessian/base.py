@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import ClassVar, Dict, Optional, Type
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from analog.distributed import all_reduce_sum, rank, world_size
+from analog.storage.layout import write_bytes_atomic
 
 _KINDS: Dict[str, Type["Curvature"]] = {}
 HEURISTIC_DAMPING = 0.1
@@ -97,8 +98,8 @@ class Curvature:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state.items()}
-        save_file(tensors, str(directory / "curvature.safetensors"))
-        (directory / "curvature.json").write_text(json.dumps({"kind": self.kind, **self.meta}))
+        write_bytes_atomic(directory / "curvature.safetensors", save(tensors))
+        write_bytes_atomic(directory / "curvature.json", json.dumps({"kind": self.kind, **self.meta}).encode())
 
     @staticmethod
     def load(directory: Path) -> "Curvature":

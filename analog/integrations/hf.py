@@ -58,7 +58,8 @@ def make_trainer_class():
     """``AnaLogTrainer``: a ``transformers.Trainer`` whose training steps run inside ``with analog(...)``.
 
     Construct it with ``analog=`` and ``id_key=`` (the batch key holding one id per example; it is
-    removed before the model sees the batch).
+    removed before the model sees the batch). Ids must be unique in a store, so with ``save=True`` log
+    one epoch (or use ids that include the epoch); ``save=False`` keeps only statistics.
     """
     from transformers import Trainer
 
@@ -78,3 +79,10 @@ def make_trainer_class():
                 return super().training_step(model, inputs, *args, **kwargs)
 
     return AnaLogTrainer
+
+
+def __getattr__(name: str):
+    """``from analog.integrations.hf import AnaLogTrainer`` builds the class on first use (transformers is optional)."""
+    if name == "AnaLogTrainer":
+        return make_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

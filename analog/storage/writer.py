@@ -10,6 +10,10 @@ logging. The writer keeps references to the rows it is given: do not modify them
 An exception in the thread is kept and raised in the caller at its next ``write``, ``flush`` or
 ``close`` — never lost — and at every later call: a writer that failed once writes nothing more.
 
+A writer still open when the interpreter exits normally (no ``finalize()``) is flushed and closed
+by an ``atexit`` handler, with a warning, so buffered rows are not lost; only a killed process loses
+the rows it had not yet handed over.
+
 One process at a time may append to a store: the writer holds an advisory lock on
 ``writer.lock`` (released by the OS when the process dies, so a killed run does not block the
 next one). Under torch.distributed each rank appends its own shard with its own chunk names and
@@ -18,9 +22,12 @@ lock (see analog.storage.layout); ``rank``/``world_size`` default to the process
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -101,6 +108,7 @@ class LogWriter:
         self._thread = threading.Thread(target=self._run, name="analog-log-writer", daemon=True)
         self._thread.start()
         self.closed = False
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def _open_store(self) -> set:
         """Check an existing store; collect its ids; drop a crashed run's leftovers; pick the next chunk."""
@@ -268,3 +276,15 @@ def _chunk_rank(entry: str) -> Optional[int]:
 
 def _hashable(i: Any) -> Any:
     return tuple(i) if isinstance(i, list) else i
+
+
+def _close_at_exit(ref) -> None:
+    writer = ref()
+    if writer is None or writer.closed:
+        return
+    warnings.warn(f"analog: the process exits with logs of {writer.path} not finalized; flushing them now "
+                  "(call analog.finalize() to also fit the curvature)")
+    try:
+        writer.close()
+    except Exception as e:  # at exit there is nobody left to raise to
+        print(f"analog: flushing {writer.path} at exit failed: {e!r}")

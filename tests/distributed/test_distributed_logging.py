@@ -26,6 +26,7 @@ from distributed_helpers import (
 )
 
 from analog import AnaLog
+from analog.hessian import CurvatureError
 from analog.storage import LogStore, LogWriter, StoreError
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -120,15 +121,16 @@ def test_sharded_influence_equals_single_process(ddp_run, single_run, name):
         assert r["small_top"].helpful_ids == [row[:4] for row in ref["top"].helpful_ids]
 
 
-def test_appending_with_another_world_size_is_an_error(ddp_run):
+def test_appending_to_the_finalized_ddp_project_is_refused_before_writing(ddp_run):
     x, y, _, _ = make_data()
     model = make_model()
-    run = AnaLog("kfac", {"root_dir": str(ddp_run[0]), "hessian": "none",
-                          "compression": PROJECTS["kfac"]["compression"]})
+    run = AnaLog("kfac", {"root_dir": str(ddp_run[0]), **PROJECTS["kfac"]})
     run.watch(model)
-    with pytest.raises(StoreError, match="mixing logs from different world sizes"):
+    before = len(run.open_store())
+    with pytest.raises(CurvatureError, match="already fitted"):
         with run(data_id=[1000]):
             loss_fn(model(x[:1]), y[:1]).backward()
+    assert len(run.open_store()) == before > 0
 
 
 def test_disagreeing_ranks_get_a_clear_error_not_a_hang(tmp_path):

@@ -1,5 +1,5 @@
-"""Per-token influence on a Hugging Face GPT-2 with padding: positions add up to the sequence score,
-and each position's score equals the score of that position's own loss term computed separately."""
+"""Per-token influence on a Hugging Face GPT-2 with padding: the per-position scores add up to the
+sequence score, padded positions score exactly zero, and unpadded positions do not."""
 
 import pytest
 import torch
