@@ -78,7 +78,10 @@ class InfluenceFunction:
         return {m: g.reshape(g.shape[0], -1).to(device, torch.float32) for m, g in grads.items()}
 
     def _self_scores(self, grads, damping) -> torch.Tensor:
-        pre = self.precondition(grads, damping)
+        return self._dot_self(self.precondition(grads, damping), grads)
+
+    def _dot_self(self, pre: Dict[str, torch.Tensor], grads) -> torch.Tensor:
+        """s(x, x) = Σ_m (F̂_m + λI)⁻¹ g_m · g_m from preconditioned and raw gradients."""
         flat = self._flat(grads, next(iter(pre.values())).device)
         return sum((pre[m] * flat[m]).sum(1) for m in pre)
 
@@ -102,9 +105,7 @@ class InfluenceFunction:
         if train_shapes is not None:
             self._check_match(q, train_shapes)
         pre_q = self.precondition(q, damping)
-        q_self = None
-        if mode != "dot":
-            q_self = sum((pre_q[m] * self._flat(q, pre_q[m].device)[m]).sum(1) for m in pre_q)
+        q_self = None if mode == "dot" else self._dot_self(pre_q, q)
         return q_ids, q, pre_q, q_self
 
     # -- public API -------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class InfluenceFunction:
             merged = None
             for b, _ in gathered:
                 if b is not None:
-                    merged = b if merged is None else _combine_topk(merged, b, topk)
+                    merged = _combine_topk(merged, b, topk)
             return _topk_result(merged, q_ids, train_ids)
         scores = torch.cat([g[0] for g in gathered], 1)
         modules = dict.fromkeys(m for g in gathered for m in g[1])
@@ -216,6 +217,9 @@ class InfluenceFunction:
         if not tokens:
             raise ValueError("the query log has no per-token gradients; log it inside analog(per_token=True)")
         b, t = next(iter(tokens.values())).shape[:2]
+        uneven = {m: tuple(g.shape[:2]) for m, g in tokens.items() if g.shape[:2] != (b, t)}
+        if uneven:
+            raise ValueError(f"per-token scores need the same positions in every module; {(b, t)} vs {uneven}")
         flat = {m: g.reshape(b * t, *g.shape[2:]) for m, g in tokens.items()}
         log_loader = log_loader if log_loader is not None else self.analog.build_log_dataloader()
         shapes = self._store_shapes(log_loader)
@@ -230,6 +234,8 @@ class InfluenceFunction:
             train = self._flat(grads, next(iter(pre.values())).device)
             chunks.append(sum(pre[m] @ train[m].T for m in pre).reshape(b, t, -1).cpu())
             train_ids.extend(ids)
+        if not chunks:
+            raise ValueError("the training log loader yielded no examples")
         return TokenInfluence(torch.cat(chunks, 2), list(q_ids), train_ids)
 
     def compute_self_influence(self, log_or_loader, damping: Optional[float] = None):
@@ -246,24 +252,17 @@ class InfluenceFunction:
 
 
 def _merge_topk(best, scores: torch.Tensor, offset: int, k: int):
-    """Running top-k (largest and smallest) per row; positions are global column indices."""
+    """Running top-k (largest and smallest) per row of a new chunk of columns starting at ``offset``."""
     pos = torch.arange(offset, offset + scores.shape[1]).expand(scores.shape[0], -1)
-    if best is not None:
-        hi_v, hi_i, lo_v, lo_i = best
-        hi_cat, hi_pos = torch.cat([hi_v, scores], 1), torch.cat([hi_i, pos], 1)
-        lo_cat, lo_pos = torch.cat([lo_v, scores], 1), torch.cat([lo_i, pos], 1)
-    else:
-        hi_cat, hi_pos, lo_cat, lo_pos = scores, pos, scores, pos
-    kk = min(k, hi_cat.shape[1])
-    hv, hi = hi_cat.topk(kk, dim=1)
-    lv, li = lo_cat.topk(kk, dim=1, largest=False)
-    return hv, hi_pos.gather(1, hi), lv, lo_pos.gather(1, li)
+    chunk = (scores, pos, scores, pos)
+    return _combine_topk(best, chunk, k)
 
 
 def _combine_topk(a, b, k: int):
-    """Top-k of two running top-k results (positions already global)."""
-    hv, hi = torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1)
-    lv, li = torch.cat([a[2], b[2]], 1), torch.cat([a[3], b[3]], 1)
+    """Top-k of two (high values, high positions, low values, low positions) results; ``a`` may be None."""
+    if a is not None:
+        b = tuple(torch.cat([x, y], 1) for x, y in zip(a, b))
+    hv, hi, lv, li = b
     kk = min(k, hv.shape[1])
     hv, h = hv.topk(kk, dim=1)
     lv, low = lv.topk(kk, dim=1, largest=False)
