@@ -8,7 +8,7 @@ report page.
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -59,7 +59,8 @@ def run_demo(args) -> int:
         acc = (model(xq).argmax(1) == yq).float().mean().item()
     print(f"trained an MLP on {len(x)} digits ({int(flipped.sum())} labels flipped): test accuracy {acc:.3f}")
 
-    root = args.root or tempfile.mkdtemp(prefix="analog-demo-")
+    root = args.root or str(Path(args.out) / "logs")
+    shutil.rmtree(Path(root) / "digits", ignore_errors=True)  # the demo's own project: start afresh each run
     run = AnaLog(project="digits", config={"root_dir": root, "progress": True,
                                            "compression": {"type": "logra", "rank": args.rank}})
     run.update({"log": ["grad"], "hessian": "ekfac", "save": True})
@@ -121,6 +122,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--queries", type=int, default=4)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", default=None, help="log root directory (default: a temporary one)")
+    p.add_argument("--root", default=None, help="log root directory (default: OUT/logs); its 'digits' "
+                   "project is replaced on each run")
     p.add_argument("--out", default="outputs/demo", help="where report.html goes")
     p.set_defaults(func=run_demo)
