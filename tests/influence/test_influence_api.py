@@ -103,6 +103,8 @@ def test_unfitted_hessian_is_a_clear_error(tmp_path):
         torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
     with pytest.raises(CurvatureError, match="finalize"):
         run.influence.compute_influence(run.get_log(), run.get_log())
+    run.finalize()
+    assert run.influence.compute_influence(run.get_log(), run.get_log()).scores.shape == (8, 8)
 
 
 def test_reopening_a_project_with_another_hessian_is_a_clear_error(fitted):
