@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from analog.monitor import (
-    AnalysisConfig,
     AnalysisContext,
     ModelAnalysisManager,
+    MonitorConfig,
     ParameterChangeMetrics,
     ParameterDelta,
     ParameterSnapshot,
@@ -133,7 +133,7 @@ def _change_metrics(computer, old, new):
 
 def measure_manager_memory(model, inputs):
     """Resident memory above the baseline: with one snapshot held, and at the peak of a measurement."""
-    manager = ModelAnalysisManager.create(AnalysisConfig.comprehensive(interval=1))
+    manager = ModelAnalysisManager.create(MonitorConfig.comprehensive(interval=1))
     base = rss_gib()
     manager.start(model)
     held = rss_gib() - base

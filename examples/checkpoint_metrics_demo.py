@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from analog.metrics import parse_config, run_analysis
+from analog.metrics import parse_config, run_metrics
 
 
 def train_and_save(folder: Path, steps: int = 400, every: int = 25) -> None:
@@ -58,7 +58,7 @@ def main() -> None:
             "monitoring": {"output_dir": str(root / "analysis")},
         }
     )
-    paths = run_analysis(config, root / "checkpoints")
+    paths = run_metrics(config, root / "checkpoints")
     print(f"metrics:     {paths['metrics']}\ntransitions: {paths['transitions']}\nreport:      {paths['report']}")
 
 

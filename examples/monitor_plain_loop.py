@@ -13,7 +13,7 @@ import argparse
 import torch
 from torch import nn
 
-from analog.monitor import AnalysisConfig, ModelAnalysisManager
+from analog.monitor import ModelAnalysisManager, MonitorConfig
 
 
 class TinyLM(nn.Module):
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     data = torch.randint(0, 32, (256, 17))
     probe = data[:8, :-1]  # a fixed batch: comparable sparse-quality numbers across measurements
 
-    config = AnalysisConfig.comprehensive(interval=args.interval, sparse_quality_thresholds=[1e-6, 1e-4, 1e-3])
+    config = MonitorConfig.comprehensive(interval=args.interval, sparse_quality_thresholds=[1e-6, 1e-4, 1e-3])
     analyzer = ModelAnalysisManager.create(config)
     analyzer.start(model)  # reference weights before the first step
 

@@ -111,8 +111,8 @@ def _list_metrics() -> int:
 
 def _execute(args: argparse.Namespace) -> int:
     from . import load_custom_metrics
-    from .config import load_config, parse_config, parse_transitions
-    from .runner import ModelSpec, run_analysis
+    from .config import load_metrics_config, parse_config, parse_transitions
+    from .runner import ModelSpec, run_metrics
 
     custom: List[str] = []
     for path in args.custom_metrics:
@@ -124,7 +124,7 @@ def _execute(args: argparse.Namespace) -> int:
     if args.config and args.metrics:
         raise ValueError("use either --config or --metrics, not both")
     if args.config:
-        config = load_config(args.config)
+        config = load_metrics_config(args.config)
     elif args.metrics or custom:
         config = parse_config(quick_config(args, custom))
     else:
@@ -137,7 +137,7 @@ def _execute(args: argparse.Namespace) -> int:
         )
         config = replace(config, transitions=parse_transitions(spec))
     model = ModelSpec(args.model, args.class_name) if args.model else None
-    paths = run_analysis(
+    paths = run_metrics(
         config, args.run_path, output_dir=args.output_dir, allow_pickle=args.allow_pickle, model=model, quiet=args.quiet
     )
     if not args.quiet:

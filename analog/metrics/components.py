@@ -12,13 +12,11 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from analog.checkpoints.loading import Checkpoint
+from analog.checkpoints.loading import DATA_TYPES, Checkpoint
 
 from .registry import register_component
 
 __all__ = ["BaseComponent", "ComponentConfig", "OVCircuitComponent", "SimpleComponent", "find_layer_keys"]
-
-DATA_TYPES = ("weights", "gradients", "activations")
 
 
 @dataclass(frozen=True)

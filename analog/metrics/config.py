@@ -20,7 +20,7 @@ import yaml
 from .components import ComponentConfig
 from .registry import COMPONENTS, METRICS
 
-__all__ = ["AGGREGATIONS", "AnalysisConfig", "ConfigError", "MetricEntry", "load_config", "parse_config"]
+__all__ = ["AGGREGATIONS", "ConfigError", "MetricEntry", "MetricsConfig", "load_metrics_config", "parse_config"]
 
 AGGREGATIONS = ("mean", "median", "min", "max", "sum")
 ENTRY_KEYS = ("metric_name", "data_split", "target_checkpoint", "components", "name", "aggregation")
@@ -61,7 +61,7 @@ class MonitoringConfig:
 
 
 @dataclass(frozen=True)
-class AnalysisConfig:
+class MetricsConfig:
     analysis_name: str
     metrics: Tuple[MetricEntry, ...]
     steps: Optional[Tuple[int, ...]] = None
@@ -222,7 +222,7 @@ def _assign_labels(entries: List[MetricEntry]) -> List[MetricEntry]:
     return labelled
 
 
-def parse_config(raw: Any) -> AnalysisConfig:
+def parse_config(raw: Any) -> MetricsConfig:
     """Validate a config mapping (as loaded from YAML)."""
     raw = _check_keys(raw, ("analysis_name", "steps", "metrics", "monitoring", "transitions"), "config")
     name = raw.get("analysis_name")
@@ -239,7 +239,7 @@ def parse_config(raw: Any) -> AnalysisConfig:
     monitoring = MonitoringConfig(
         str(mon.get("output_dir", "analysis_results")), mon.get("save_to_wandb", False), tuple(sorted(wandb.items()))
     )
-    return AnalysisConfig(
+    return MetricsConfig(
         name, tuple(entries), _steps(raw.get("steps")), monitoring, parse_transitions(raw.get("transitions"))
     )
 
@@ -260,7 +260,7 @@ def parse_transitions(raw: Any) -> TransitionConfig:
     return TransitionConfig(rules, **values)
 
 
-def load_config(path: Union[str, Path]) -> AnalysisConfig:
+def load_metrics_config(path: Union[str, Path]) -> MetricsConfig:
     """Read and validate a YAML config; errors name the file and the key."""
     path = Path(path)
     try:

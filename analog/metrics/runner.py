@@ -29,11 +29,11 @@ from analog.checkpoints import (
 
 from .base import LayerData, MetricInputError, as_samples
 from .components import BaseComponent, OVCircuitComponent
-from .config import AnalysisConfig, MetricEntry
+from .config import MetricEntry, MetricsConfig
 from .output import ResultWriter, Row
 from .registry import COMPONENTS, METRICS
 
-__all__ = ["ModelSpec", "run_analysis"]
+__all__ = ["ModelSpec", "run_metrics"]
 
 _AGGREGATE = {"mean": statistics.fmean, "median": statistics.median, "min": min, "max": max, "sum": sum}
 
@@ -69,7 +69,7 @@ def _head_counts(run_path: Path, refs: List[CheckpointRef]) -> Tuple[Optional[in
     return None, None
 
 
-def _build_plans(config: AnalysisConfig, heads: Tuple[Optional[int], Optional[int]]) -> List[_Plan]:
+def _build_plans(config: MetricsConfig, heads: Tuple[Optional[int], Optional[int]]) -> List[_Plan]:
     plans = []
     for entry in config.metrics:
         metric = METRICS.get(entry.metric_name)(**dict(entry.settings))
@@ -164,8 +164,8 @@ def _build_model(spec: Optional[ModelSpec], plans: List[_Plan]):
     return load_model_class(spec.path, spec.class_name)(**spec.kwargs)
 
 
-def run_analysis(
-    config: AnalysisConfig,
+def run_metrics(
+    config: MetricsConfig,
     run_path,
     *,
     output_dir: Optional[str] = None,
@@ -207,7 +207,7 @@ def run_analysis(
     return {"out_dir": out_dir, **{k.split(".")[0]: v for k, v in paths.items()}}
 
 
-def _start_wandb(config: AnalysisConfig):
+def _start_wandb(config: MetricsConfig):
     """Only imported when ``monitoring.save_to_wandb`` is true."""
     try:
         import wandb

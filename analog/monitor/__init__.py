@@ -1,9 +1,9 @@
 """Training monitor: parameter-change and sparse-update-quality metrics during training.
 
 ```python
-from analog.monitor import AnalysisConfig, ModelAnalysisManager
+from analog.monitor import MonitorConfig, ModelAnalysisManager
 
-analyzer = ModelAnalysisManager.create(AnalysisConfig(interval=100))
+analyzer = ModelAnalysisManager.create(MonitorConfig(interval=100))
 for batch in loader:
     ...
     optimizer.step()
@@ -11,21 +11,23 @@ for batch in loader:
 ```
 
 ``ModelAnalysisCallback`` (the Hugging Face ``Trainer`` callback) is imported on first access, so
-this package imports without ``transformers``.
+this package imports without ``transformers``. ``MonitorConfig`` was called ``AnalysisConfig`` (the
+GRAIL name); that name still works and warns.
 """
 
+from analog._deprecated import deprecated_names
 from analog.monitor.base import AnalysisContext, MetricComputer
-from analog.monitor.config import AnalysisConfig, format_threshold
+from analog.monitor.config import MonitorConfig, format_threshold
 from analog.monitor.manager import ModelAnalysisManager
 from analog.monitor.parameter_change import ParameterChangeMetrics
 from analog.monitor.primitives import ParameterDelta, ParameterSetMismatch, ParameterSnapshot
 from analog.monitor.sparse_quality import SparseQualityMetrics
 
 __all__ = [
-    "AnalysisConfig",
     "AnalysisContext",
     "MetricComputer",
     "ModelAnalysisManager",
+    "MonitorConfig",
     "ParameterChangeMetrics",
     "ParameterDelta",
     "ParameterSetMismatch",
@@ -35,9 +37,12 @@ __all__ = [
 ]
 
 
+_deprecated = deprecated_names("analog.monitor", {"AnalysisConfig": ("MonitorConfig", lambda: MonitorConfig)})
+
+
 def __getattr__(name):
     if name == "ModelAnalysisCallback":
         from analog.monitor.hf import ModelAnalysisCallback
 
         return ModelAnalysisCallback
-    raise AttributeError(f"module 'analog.monitor' has no attribute {name!r}")
+    return _deprecated(name)

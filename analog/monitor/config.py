@@ -1,4 +1,4 @@
-"""``AnalysisConfig``: what the training monitor measures and how often."""
+"""``MonitorConfig``: what the training monitor measures and how often."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _check_thresholds(name: str, values: List[float]) -> None:
 
 
 @dataclass
-class AnalysisConfig:
+class MonitorConfig:
     """Configuration of ``ModelAnalysisManager``.
 
     ``interval``: measure every N optimizer steps; each measurement compares the weights with the
@@ -63,7 +63,7 @@ class AnalysisConfig:
         _check_thresholds("sparse_quality_thresholds", self.sparse_quality_thresholds)
 
     @classmethod
-    def minimal(cls, **overrides) -> "AnalysisConfig":
+    def minimal(cls, **overrides) -> "MonitorConfig":
         """Parameter-change statistics only, every 500 steps: negligible overhead."""
         base = cls(
             interval=500,
@@ -75,7 +75,7 @@ class AnalysisConfig:
         return replace(base, **overrides)
 
     @classmethod
-    def comprehensive(cls, **overrides) -> "AnalysisConfig":
+    def comprehensive(cls, **overrides) -> "MonitorConfig":
         """Every metric, per-layer and per-component, with the random baseline, every 25 steps."""
         base = cls(
             interval=25,

@@ -1,10 +1,10 @@
 """Hugging Face ``Trainer`` integration (needs ``transformers``; imported only when used).
 
 ```python
-from analog.monitor import AnalysisConfig, ModelAnalysisManager
+from analog.monitor import MonitorConfig, ModelAnalysisManager
 from analog.monitor.hf import ModelAnalysisCallback
 
-analyzer = ModelAnalysisManager.create(AnalysisConfig(interval=100))
+analyzer = ModelAnalysisManager.create(MonitorConfig(interval=100))
 probe = {"input_ids": ids[:8], "attention_mask": mask[:8]}          # fixed batch for sparse quality
 trainer = Trainer(..., callbacks=[ModelAnalysisCallback(analyzer, probe_inputs=probe)])
 ```

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 from torch import nn
 
 from analog.monitor.base import AnalysisContext, MetricComputer
-from analog.monitor.config import AnalysisConfig
+from analog.monitor.config import MonitorConfig
 from analog.monitor.parameter_change import ParameterChangeMetrics
 from analog.monitor.primitives import ParameterDelta, ParameterSetMismatch, ParameterSnapshot
 from analog.monitor.sparse_quality import SparseQualityMetrics
@@ -29,16 +29,16 @@ class ModelAnalysisManager:
     manager starts over from the current weights.
     """
 
-    def __init__(self, config: Optional[AnalysisConfig] = None):
-        self.config = config if config is not None else AnalysisConfig()
+    def __init__(self, config: Optional[MonitorConfig] = None):
+        self.config = config if config is not None else MonitorConfig()
         self.computers: List[MetricComputer] = []
         self.last_errors: Dict[str, str] = {}
         self.reset()
 
     @classmethod
-    def create(cls, config: Optional[AnalysisConfig] = None) -> "ModelAnalysisManager":
+    def create(cls, config: Optional[MonitorConfig] = None) -> "ModelAnalysisManager":
         """A manager with the computers ``config`` enables."""
-        config = config if config is not None else AnalysisConfig()
+        config = config if config is not None else MonitorConfig()
         manager = cls(config)
         if config.param_change_enabled:
             manager.add_metric(

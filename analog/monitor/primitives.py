@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple,
 import torch
 from torch import nn
 
-DTYPES = {
+SNAPSHOT_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
     "float16": torch.float16,
@@ -33,9 +33,9 @@ def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     """Map ``"float32"``-style names (or a ``torch.dtype``) to a floating ``torch.dtype``."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown snapshot dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    if dtype not in SNAPSHOT_DTYPES:
+        raise ValueError(f"unknown snapshot dtype {dtype!r}; choose one of {sorted(SNAPSHOT_DTYPES)}")
+    return SNAPSHOT_DTYPES[dtype]
 
 
 class ParameterSnapshot:

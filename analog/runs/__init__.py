@@ -11,7 +11,6 @@ compare_runs({"TTL": "runs/ttl/train.log", "Ablation": "runs/abl/train.log"}, ou
 
 from analog.runs.comparator import RunComparator, compare_runs
 from analog.runs.log_parser import LogParseError, LogParser, detect_format, parse_number, parse_training_log
-from analog.runs.metrics import TrainingMetrics
 from analog.runs.plots import (
     plot_loss_comparison,
     plot_ppl_comparison,
@@ -19,6 +18,7 @@ from analog.runs.plots import (
     plot_training_curves,
     smooth,
 )
+from analog.runs.training_metrics import TrainingMetrics
 
 __all__ = [
     "LogParseError",

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, Union
 
 from analog.runs.log_parser import LogParser, parse_training_log
-from analog.runs.metrics import STEP_SERIES, TrainingMetrics
 from analog.runs.plots import (
     paired,
     plot_loss_comparison,
@@ -20,6 +19,7 @@ from analog.runs.plots import (
     plot_training_curves,
     x_values,
 )
+from analog.runs.training_metrics import STEP_SERIES, TrainingMetrics
 
 GENERIC_STEMS = {"train", "training", "log", "logs", "trainer_state", "metrics", "output", "stdout", "run"}
 COLUMNS = [

@@ -22,8 +22,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Type, Union
 
-from analog.runs.metrics import TrainingMetrics
 from analog.runs.structured import looks_like_csv, parse_csv, parse_json_lines, parse_trainer_state
+from analog.runs.training_metrics import TrainingMetrics
 
 PathLike = Union[str, os.PathLike]
 _SUFFIXES = {"": 1, "K": 10**3, "k": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}

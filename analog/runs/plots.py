@@ -13,7 +13,7 @@ from typing import List, Mapping, Sequence, Tuple
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analog.runs.metrics import TrainingMetrics
+from analog.runs.training_metrics import TrainingMetrics
 
 DPI = 100
 COMPARISON_SIZE = (10, 6)

@@ -1,6 +1,6 @@
 """Structured training logs: Hugging Face ``trainer_state.json``, JSON Lines and CSV.
 
-Column/key names are matched case-insensitively through ``ALIASES`` (``learning_rate`` -> ``lr``,
+Column/key names are matched case-insensitively through ``COLUMN_ALIASES`` (``learning_rate`` -> ``lr``,
 ``eval_loss`` -> ``val_loss``, ...). A record with a validation key is a validation point (its
 ``eval_*`` keys such as ``eval_runtime`` are dropped; a training loss, lr, ... in the same record
 also makes a training point). Any other record with a step is a training point, its unknown
@@ -16,9 +16,9 @@ import json
 import math
 from typing import Any, Dict, Iterable, Mapping, Optional
 
-from analog.runs.metrics import NAN, STEP_SERIES, VAL_SERIES, TrainingMetrics
+from analog.runs.training_metrics import NAN, STEP_SERIES, VAL_SERIES, TrainingMetrics
 
-ALIASES = {
+COLUMN_ALIASES = {
     "step": ("step", "global_step", "iteration", "iter", "train/global_step"),
     "epochs": ("epoch", "train/epoch"),
     "loss": ("loss", "lm_loss", "train/loss"),
@@ -31,7 +31,7 @@ ALIASES = {
     "val_ppl": ("val_ppl", "eval_ppl", "eval_perplexity", "validation_ppl", "eval/ppl", "val/ppl"),
     "val_gap": ("val_gap", "train_val_gap"),
 }
-_CANONICAL = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
+_CANONICAL = {alias: name for name, aliases in COLUMN_ALIASES.items() for alias in aliases}
 #: keys of end-of-training summaries, not of a step (Hugging Face ``train_runtime`` record)
 SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "total_flos")
 

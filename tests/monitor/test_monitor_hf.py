@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from analog.monitor import AnalysisConfig, ModelAnalysisManager
+from analog.monitor import ModelAnalysisManager, MonitorConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +41,7 @@ def test_callback_with_real_trainer(tmp_path):
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (24, 12), generator=generator)]
     probe = {"input_ids": torch.randint(0, 64, (2, 12), generator=generator)}
     analyzer = ModelAnalysisManager.create(
-        AnalysisConfig.comprehensive(interval=2, sparse_quality_thresholds=[0.0, 1e-4])
+        MonitorConfig.comprehensive(interval=2, sparse_quality_thresholds=[0.0, 1e-4])
     )
     callback = ModelAnalysisCallback(analyzer, probe_inputs=probe)
     args = transformers.TrainingArguments(
@@ -83,7 +83,7 @@ def test_callback_sends_to_log_fn_without_trainer():
     model = _tiny_gpt2()
     sent = []
     callback = ModelAnalysisCallback(
-        ModelAnalysisManager.create(AnalysisConfig.minimal(interval=1)), log_fn=sent.append, prefix="a/"
+        ModelAnalysisManager.create(MonitorConfig.minimal(interval=1)), log_fn=sent.append, prefix="a/"
     )
     state, control = transformers.TrainerState(), transformers.TrainerControl()
     callback.on_train_begin(None, state, control, model=model)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from analog.monitor import AnalysisConfig, MetricComputer, ModelAnalysisManager, ParameterChangeMetrics
+from analog.monitor import MetricComputer, ModelAnalysisManager, MonitorConfig, ParameterChangeMetrics
 from analog.monitor.sparse_quality import compare_logits
 
 
@@ -55,7 +55,7 @@ def test_intervals_respected_with_and_without_start():
     torch.manual_seed(0)
     inputs = torch.randn(5, 4)
     model = Classifier()
-    manager = ModelAnalysisManager(AnalysisConfig(interval=3)).add_metric(StepRecorder())
+    manager = ModelAnalysisManager(MonitorConfig(interval=3)).add_metric(StepRecorder())
     manager.start(model)
     results = _train(model, manager, 10, inputs)
     assert sorted(results) == [3, 6, 9]
@@ -66,18 +66,18 @@ def test_intervals_respected_with_and_without_start():
 
 
 def test_create_presets_and_metric_keys():
-    assert AnalysisConfig.minimal().sparse_quality_enabled is False
-    assert AnalysisConfig.minimal().interval > AnalysisConfig.comprehensive().interval
-    assert AnalysisConfig.comprehensive(interval=2).param_change_per_layer is True
+    assert MonitorConfig.minimal().sparse_quality_enabled is False
+    assert MonitorConfig.minimal().interval > MonitorConfig.comprehensive().interval
+    assert MonitorConfig.comprehensive(interval=2).param_change_per_layer is True
     with pytest.raises(ValueError, match="interval"):
-        AnalysisConfig(interval=0)
+        MonitorConfig(interval=0)
     with pytest.raises(ValueError, match="thresholds"):
-        AnalysisConfig(sparse_quality_thresholds=[-1.0])
-    minimal = ModelAnalysisManager.create(AnalysisConfig.minimal(interval=1))
+        MonitorConfig(sparse_quality_thresholds=[-1.0])
+    minimal = ModelAnalysisManager.create(MonitorConfig.minimal(interval=1))
     assert [type(c).__name__ for c in minimal.computers] == ["ParameterChangeMetrics"]
     torch.manual_seed(0)
     model, inputs = Classifier(), torch.randn(5, 4)
-    full = ModelAnalysisManager.create(AnalysisConfig.comprehensive(interval=2))
+    full = ModelAnalysisManager.create(MonitorConfig.comprehensive(interval=2))
     results = _train(model, full, 3, inputs)
     assert sorted(results) == [3]
     keys = results[3]
@@ -91,7 +91,7 @@ def test_create_presets_and_metric_keys():
 def test_one_failing_computer_does_not_stop_the_others(caplog):
     torch.manual_seed(0)
     model, inputs = Classifier(), torch.randn(5, 4)
-    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(Broken()).add_metric(ParameterChangeMetrics())
+    manager = ModelAnalysisManager(MonitorConfig(interval=1)).add_metric(Broken()).add_metric(ParameterChangeMetrics())
     with caplog.at_level(logging.WARNING, logger="analog.monitor.manager"):
         results = _train(model, manager, 3, inputs)
     assert sorted(results) == [2, 3]
@@ -103,7 +103,7 @@ def test_one_failing_computer_does_not_stop_the_others(caplog):
 def test_failed_forward_is_logged_and_weights_restored_bit_exactly():
     torch.manual_seed(0)
     model, inputs = Classifier(), torch.randn(5, 4)
-    manager = ModelAnalysisManager.create(AnalysisConfig(interval=2, sparse_quality_thresholds=[0.0, 1e-3]))
+    manager = ModelAnalysisManager.create(MonitorConfig(interval=2, sparse_quality_thresholds=[0.0, 1e-3]))
     _train(model, manager, 1, inputs)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.fail_on_call = model.forward_calls + 3  # the second sparse forward of the measurement
@@ -119,7 +119,7 @@ def test_failed_forward_is_logged_and_weights_restored_bit_exactly():
 def test_changed_parameter_set_resets_with_clear_message(caplog):
     torch.manual_seed(0)
     model, inputs = Classifier(), torch.randn(5, 4)
-    manager = ModelAnalysisManager(AnalysisConfig(interval=1)).add_metric(ParameterChangeMetrics())
+    manager = ModelAnalysisManager(MonitorConfig(interval=1)).add_metric(ParameterChangeMetrics())
     _train(model, manager, 2, inputs)
     model.extra = nn.Linear(2, 2)
     with caplog.at_level(logging.WARNING, logger="analog.monitor.manager"):
