@@ -94,13 +94,26 @@ def discover_checkpoints(root: Union[str, Path]) -> List[CheckpointRef]:
     return [found[step] for step in sorted(found)]
 
 
-def select_steps(refs: Sequence[CheckpointRef], steps: Optional[Sequence[int]]) -> List[CheckpointRef]:
-    """Keep the checkpoints at ``steps`` (all when ``None``); a missing step is an error naming it."""
+def select_steps(
+    refs: Sequence[CheckpointRef], steps: Optional[Sequence[int]], on_missing: str = "warn"
+) -> List[CheckpointRef]:
+    """Keep the checkpoints at ``steps`` (all when ``None``).
+
+    A listed step absent on disk is skipped with a ``UserWarning`` naming it and the available
+    steps (as pico-analyze does), or raises ``ValueError`` with ``on_missing="error"``. No listed
+    step present at all is always an error.
+    """
+    if on_missing not in ("warn", "error"):
+        raise ValueError(f"on_missing must be 'warn' or 'error', got {on_missing!r}")
     if steps is None:
         return list(refs)
     by_step = {ref.step: ref for ref in refs}
-    missing = [step for step in steps if step not in by_step]
+    missing = sorted({step for step in steps if step not in by_step})
+    kept = [by_step[step] for step in sorted(set(steps)) if step in by_step]
     if missing:
         available = ", ".join(str(ref.step) for ref in refs)
-        raise ValueError(f"step(s) {missing} not found among the checkpoints; available steps: {available}")
-    return [by_step[step] for step in sorted(set(steps))]
+        message = f"step(s) {missing} not found among the checkpoints; available steps: {available}"
+        if on_missing == "error" or not kept:
+            raise ValueError(message)
+        warnings.warn(f"{message}. Skipping the missing step(s).", UserWarning, stacklevel=2)
+    return kept

@@ -120,21 +120,50 @@ def load_tensor_file(path: Union[str, Path], allow_pickle: bool = False) -> Mapp
     try:
         obj = _torch_load(path, allow_pickle)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to unpickle code with weights_only=True ({str(exc).splitlines()[0]}). "
-            "If you trust this file, pass allow_pickle=True (CLI: --allow-pickle)."
-        ) from exc
+        code = _refused_global(str(exc))
+        if code is not None and not allow_pickle:
+            raise CheckpointError(
+                f"{path}: refused to unpickle code with weights_only=True ({code}). "
+                "If you trust this file, pass allow_pickle=True (CLI: --allow-pickle)."
+            ) from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(exc)})") from exc
+    except Exception as exc:  # a garbage pickle stream can fail in many ways once allow_pickle=True
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     return unwrap_state_dict(obj, path)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _refused_global(message: str) -> Optional[str]:
+    """The ``Unsupported global: ...`` line of a weights-only refusal, ``None`` for other failures.
+
+    ``torch.load(weights_only=True)`` reports code it will not run (a pickled module or class) and
+    plain garbage (random bytes: ``Unsupported operand``) with the same exception type; only the
+    first deserves the advice to pass ``allow_pickle``.
+    """
+    for line in message.splitlines():
+        if "Unsupported global" in line:
+            return line.strip()
+    return None
 
 
 def _folder_files(folder: Path) -> List[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: not a readable shard index ({type(exc).__name__}: {exc})") from exc
+            if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n != ".." for n in names):
+                raise CheckpointError(f"{index}: shard names must be plain file names in {folder}, found {names}")
+            return [folder / name for name in names]
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt"):
         files = sorted(folder.glob(pattern))
         if files:

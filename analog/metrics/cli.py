@@ -2,6 +2,7 @@
 
 analog metrics --config cfg.yaml --run-path DIR
 analog metrics --dir DIR --metrics spectral,entropy,per [--data-type weights] [--layer-suffixes mlp.up]
+analog metrics --dir DIR          # the default set: DEFAULT_METRICS
 analog metrics --list-metrics
 """
 
@@ -12,7 +13,12 @@ import sys
 from dataclasses import replace
 from typing import Any, Dict, List
 
-__all__ = ["ALIASES", "add_parser", "quick_config", "run"]
+__all__ = ["ALIASES", "DEFAULT_METRICS", "add_parser", "quick_config", "run"]
+
+#: what ``analog metrics --dir DIR`` computes when neither --metrics nor --config is given:
+#: scale (Frobenius and spectral norm), shape of the spectrum (effective rank) and of the
+#: entry distribution (entropy, variance, kurtosis), per layer and for the whole model.
+DEFAULT_METRICS = ("weight_norm", "spectral", "effective_rank", "entropy", "variance", "kurtosis")
 
 #: quick names (Phase-Viz's among them) -> (registered metric, settings)
 ALIASES: Dict[str, tuple] = {
@@ -41,7 +47,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML analysis config (pico-analyze schema)")
     p.add_argument("--run-path", "--dir", dest="run_path", help="directory of checkpoints (or a pico-train run)")
-    p.add_argument("--metrics", help="quick form: comma-separated metric names (see --list-metrics)")
+    p.add_argument(
+        "--metrics",
+        help="quick form: comma-separated metric names (see --list-metrics; default: %s)" % ",".join(DEFAULT_METRICS),
+    )
     p.add_argument("--name", default="checkpoint_metrics", help="quick form: analysis name (output sub-folder)")
     p.add_argument("--data-type", default="weights", choices=("weights", "gradients", "activations"))
     p.add_argument("--data-split", default="val", help="split of pico-train learning-dynamics files")
@@ -125,10 +134,12 @@ def _execute(args: argparse.Namespace) -> int:
         raise ValueError("use either --config or --metrics, not both")
     if args.config:
         config = load_metrics_config(args.config)
-    elif args.metrics or custom:
-        config = parse_config(quick_config(args, custom))
     else:
-        raise ValueError("pass --config FILE.yaml or --metrics name,name,...")
+        if not args.metrics and not custom:
+            args.metrics = ",".join(DEFAULT_METRICS)
+            if not args.quiet:
+                print(f"analog metrics: no --metrics or --config given; computing {args.metrics}", file=sys.stderr)
+        config = parse_config(quick_config(args, custom))
     if args.relative_threshold is not None or args.z_threshold is not None:
         t = config.transitions
         spec = {"rules": list(t.rules), "relative_threshold": t.relative_threshold, "z_threshold": t.z_threshold}

@@ -28,7 +28,7 @@ __all__ = [
     "hoyer",
 ]
 
-NORM_TYPES = ("frobenius", "nuclear", "spectral", "max")
+NORM_TYPES = ("frobenius", "nuclear", "spectral", "max", "inf")
 
 
 @register_metric("norm")
@@ -39,6 +39,8 @@ class NormMetric(BaseMetric):
     * ``nuclear``:   ``||W||_* = sum_i s_i`` (singular values of the matrix view)
     * ``spectral``:  ``||W||_2 = s_max``
     * ``max``:       ``max_ij |w_ij|``
+    * ``inf``:       the same as ``max``: pico-analyze's ``torch.norm(W, p=inf)`` flattens ``W``, so it is
+      the largest entry magnitude, not the induced matrix norm ``max_i sum_j |w_ij|``
 
     ``nuclear`` and ``spectral`` need a matrix and reuse the layer's single SVD.
     """
@@ -54,7 +56,7 @@ class NormMetric(BaseMetric):
         kind = self.config["norm_type"]
         if kind == "frobenius":
             return float(torch.linalg.vector_norm(layer.flat))
-        if kind == "max":
+        if kind in ("max", "inf"):
             return float(layer.flat.abs().max())
         s = layer.singular_values
         return float(s.sum() if kind == "nuclear" else s[0])

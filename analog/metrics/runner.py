@@ -7,7 +7,6 @@ entries keep only their target's component tensors (not the whole target checkpo
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from analog.checkpoints import (
@@ -26,6 +24,7 @@ from analog.checkpoints import (
     load_strict,
     select_steps,
 )
+from analog.checkpoints.run_config import attention_head_counts
 
 from .base import LayerData, MetricInputError, as_samples
 from .components import BaseComponent, OVCircuitComponent
@@ -55,27 +54,15 @@ class _Plan:
     targets: List[Dict[str, torch.Tensor]] = field(default_factory=list)
 
 
-def _head_counts(run_path: Path, refs: List[CheckpointRef]) -> Tuple[Optional[int], Optional[int]]:
-    """Attention head counts from pico's ``training_config.yaml`` or a Hugging Face ``config.json``."""
-    pico = run_path / "training_config.yaml"
-    if pico.is_file():
-        model = (yaml.safe_load(pico.read_text()) or {}).get("model", {})
-        return model.get("attention_n_heads"), model.get("attention_n_kv_heads")
-    for folder in [run_path] + [r.path for r in refs if r.path.is_dir()][:1]:
-        hf = folder / "config.json"
-        if hf.is_file():
-            cfg = json.loads(hf.read_text())
-            return cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
-    return None, None
-
-
-def _build_plans(config: MetricsConfig, heads: Tuple[Optional[int], Optional[int]]) -> List[_Plan]:
-    plans = []
+def _build_plans(config: MetricsConfig, run_path: Path, refs: List[CheckpointRef]) -> List[_Plan]:
+    """One plan per entry. The run's model config is read only when an ``ov_circuit`` lacks ``n_heads``."""
+    plans, heads = [], None
     for entry in config.metrics:
         metric = METRICS.get(entry.metric_name)(**dict(entry.settings))
         components = [COMPONENTS.get(c.component_name)(c) for c in entry.components]
         for component in components:
-            if isinstance(component, OVCircuitComponent):
+            if isinstance(component, OVCircuitComponent) and component.n_heads is None:
+                heads = heads or attention_head_counts(run_path, refs)
                 component.set_model_config(*heads)
         plans.append(_Plan(entry, metric, [] if metric.kind == "model" else components))
     return plans
@@ -181,11 +168,13 @@ def run_metrics(
     run_path = Path(run_path)
     all_refs = discover_checkpoints(run_path)
     refs = select_steps(all_refs, config.steps)
-    plans = _build_plans(config, _head_counts(run_path, all_refs))
+    plans = _build_plans(config, run_path, all_refs)
     _load_targets(plans, {r.step: r for r in all_refs}, allow_pickle)
     net = _build_model(model, plans)
     out_dir = Path(output_dir or config.monitoring.output_dir) / config.analysis_name
-    writer = ResultWriter(out_dir, config.to_dict())
+    available = {r.step for r in all_refs}
+    missing = sorted({s for s in config.steps or () if s not in available})
+    writer = ResultWriter(out_dir, {**config.to_dict(), "missing_steps": missing})
     wandb_run = _start_wandb(config) if config.monitoring.save_to_wandb else None
     bar = tqdm(refs, desc="checkpoints", unit="ckpt", disable=quiet or not sys.stderr.isatty())
     for ref in bar:

@@ -110,8 +110,13 @@ def test_empty_or_missing_directory_and_missing_step(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         discover_checkpoints(tmp_path / "nope")
     torch.save(tiny_state(0), tmp_path / "step_10.pt")
-    with pytest.raises(ValueError, match=r"step\(s\) \[11\] not found.*available steps: 10"):
-        select_steps(discover_checkpoints(tmp_path), [10, 11])
+    refs = discover_checkpoints(tmp_path)
+    with pytest.warns(UserWarning, match=r"step\(s\) \[11\] not found.*available steps: 10.*Skipping"):
+        assert [r.step for r in select_steps(refs, [10, 11])] == [10]  # pico-analyze warns and skips
+    with pytest.raises(ValueError, match=r"step\(s\) \[11\] not found"):
+        select_steps(refs, [10, 11], on_missing="error")
+    with pytest.raises(ValueError, match=r"step\(s\) \[11, 12\] not found"):
+        select_steps(refs, [11, 12])  # nothing left to analyse
 
 
 def test_duplicate_step_is_an_error(tmp_path):

@@ -144,9 +144,9 @@ def test_bad_input_gives_one_clear_error(tmp_path, capsys, pico_run):
     assert "step_4.pt: corrupt or truncated" in _cli_error(capsys, ["--dir", str(bad), "--metrics", "gini"])
     err = _cli_error(capsys, ["--dir", str(pico_run), "--metrics", "gini", "--layer-suffixes", "attn.q"])
     assert "layer suffix 'attn.q' matches no tensor" in err and "step 0" in err
-    assert "step(s) [7] not found" in _cli_error(
-        capsys, ["--dir", str(pico_run), "--metrics", "gini", "--steps", "0,7"]
-    )
+    assert "step(s) [7, 9] not found" in _cli_error(
+        capsys, ["--dir", str(pico_run), "--metrics", "gini", "--steps", "7,9"]
+    )  # no listed step on disk at all: an error
     err = _cli_error(capsys, ["--dir", str(pico_run), "--metrics", "gini", "--relative-threshold", "-1"])
     assert "transitions.relative_threshold" in err
     err = _cli_error(capsys, ["--dir", str(pico_run), "--metrics", "nope"])
