@@ -1,0 +1,88 @@
+"""Scores through the training trajectory, from per-segment stores and curvatures.
+
+For segments s = 1..S with learning rate η_s, parameters θ_s (the segment's checkpoint), logged
+training gradients g_t(θ_s) and curvature F̂_s fitted on segment s's logs only:
+
+    TracIn-CP:         score(q, t) = Σ_s η_s g_q(θ_s)ᵀ g_t(θ_s)
+    segment-wise:      score(q, t) = Σ_s η_s g_q(θ_s)ᵀ (F̂_s + λI)⁻¹ g_t(θ_s)
+
+(the second is the stationary-segment simplification of SOURCE, Bae et al. 2024: one EK-FAC per
+segment, without the propagation factors between segments). Per module blocks as in
+analog.analysis.influence; positive = up-weighting t lowers q's loss. A training id absent from a
+segment contributes nothing for that segment (TracIn counts the steps where t was seen), so the
+columns are the union of the segments' ids, in order of first appearance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from analog.storage import LogStore
+
+#: (training ids, scores of shape (n_query, len(ids)))
+SegmentScores = Tuple[List[Any], torch.Tensor]
+
+
+def check_query(query: Dict[str, torch.Tensor], store: LogStore) -> None:
+    """Query gradients must have the store's modules and per-example gradient shapes."""
+    shapes = {f["module"]: tuple(f["shape"]) for f in store.fields if f["kind"] == "grad"}
+    if not shapes:
+        raise ValueError(f"store {store.path} holds no gradients; log with update({{'log': ['grad']}})")
+    if sorted(query) != sorted(shapes):
+        raise ValueError(f"query gradients of modules {sorted(query)} differ from the modules {sorted(shapes)} "
+                         f"logged in {store.path}")
+    for m, g in query.items():
+        if tuple(g.shape[1:]) != shapes[m]:
+            raise ValueError(f"module {m!r}: query gradients have shape {tuple(g.shape[1:])} but {store.path} "
+                             f"holds {shapes[m]}; they were logged with different projections")
+
+
+def segment_scores(query: Dict[str, torch.Tensor], store: LogStore, curvature=None,
+                   damping: Optional[float] = None, batch_size: int = 1024) -> SegmentScores:
+    """g_qᵀ (F̂ + λI)⁻¹ g_t of the query gradients ``{module: (n_query, *shape)}`` against every example
+    of ``store``; ``curvature=None`` is the identity (plain gradient dot products, no damping)."""
+    check_query(query, store)
+    pre = {}
+    for m, g in query.items():
+        g = g.detach().float().cpu()
+        p = g if curvature is None else curvature.precondition(m, g, damping)
+        pre[m] = p.reshape(g.shape[0], -1).float()
+    n_query = next(iter(pre.values())).shape[0]
+    parts = []
+    for start in range(0, len(store), batch_size):
+        _, logs = store.batch(start, min(start + batch_size, len(store)))
+        block = torch.zeros(n_query, min(batch_size, len(store) - start))
+        for m, p in pre.items():
+            t = logs[m]["grad"]
+            block += p @ t.reshape(t.shape[0], -1).float().T
+        parts.append(block)
+    scores = torch.cat(parts, 1) if parts else torch.zeros(n_query, 0)
+    return list(store.ids), scores
+
+
+def weighted_sum(parts: Sequence[Tuple[float, SegmentScores]]) -> SegmentScores:
+    """Σ_s w_s · scores_s over segments, aligned by training id (absent ids count zero)."""
+    if not parts:
+        raise ValueError("no segment to sum over")
+    columns: Dict[Any, int] = {}
+    for _, (ids, _) in parts:
+        for i in ids:
+            columns.setdefault(_key(i), len(columns))
+    n_query = parts[0][1][1].shape[0]
+    total = torch.zeros(n_query, len(columns), dtype=torch.float64)
+    for weight, (ids, scores) in parts:
+        if scores.shape[0] != n_query:
+            raise ValueError(f"segments scored {scores.shape[0]} and {n_query} queries: not the same queries")
+        index = torch.tensor([columns[_key(i)] for i in ids], dtype=torch.long)
+        total.index_add_(1, index, weight * scores.double())
+    ids_out: List[Any] = [None] * len(columns)
+    for _, (ids, _) in parts:
+        for i in ids:
+            ids_out[columns[_key(i)]] = i
+    return ids_out, total.float()
+
+
+def _key(i: Any) -> Any:
+    return tuple(i) if isinstance(i, list) else i

@@ -1,0 +1,147 @@
+"""The owner of a project's segments: which one is logged into, which one is queried, and when a
+batch starts a new one.
+
+Rules (config ``segments.rule``):
+
+* ``"repeat"`` (default): a batch holding an id already logged in the current segment starts a new
+  segment before it is logged. A loop over the same data for several epochs therefore logs one
+  segment per epoch with no change to the loop. Ids stay unique within a segment.
+* ``"manual"``: segments change only at ``analog.new_segment(...)``; a repeated id is an error.
+
+Either way ``analog.new_segment(lr=..., **info)`` starts one explicitly (at an epoch boundary, or every
+k steps). A segment is closed when the next one starts or at ``finalize()``: its curvature is fitted on
+its own logs, and with ``segments.checkpoint`` the watched parameters *at that moment* (the end of the
+segment) are saved with it. ``lr`` is η_s of the segment being started (the previous one's when not
+given; 1.0 for the first), used as its weight by the trajectory scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from analog.trajectory.layout import (
+    SegmentError,
+    SegmentRecord,
+    load_records,
+    new_run_id,
+    read_manifest,
+    write_manifest,
+)
+
+RULES = ("repeat", "manual")
+
+
+class Trajectory:
+    """Segments of the project at ``project``; the facade asks it where logs and curvature live."""
+
+    def __init__(self, project: Path, rule: str = "repeat"):
+        if rule not in RULES:
+            raise ValueError(f"segments rule must be one of {RULES}, got {rule!r}")
+        self.project, self.rule = Path(project), rule
+        self.records: List[SegmentRecord] = load_records(self.project)
+        manifest = read_manifest(self.project)
+        self.run = manifest["run"] if manifest else new_run_id()
+        if not self.records:  # a new project, or one written before segments: it is segment 0
+            self.records = [SegmentRecord(self.run, 0)]
+        self.selected: Optional[int] = None  # the segment queries use; None = the last one
+        self._ids: set = set()
+        self._ids_loaded = False
+
+    # -- where things are ------------------------------------------------------------------------
+    @property
+    def current(self) -> SegmentRecord:
+        """The segment logged into (the last one)."""
+        return self.records[-1]
+
+    @property
+    def active(self) -> SegmentRecord:
+        """The segment queries use: the selected one, else the last."""
+        return self.record(self.selected) if self.selected is not None else self.current
+
+    def record(self, index: int) -> SegmentRecord:
+        if not isinstance(index, int) or not -len(self.records) <= index < len(self.records):
+            raise SegmentError(f"project {self.project} has segments 0..{len(self.records) - 1}, not {index!r}")
+        return self.records[index]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # -- the rule --------------------------------------------------------------------------------
+    def starts_new(self, ids: List[Any]) -> bool:
+        """Does this batch start a new segment? (rule ``repeat``: one of its ids is in the current one)."""
+        self._load_ids()
+        return self.rule == "repeat" and any(_key(i) in self._ids for i in ids)
+
+    def logged(self, ids: List[Any], modules: List[str]) -> None:
+        """Note a logged batch of the current segment (its ids, and the modules it watches)."""
+        self._load_ids()
+        self._ids.update(_key(i) for i in ids)
+        record = self.current
+        if record.closed:
+            raise SegmentError(f"segment {record.index} of {self.project} is closed; start a new one")
+        if not record.modules:
+            record.modules = list(modules)
+        elif record.modules != list(modules):
+            raise SegmentError(f"this batch logs modules {list(modules)} but segment {record.index} logged "
+                               f"{record.modules}")
+
+    def _load_ids(self) -> None:
+        """Ids already on disk in the current segment (a process resuming a project)."""
+        if self._ids_loaded:
+            return
+        from analog.storage import LogStore
+
+        logs = self.current.logs(self.project)
+        if (logs / "store.json").exists():
+            self._ids.update(_key(i) for i in LogStore(logs).ids)
+        self._ids_loaded = True
+
+    def has_logs(self) -> bool:
+        self._load_ids()
+        return bool(self._ids)
+
+    # -- opening and closing ---------------------------------------------------------------------
+    def close(self, checkpoint: Optional[Dict[str, int]] = None) -> SegmentRecord:
+        """Mark the current segment closed (its checkpoint's size and count, if one was written)."""
+        record = self.current
+        record.closed = True
+        if checkpoint is not None:
+            record.checkpoint = {"file": record.checkpoint_path(self.project).name, **checkpoint}
+        self.save()
+        return record
+
+    def open_next(self, lr: Optional[float] = None, info: Optional[Dict[str, Any]] = None) -> SegmentRecord:
+        """Start segment k+1 after the closed segment k; it inherits k's lr unless ``lr`` is given."""
+        previous = self.current
+        if not previous.closed:
+            raise SegmentError(f"segment {previous.index} is still open: close it first")
+        root = SegmentRecord(self.run, previous.index + 1).root(self.project)
+        if root.exists() and any(root.iterdir()):
+            raise SegmentError(f"{root} exists already and is not a segment of this run; remove it")
+        self.records.append(SegmentRecord(self.run, previous.index + 1, previous.lr if lr is None else float(lr),
+                                          dict(info or {})))
+        self._ids, self._ids_loaded = set(), True
+        self.save()
+        return self.current
+
+    def annotate(self, lr: Optional[float] = None, info: Optional[Dict[str, Any]] = None) -> None:
+        """Set the lr / info of the current segment (before it logs anything, or any time)."""
+        if lr is not None:
+            self.current.lr = float(lr)
+        self.current.info.update(info or {})
+
+    def save(self) -> None:
+        """Write the current segment's record, then the manifest (a crash between them is recovered
+        on reopen: a record one past the manifest's count is adopted)."""
+        self.current.save(self.project)
+        write_manifest(self.project, self.run, len(self.records))
+
+    def summary(self) -> List[Dict[str, Any]]:
+        """One row per segment: index, lr, info, closed, checkpoint bytes (None without one)."""
+        return [{"index": r.index, "lr": r.lr, "info": dict(r.info), "closed": r.closed,
+                 "checkpoint_bytes": (r.checkpoint or {}).get("bytes")} for r in self.records]
+
+
+def _key(i: Any) -> Any:
+    return tuple(i) if isinstance(i, list) else i
