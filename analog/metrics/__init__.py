@@ -12,7 +12,7 @@ Register your own with ``@register_metric("name")`` on a :class:`BaseMetric` sub
 
 from analog._deprecated import deprecated_names
 
-from . import comparative, elementwise, spectral  # noqa: F401  (registers the built-in metrics)
+from . import comparative, elementwise, layerwise, spectral  # noqa: F401  (registers the built-in metrics)
 from .base import BaseComparativeMetric, BaseMetric, BaseModelMetric, LayerData, MetricInputError, Setting
 from .comparative import linear_cka, pwcca, svcca
 from .components import BaseComponent, ComponentConfig

@@ -14,6 +14,7 @@ import torch
 
 from analog.checkpoints.loading import DATA_TYPES, Checkpoint
 
+from .base import LowRankProduct
 from .registry import register_component
 
 __all__ = ["BaseComponent", "ComponentConfig", "OVCircuitComponent", "SimpleComponent", "find_layer_keys"]
@@ -59,8 +60,17 @@ class BaseComponent:
     def label(self) -> str:
         return f"{self.name}:{self.config.data_type}"
 
+    def pools(self, name: str) -> bool:
+        """Whether output ``name`` belongs in the whole-model pool (every output by default)."""
+        return True
+
     def extract(self, checkpoint: Checkpoint, split: str) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def extract_data(self, checkpoint: Checkpoint, split: str) -> Dict[str, Union[torch.Tensor, LowRankProduct]]:
+        """What the runner measures: :meth:`extract`, except that a component may hand over a matrix as
+        a :class:`LowRankProduct` so that spectral metrics see its compact spectrum."""
+        return self.extract(checkpoint, split)
 
 
 def find_layer_keys(keys, suffix: str, layers: Optional[Tuple[int, ...]], where: str) -> Dict[Optional[int], str]:
@@ -187,6 +197,11 @@ class OVCircuitComponent(BaseComponent):
         return head_dim, self.n_heads // self.n_kv_heads
 
     def extract(self, checkpoint: Checkpoint, split: str) -> Dict[str, torch.Tensor]:
+        """The circuits as dense ``d_model x d_model`` (or ``n x d_model``) tensors."""
+        return {name: term.product() for name, term in self.extract_data(checkpoint, split).items()}
+
+    def extract_data(self, checkpoint: Checkpoint, split: str) -> Dict[str, LowRankProduct]:
+        """The circuits as :class:`LowRankProduct` factors (inner dim ``head_dim`` per head)."""
         cfg = self.config
         weights = checkpoint.tensors("weights", split)
         where = _where(checkpoint, "weights", split)
@@ -212,32 +227,63 @@ class OVCircuitComponent(BaseComponent):
                 terms = self._gradient_terms(w_o, w_v, g_o, data[v_data[idx]].double(), head_dim, group)
             stem = o_key[:-7] if o_key.endswith(".weight") else o_key
             prefix = stem[: -len(self.suffixes["output_layer"])]
-            out.update(self._name(prefix, terms))
+            out.update(self._name(prefix, *terms))
         return out
 
-    def _name(self, prefix: str, terms: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def pools(self, name: str) -> bool:
+        """With ``heads: both`` only the combined circuits are pooled (the heads sum to them)."""
+        return self.heads_mode != "both" or ".heads." not in name
+
+    def _name(self, prefix: str, terms: List[LowRankProduct], combined: LowRankProduct) -> Dict[str, LowRankProduct]:
         base = f"{prefix}ov_circuit.{self.config.data_type}"
-        named: Dict[str, torch.Tensor] = {}
+        named: Dict[str, LowRankProduct] = {}
         if self.heads_mode in ("per_head", "both"):
             named.update({f"{base}.heads.{h}": t for h, t in enumerate(terms)})
         if self.heads_mode in ("combined", "both"):
-            named[base] = torch.stack(terms).sum(0)
+            named[base] = combined
         return named
 
-    def _weight_terms(self, w_o, w_v, head_dim, group) -> List[torch.Tensor]:
-        return [
-            w_o[:, h * head_dim : (h + 1) * head_dim] @ w_v[(h // group) * head_dim : (h // group + 1) * head_dim]
-            for h in range(self.n_heads)
-        ]
+    def _heads(self, w: torch.Tensor, head_dim: int) -> List[torch.Tensor]:
+        """The ``head_dim`` columns of each query head: ``W_O[:, h]``."""
+        return [w[:, h * head_dim : (h + 1) * head_dim] for h in range(self.n_heads)]
 
-    def _activation_terms(self, v, w_o, head_dim, group) -> List[torch.Tensor]:
+    def _groups(self, w: torch.Tensor, head_dim: int, group: int) -> List[torch.Tensor]:
+        """``W_O`` reduced to one block per key-value group: ``sum_{h in g} W_O[:, h]``."""
+        heads = self._heads(w, head_dim)
+        return [sum(heads[g * group : (g + 1) * group]) for g in range(self.n_heads // group)]
+
+    def _kv(self, w: torch.Tensor, head_dim: int, g: int) -> torch.Tensor:
+        """The ``head_dim`` rows of key-value group ``g``: ``W_V[g]``."""
+        return w[g * head_dim : (g + 1) * head_dim]
+
+    def _weight_terms(self, w_o, w_v, head_dim, group):
+        """``OV_h = W_O[:, h] @ W_V[g(h)]`` (inner dim ``head_dim``); combined ``sum_g W_O'[g] W_V[g]``
+        with ``W_O'[g] = sum_{h in g} W_O[:, h]`` (inner dim ``n_kv_heads * head_dim``)."""
+        terms = [
+            LowRankProduct(o, self._kv(w_v, head_dim, h // group)) for h, o in enumerate(self._heads(w_o, head_dim))
+        ]
+        combined = LowRankProduct(torch.cat(self._groups(w_o, head_dim, group), 1), w_v)
+        return terms, combined
+
+    def _activation_terms(self, v, w_o, head_dim, group):
+        """``A_h = V[:, g(h)] @ W_O[:, h]^T``; combined ``V @ W_O'^T``."""
         v = v.reshape(-1, v.shape[-1])
-        return [
-            v[:, (h // group) * head_dim : (h // group + 1) * head_dim] @ w_o[:, h * head_dim : (h + 1) * head_dim].T
-            for h in range(self.n_heads)
+        terms = [
+            LowRankProduct(self._kv(v.T, head_dim, h // group).T, o.T) for h, o in enumerate(self._heads(w_o, head_dim))
         ]
+        combined = LowRankProduct(v, torch.cat(self._groups(w_o, head_dim, group), 1).T)
+        return terms, combined
 
-    def _gradient_terms(self, w_o, w_v, g_o, g_v, head_dim, group) -> List[torch.Tensor]:
-        first = self._weight_terms(g_o, w_v, head_dim, group)
-        second = self._weight_terms(w_o, g_v, head_dim, group)
-        return [a + b for a, b in zip(first, second)]
+    def _gradient_terms(self, w_o, w_v, g_o, g_v, head_dim, group):
+        """``G_O[:, h] W_V[g] + W_O[:, h] G_V[g] = [G_O[:, h], W_O[:, h]] @ [W_V[g]; G_V[g]]``.
+
+        Inner dim ``2 head_dim`` per head, ``2 n_kv_heads head_dim`` combined."""
+        terms = [
+            LowRankProduct(
+                torch.cat([go, wo], 1),
+                torch.cat([self._kv(w_v, head_dim, h // group), self._kv(g_v, head_dim, h // group)]),
+            )
+            for h, (go, wo) in enumerate(zip(self._heads(g_o, head_dim), self._heads(w_o, head_dim)))
+        ]
+        left = torch.cat(self._groups(g_o, head_dim, group) + self._groups(w_o, head_dim, group), 1)
+        return terms, LowRankProduct(left, torch.cat([w_v, g_v]))

@@ -23,7 +23,7 @@ from .registry import COMPONENTS, METRICS
 __all__ = ["AGGREGATIONS", "ConfigError", "MetricEntry", "MetricsConfig", "load_metrics_config", "parse_config"]
 
 AGGREGATIONS = ("mean", "median", "min", "max", "sum")
-ENTRY_KEYS = ("metric_name", "data_split", "target_checkpoint", "components", "name", "aggregation")
+ENTRY_KEYS = ("metric_name", "data_split", "target_checkpoint", "components", "name", "aggregation", "whole_model")
 COMPONENT_KEYS = ("component_name", "data_type", "layer_suffixes", "layers")
 
 
@@ -42,6 +42,7 @@ class MetricEntry:
     settings: Tuple[Tuple[str, Any], ...] = ()
     aggregation: Optional[str] = None
     label: str = ""
+    whole_model: bool = True
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,17 @@ def _entry(raw: Any, where: str) -> MetricEntry:
     if not isinstance(split, str) or not split:
         raise ConfigError(f"{where}.data_split: expected a non-empty string, got {split!r}")
     label = raw.get("name") or ""
-    if not isinstance(label, str):
-        raise ConfigError(f"{where}.name: expected a string, got {label!r}")
+    if not isinstance(label, str) or _safe(label) != label:
+        raise ConfigError(
+            f"{where}.name: expected a file-name-safe label of letters, digits, '_', '.', '=', '+', '-' "
+            f"(it names output files), got {label!r}"
+        )
+    whole = raw.get("whole_model", True)
+    if not isinstance(whole, bool):
+        raise ConfigError(f"{where}.whole_model: expected true or false, got {whole!r}")
     target = None if target is None else _int(target, f"{where}.target_checkpoint")
-    return MetricEntry(name, split, target, components, tuple(sorted(settings.items())), raw.get("aggregation"), label)
+    settings_items = tuple(sorted(settings.items()))
+    return MetricEntry(name, split, target, components, settings_items, raw.get("aggregation"), label, whole)
 
 
 def _safe(text: str) -> str:

@@ -45,6 +45,8 @@ class NormMetric(BaseMetric):
     ``nuclear`` and ``spectral`` need a matrix and reuse the layer's single SVD.
     """
 
+    whole_model = "pooled"
+
     settings = {"norm_type": Setting(str, "frobenius", "which norm", choices=NORM_TYPES)}
 
     def __init__(self, **settings):
@@ -92,6 +94,8 @@ def hoyer(values: torch.Tensor) -> float:
 class GiniMetric(BaseMetric):
     """Gini index of the entry magnitudes: ``G = 1 - 2 sum_k (c_(k)/||c||_1) (N - k + 1/2)/N``."""
 
+    whole_model = "pooled"
+
     def compute(self, layer: LayerData) -> float:
         return gini(layer.flat)
 
@@ -100,6 +104,8 @@ class GiniMetric(BaseMetric):
 class HoyerMetric(BaseMetric):
     """Hoyer sparsity ``(sqrt(N) - ||w||_1/||w||_2) / (sqrt(N) - 1)`` in [0, 1]."""
 
+    whole_model = "pooled"
+
     def compute(self, layer: LayerData) -> float:
         return hoyer(layer.flat)
 
@@ -107,6 +113,8 @@ class HoyerMetric(BaseMetric):
 @register_metric("sparsity")
 class SparsityMetric(BaseMetric):
     """Fraction of entries below a threshold: ``|{i : |w_i| < threshold}| / N``."""
+
+    whole_model = "pooled"
 
     settings = {"threshold": Setting(float, 1e-3, "threshold >= 0", check=lambda v: v >= 0)}
 
@@ -122,6 +130,8 @@ class EntropyMetric(BaseMetric):
     ``[min w, max w]`` (empty bins contribute 0). A constant tensor gives 0; the maximum is
     ``ln(bins)``.
     """
+
+    whole_model = "pooled"
 
     settings = {"bins": Setting(int, 100, "bins >= 2", check=lambda v: v >= 2)}
 
@@ -139,6 +149,8 @@ class EntropyMetric(BaseMetric):
 class MeanMetric(BaseMetric):
     """Mean of the entries ``mu = (1/N) sum_i w_i``."""
 
+    whole_model = "pooled"
+
     def compute(self, layer: LayerData) -> float:
         return layer.central_moments[0]
 
@@ -147,6 +159,8 @@ class MeanMetric(BaseMetric):
 class VarianceMetric(BaseMetric):
     """Population variance ``(1/N) sum_i (w_i - mu)^2`` (divides by N, not N-1)."""
 
+    whole_model = "pooled"
+
     def compute(self, layer: LayerData) -> float:
         return layer.central_moments[1]
 
@@ -154,6 +168,8 @@ class VarianceMetric(BaseMetric):
 @register_metric("skewness")
 class SkewnessMetric(BaseMetric):
     """Population skewness ``g1 = m3 / m2^(3/2)`` with ``m_k = (1/N) sum_i (w_i - mu)^k``; NaN when m2 = 0."""
+
+    whole_model = "pooled"
 
     def compute(self, layer: LayerData) -> float:
         _, m2, m3, _ = layer.central_moments
@@ -164,6 +180,8 @@ class SkewnessMetric(BaseMetric):
 class KurtosisMetric(BaseMetric):
     """Kurtosis from population moments: excess (Fisher) ``m4 / m2^2 - 3`` by default, so a
     Gaussian gives 0; with ``excess: false`` the Pearson kurtosis ``m4 / m2^2`` (Gaussian: 3)."""
+
+    whole_model = "pooled"
 
     settings = {"excess": Setting(bool, True, "subtract 3 (Fisher) or not (Pearson)")}
 
@@ -183,6 +201,8 @@ class ParticipationRatioMetric(BaseMetric):
     between 1 (one non-zero entry) and N. ``over: spectrum``: ``x_i = s_i^2`` (eigenvalues of
     ``W^T W``), between 1 and ``min(m, n)``; needs a matrix and reuses the layer's SVD.
     """
+
+    whole_model = "pooled"
 
     settings = {"over": Setting(str, "elements", "what participates", choices=("elements", "spectrum"))}
 

@@ -26,7 +26,7 @@ from analog.checkpoints import (
 )
 from analog.checkpoints.run_config import attention_head_counts
 
-from .base import LayerData, MetricInputError, as_samples
+from .base import LayerData, MetricInputError, PooledData, as_samples
 from .components import BaseComponent, OVCircuitComponent
 from .config import MetricEntry, MetricsConfig
 from .output import ResultWriter, Row
@@ -102,20 +102,30 @@ def _layer_value(plan: _Plan, index: int, layer: LayerData) -> Optional[float]:
     return metric.compare(x, target)
 
 
-def _step_values(plans: List[_Plan], ckpt: Checkpoint) -> Dict[Tuple[int, int], Dict[str, float]]:
-    """``values[(plan, component)][layer]`` at one step, computed layer by layer.
+Key = Tuple[int, int]  # (plan index, component index)
+
+
+def _wants_whole(plan: _Plan) -> bool:
+    return plan.entry.whole_model and plan.metric.kind == "tensor" and plan.metric.whole_model is not None
+
+
+def _step_values(plans: List[_Plan], ckpt: Checkpoint) -> Tuple[Dict[Key, Dict[str, float]], Dict[Key, float]]:
+    """``values[(plan, component)][layer]`` and whole-model ``whole[(plan, component)]`` at one step.
 
     Plans sharing a (component, split) extract it once; each layer's :class:`LayerData` (and its
-    single SVD) serves every plan, then is dropped before the next layer is converted.
+    single SVD) serves every plan. A layer is kept (tensor and singular values, not its float64
+    copies) only while some plan of its group still needs a whole-model value.
     """
-    groups: Dict[tuple, List[Tuple[int, int]]] = {}
+    groups: Dict[tuple, List[Key]] = {}
     for p, plan in enumerate(plans):
         for c, comp in enumerate(plan.components):
             groups.setdefault((comp.config.key(), plan.entry.data_split), []).append((p, c))
-    values: Dict[Tuple[int, int], Dict[str, float]] = {users: {} for users in sum(groups.values(), [])}
+    values: Dict[Key, Dict[str, float]] = {users: {} for users in sum(groups.values(), [])}
+    whole: Dict[Key, float] = {}
     for (_, split), users in groups.items():
         first_plan, first_comp = users[0]
-        data = plans[first_plan].components[first_comp].extract(ckpt, split)
+        data = plans[first_plan].components[first_comp].extract_data(ckpt, split)
+        kept: Dict[Key, List[LayerData]] = {key: [] for key in users}
         for name in list(data):
             layer = LayerData(name, data.pop(name), ckpt.step)
             for p, c in users:
@@ -125,20 +135,47 @@ def _step_values(plans: List[_Plan], ckpt: Checkpoint) -> Dict[Tuple[int, int], 
                     raise MetricInputError(f"metric '{plans[p].entry.label}': {exc}") from exc
                 if value is not None:
                     values[(p, c)][name] = value
-    return values
+                    if _wants_whole(plans[p]) and plans[p].components[c].pools(name):
+                        kept[(p, c)].append(layer)
+            layer.release()
+        whole.update(_whole_values(plans, kept, values, ckpt.step))
+    return values, whole
 
 
-def _entry_rows(p: int, plan: _Plan, step: int, values: dict, model) -> List[Row]:
+def _whole_values(plans: List[_Plan], kept: Dict[Key, List[LayerData]], values, step: int) -> Dict[Key, float]:
+    """Whole-model values of one group; one :class:`PooledData` per distinct set of layers."""
+    pools: Dict[tuple, PooledData] = {}
+    out: Dict[Key, float] = {}
+    for (p, c), layers in kept.items():
+        metric = plans[p].metric
+        if not layers or (len(layers) < 2 and metric.per_layer):
+            continue  # one layer: its own value already is the whole
+        names = tuple(layer.name for layer in layers)
+        pooled = pools.setdefault(names, PooledData(layers, step))
+        try:
+            out[(p, c)] = metric.compute_whole(pooled, [values[(p, c)][n] for n in names])
+        except MetricInputError as exc:
+            raise MetricInputError(f"metric '{plans[p].entry.label}': {exc}") from exc
+    return out
+
+
+def _entry_rows(p: int, plan: _Plan, step: int, values: dict, whole: dict, model) -> List[Row]:
     entry = plan.entry
     if plan.metric.kind == "model":
         return [Row(step, entry.label, "model", "model", plan.metric.compute_model(model))]
     rows = []
-    for c, comp in enumerate(plan.components):
-        rows += [Row(step, entry.label, comp.label, name, v) for name, v in values[(p, c)].items()]
+    if getattr(plan.metric, "per_layer", True):
+        for c, comp in enumerate(plan.components):
+            rows += [Row(step, entry.label, comp.label, name, v) for name, v in values[(p, c)].items()]
     if entry.aggregation and rows:
         finite = [r.value for r in rows if r.value == r.value]
         value = float(_AGGREGATE[entry.aggregation](finite)) if finite else float("nan")
         rows.append(Row(step, entry.label, "aggregate", f"{entry.aggregation} over layers", value))
+    labels = [comp.label for comp in plan.components]
+    for c, comp in enumerate(plan.components):
+        if (p, c) in whole:
+            name = f"whole_model.{comp.label}" + (f".{c}" if labels.count(comp.label) > 1 else "")
+            rows.append(Row(step, entry.label, "whole_model", name, whole[(p, c)]))
     return rows
 
 
@@ -182,9 +219,9 @@ def run_metrics(
         with Checkpoint(ref, allow_pickle) as ckpt:
             if net is not None:
                 load_strict(net, ckpt.state_dict(), f"step {ref.step} ({ref.path})")
-            values = _step_values(plans, ckpt)
+            values, whole = _step_values(plans, ckpt)
             results = {
-                (plan.entry.label, plan.entry.data_split): _entry_rows(p, plan, ref.step, values, net)
+                (plan.entry.label, plan.entry.data_split): _entry_rows(p, plan, ref.step, values, whole, net)
                 for p, plan in enumerate(plans)
             }
         writer.write_step(ref.step, results)

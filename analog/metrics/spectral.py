@@ -36,7 +36,10 @@ def effective_rank(s: torch.Tensor) -> float:
 
 
 class _SpectralMetric(BaseMetric):
+    """Whole-model value: the metric of the union of all matrices' singular values (block-diagonal spectrum)."""
+
     needs_matrix = True
+    whole_model = "pooled"
 
 
 @register_metric("condition_number")

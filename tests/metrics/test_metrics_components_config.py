@@ -73,9 +73,10 @@ def test_ov_activation_orientation_matches_weights(tmp_path):
     ov = comp.extract(ckpt, "val")
     x = torch.randn(5, D, dtype=torch.float64)
     v = x @ state["model.layers.0.attn.v_proj.weight"].double().T
-    acts = comp._activation_terms(v, state["model.layers.0.attn.o_proj.weight"].double(), HD, N_HEADS // N_KV)
+    acts, combined = comp._activation_terms(v, state["model.layers.0.attn.o_proj.weight"].double(), HD, N_HEADS // N_KV)
     for h in range(N_HEADS):
-        torch.testing.assert_close(acts[h], x @ ov[f"model.layers.0.ov_circuit.weights.heads.{h}"].T)
+        torch.testing.assert_close(acts[h].product(), x @ ov[f"model.layers.0.ov_circuit.weights.heads.{h}"].T)
+    torch.testing.assert_close(combined.product(), x @ ov["model.layers.0.ov_circuit.weights"].T)
 
 
 def _base(**entry):
@@ -139,9 +140,13 @@ def test_ov_gradient_is_the_directional_derivative_of_the_weight_circuit():
     w_o, w_v = torch.randn(D, N_HEADS * HD, generator=g).double(), torch.randn(N_KV * HD, D, generator=g).double()
     g_o, g_v = torch.randn_like(w_o), torch.randn_like(w_v)
     eps = 1e-6
-    grads = comp._gradient_terms(w_o, w_v, g_o, g_v, HD, N_HEADS // N_KV)
-    plus = comp._weight_terms(w_o + eps * g_o, w_v + eps * g_v, HD, N_HEADS // N_KV)
-    base = comp._weight_terms(w_o, w_v, HD, N_HEADS // N_KV)
+    grads, grad_all = comp._gradient_terms(w_o, w_v, g_o, g_v, HD, N_HEADS // N_KV)
+    plus, plus_all = comp._weight_terms(w_o + eps * g_o, w_v + eps * g_v, HD, N_HEADS // N_KV)
+    base, base_all = comp._weight_terms(w_o, w_v, HD, N_HEADS // N_KV)
     assert len(grads) == N_HEADS
     for h in range(N_HEADS):
-        torch.testing.assert_close(grads[h], (plus[h] - base[h]) / eps, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            grads[h].product(), (plus[h].product() - base[h].product()) / eps, rtol=1e-4, atol=1e-4
+        )
+    derivative = (plus_all.product() - base_all.product()) / eps
+    torch.testing.assert_close(grad_all.product(), derivative, rtol=1e-4, atol=1e-4)

@@ -75,7 +75,7 @@ def test_config_form_writes_every_output(pico_run, tmp_path):
             assert (out / f"step_{step}" / f"{label}_val.json").is_file()
     rows = _read_csv(out / "metrics.csv")
     assert list(rows[0]) == ["step", "metric", "component", "layer", "value"]
-    assert len(rows) == len(STEPS) * (2 + 2 + 3 + 2 + 2)
+    assert len(rows) == len(STEPS) * ((2 + 1) + (2 + 1) + (3 + 1) + 2 + 2)  # +1: whole-model values
     weights = torch.load(pico_run / "checkpoints" / "step_300" / "learning_dynamics" / "val_weights.pt")
     row = next(
         r
@@ -86,12 +86,15 @@ def test_config_form_writes_every_output(pico_run, tmp_path):
     cka_last = [float(r["value"]) for r in rows if r["metric"] == "cka" and r["step"] == "1000"]
     assert cka_last == pytest.approx([1.0, 1.0])
     step_json = json.loads((out / "step_300" / "norm__norm_type=frobenius_val.json").read_text())
-    assert sorted(step_json) == ["model.0.mlp.weights", "model.1.mlp.weights"]
+    assert sorted(step_json) == ["model.0.mlp.weights", "model.1.mlp.weights", "whole_model.simple:weights"]
+    both = np.concatenate([weights[k].numpy().ravel() for k in ("model.0.mlp", "model.1.mlp")])
+    assert step_json["whole_model.simple:weights"] == pytest.approx(np.sqrt(np.sum(both**2)), rel=1e-12)
     transitions = json.loads((out / "transitions.json").read_text())["transitions"]
     flagged = {
         (t["rule"], t["layer"]) for t in transitions if t["metric"] == "norm__norm_type=frobenius" and t["step"] == JUMP
     }
-    assert flagged == {(rule, f"model.{i}.mlp.weights") for rule in ("relative", "robust") for i in (0, 1)}
+    layers = ("model.0.mlp.weights", "model.1.mlp.weights", "whole_model.simple:weights")
+    assert flagged == {(rule, layer) for rule in ("relative", "robust") for layer in layers}
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
@@ -124,8 +127,9 @@ def test_quick_form_with_custom_and_model_metrics(tmp_path):
     assert sorted({r["step"] for r in rows}, key=int) == ["2", "10", "30"]
     assert {r["value"] for r in rows if r["metric"] == "n_params_of_model"} == {str(float(5 * 6 + 5 + 3 * 5 + 3))}
     spectral_layers = {r["layer"] for r in rows if r["metric"] == "spectral"}
-    assert spectral_layers == {"fc1.weights", "fc2.weights"}  # 1-D biases skipped when no layer is named
-    assert len({r["layer"] for r in rows if r["metric"] == "entropy"}) == 4
+    # 1-D biases skipped when no layer is named; the whole-model value is the largest singular value
+    assert spectral_layers == {"fc1.weights", "fc2.weights", "whole_model.simple:weights"}
+    assert len({r["layer"] for r in rows if r["metric"] == "entropy"}) == 4 + 1
     assert "wandb" not in sys.modules
 
 
