@@ -1,9 +1,8 @@
 """AnaLog: the facade of seed 004 — watch a model, log inside ``with`` blocks, analyse offline.
 
-Project layout under ``root_dir/project/``::
-
-    logs/     the log store (see analog.storage.layout)
-    state/    config.json, projection.safetensors, curvature.{json,safetensors}
+Project layout under ``root_dir/project/``: ``logs/`` (the log store, analog.storage.layout) and
+``state/`` (config, projection, curvature), owned by analog.state.ProjectState: the facade reads
+and writes them only through ``self.state``. Reopening a project reads its saved config back.
 
 Distributed (torch.distributed initialised, world size > 1): every rank watches the same model
 (a DistributedDataParallel wrapper is looked through: module names carry no ``module.`` prefix),
@@ -21,13 +20,12 @@ which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
 
 from __future__ import annotations
 
-import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, save
 from torch import nn
 
 from analog import distributed
@@ -35,15 +33,17 @@ from analog.capture import get_rule
 from analog.capture.hooks import Capture
 from analog.compression import build_projector
 from analog.compression.base import NoProjector
-from analog.config import Config, load_config
+from analog.config import Config, given_values, load_config
 from analog.hessian import Curvature, CurvatureError, build_curvature
 from analog.ids import to_ids
+from analog.state import RUNTIME_KEYS, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
-from analog.storage.layout import DTYPES, write_bytes_atomic
+from analog.storage.layout import DTYPES
+from analog.storage.rows import fields_of
 from analog.watch import select_modules
 
-#: config keys that only affect queries, so they may change after logging
-QUERY_TIME_KEYS = frozenset({"damping", "progress"})
+#: keys that may change once logging started in this process (they affect checks and queries only)
+QUERY_TIME_KEYS = frozenset({"damping", "progress", "nonfinite"})
 
 
 class AnaLog:
@@ -51,7 +51,10 @@ class AnaLog:
 
     def __init__(self, project: str, config=None):
         self.project = project
-        self.config: Config = load_config(config)
+        self._given: Dict[str, Any] = dict(given_values(config))
+        config = load_config(config)
+        self.state = ProjectState(config.root_dir, project)
+        self.config: Config = self.state.reconcile(config, self._given)
         self.modules: Dict[str, nn.Module] = {}
         self.rules: Dict[str, Any] = {}
         self.dims: Dict[str, Tuple[int, int, int]] = {}
@@ -69,32 +72,39 @@ class AnaLog:
     # -- paths ------------------------------------------------------------------------------
     @property
     def path(self) -> Path:
-        return Path(self.config.root_dir) / self.project
+        return self.state.path
 
     @property
     def log_path(self) -> Path:
-        return self.path / "logs"
+        return self.state.log_path
 
     @property
     def state_path(self) -> Path:
-        return self.path / "state"
+        return self.state.state_path
+
+    @property
+    def progress(self) -> bool:
+        """Whether long loops show a tqdm bar: config ``progress``, or stderr is a terminal when None."""
+        return self.config.progress if self.config.progress is not None else sys.stderr.isatty()
 
     # -- set-up -----------------------------------------------------------------------------
     def update(self, values: Dict[str, Any]) -> "AnaLog":
-        """Merge ``values`` into the config (see analog.config for the keys). Query-time keys
-        (``damping``, ``progress``) can change at any time; the others only before logging starts."""
-        self.config = self._checked_update(values)
-        if self.modules and not set(values) <= QUERY_TIME_KEYS:
-            self._setup_state()
-        return self
-
-    def _checked_update(self, values: Dict[str, Any]) -> Config:
+        """Merge ``values`` into the config (see analog.config for the keys). Runtime keys
+        (analog.state.RUNTIME_KEYS: damping, progress, ...) can change at any time; the others only
+        before logging starts, and on a reopened project only to the values it was logged with."""
+        new = self.config.update(values)
+        fixed = sorted(set(flatten(values)) - QUERY_TIME_KEYS)
         started = self._writer is not None or (self.curvature is not None and self.curvature.meta["n_samples"])
-        fixed = sorted(set(values) - QUERY_TIME_KEYS)
         if started and fixed:
             raise RuntimeError(f"update() of {fixed} after logging started would mix settings within one store; "
                                f"only {sorted(QUERY_TIME_KEYS)} can change now")
-        return self.config.update(values)
+        self._given = _merged(self._given, values)
+        if new.root_dir != self.config.root_dir:
+            self.state = ProjectState(new.root_dir, self.project)
+        self.config = self.state.reconcile(new, self._given)
+        if self.modules and set(fixed) - RUNTIME_KEYS:
+            self._setup_state()
+        return self
 
     setup = update
 
@@ -112,21 +122,19 @@ class AnaLog:
         c = self.config.compression
         self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init)
         self.projector.setup(self.dims)
-        saved = self.state_path / "projection.safetensors"
-        if saved.exists():
-            self.projector.load_tensors(load_file(str(saved)))
+        saved = self.state.load_projection()
+        if saved is not None:
+            self.projector.load_tensors(saved)
         self._sync_projector()
         self.phase = "pca" if self.projector.needs_fit() else "log"
-        saved_curvature = self.state_path / "curvature.json"
-        if saved_curvature.exists():
-            self.curvature = Curvature.load(self.state_path)
-            if self.curvature.kind != self.config.hessian:
-                raise ValueError(
-                    f"project {self.project!r} at {self.path} holds a fitted {self.curvature.kind!r} curvature but "
-                    f"the config asks for {self.config.hessian!r}; set hessian={self.curvature.kind!r} to use it, "
-                    "or log into a new project")
-        else:
+        self.curvature = self.state.load_curvature()
+        if self.curvature is None:
             self.curvature = build_curvature(self.config.hessian)
+        elif self.curvature.kind != self.config.hessian:
+            raise ValueError(
+                f"project {self.project!r} at {self.path} holds a fitted {self.curvature.kind!r} curvature but "
+                f"the config asks for {self.config.hessian!r}; set hessian={self.curvature.kind!r} to use it, "
+                "or log into a new project")
 
     def _sync_projector(self) -> None:
         """Under torch.distributed: check that ranks agree on what is projected, then give every rank
@@ -238,18 +246,17 @@ class AnaLog:
                             "nothing of this batch was stored (set nonfinite='allow' to store it anyway)")
 
     def _write(self, ids, logs) -> None:
-        fields = [{"module": m, "kind": k, "shape": list(t.shape[1:])} for m, kinds in logs.items()
-                  for k, t in kinds.items()]
-        if self._writer is None:
-            self._writer = LogWriter(self.log_path, fields, self.config.storage.dtype,
-                                     self.projector.fingerprint(), self.config.storage.flush_bytes)
+        if self._writer is None:  # the project's lock is held from the first write through fitting
+            self._writer = LogWriter(self.log_path, fields_of(logs), self.config.storage.dtype,
+                                     self.projector.fingerprint(), self.config.storage.flush_bytes,
+                                     lock=self.state.acquire())
             self._save_state()
-        elif fields != self._writer.header["fields"]:
-            raise ValueError(f"this batch's logs {fields} differ in modules or shapes from the store's "
-                             f"{self._writer.header['fields']}")
-        dtype = self._writer.torch_dtype
-        rows = torch.cat([t.reshape(t.shape[0], -1).to(dtype) for kinds in logs.values() for t in kinds.values()], 1)
-        self._writer.write(ids, rows.to("cpu"))
+        self._writer.write_logs(ids, logs)
+
+    def flush(self) -> None:
+        """Wait until every logged batch is on disk (chunks complete); logging may go on afterwards."""
+        if self._writer is not None and not self._writer.closed:
+            self._writer.flush()
 
     def get_log(self):
         """(ids, {module: {kind: tensor}}) of the last ``with`` block."""
@@ -271,14 +278,22 @@ class AnaLog:
 
     # -- end of logging ---------------------------------------------------------------------
     def finalize(self) -> None:
-        """Flush logs, fit the curvature (once), save state. Calling it again changes nothing."""
+        """Flush logs, fit the curvature (once), save state, release the project's lock.
+        Calling it again changes nothing; a project fitted elsewhere is only read."""
         if self._writer is not None:
             self._writer.close()
         distributed.barrier()  # every rank's chunks are on disk before the curvature reads the store
-        if self.curvature is not None and not self.curvature.meta["finalized"] and self.curvature.meta["n_samples"]:
-            store = self.open_store() if self.curvature.needs_store else None
-            self.curvature.finalize(store, progress=self._progress())
-        self._save_state()
+        try:
+            fit = self.curvature is not None and not self.curvature.meta["finalized"] \
+                and self.curvature.meta["n_samples"]
+            if fit:
+                self.state.acquire()
+                store = self.open_store() if self.curvature.needs_store else None
+                self.curvature.finalize(store, progress=self.progress)
+            if fit or self._writer is not None:
+                self._save_state()
+        finally:
+            self.state.release()
 
     def eval(self) -> "AnaLog":
         """Analysis mode: finalize, then `with` blocks capture queries without storing them."""
@@ -287,21 +302,8 @@ class AnaLog:
         return self
 
     def _save_state(self) -> None:
-        if distributed.rank() != 0:  # the state is the same on every rank: rank 0 writes it
-            return
-        self.state_path.mkdir(parents=True, exist_ok=True)
-        # atomic (temporary file + rename): a run killed here leaves the previous state readable
-        write_bytes_atomic(self.state_path / "config.json", json.dumps(self.config.to_dict(), indent=1).encode())
-        if self.projector is not None and self.projector.tensors:
-            write_bytes_atomic(self.state_path / "projection.safetensors",
-                               save({k: v.contiguous() for k, v in self.projector.tensors.items()}))
-        if self.curvature is not None and self.curvature.meta["finalized"]:
-            self.curvature.save(self.state_path)
-
-    def _progress(self) -> bool:
-        import sys
-
-        return self.config.progress if self.config.progress is not None else sys.stderr.isatty()
+        tensors = self.projector.tensors if self.projector is not None else None
+        self.state.save(self.config, tensors, self.curvature)
 
     # -- reading back -----------------------------------------------------------------------
     def open_store(self) -> LogStore:
@@ -331,3 +333,11 @@ def _batch_size(logs) -> int:
         for t in kinds.values():
             return t.shape[0]
     return 0
+
+
+def _merged(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
+    """``old`` with ``new`` merged in, sections (dicts) key by key."""
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

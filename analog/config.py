@@ -135,10 +135,16 @@ class Config:
 
 def load_config(config: Union[None, str, Path, Dict[str, Any], Config]) -> Config:
     """A Config from nothing (defaults), a dict, a Config, or a YAML file path."""
+    return Config().update(given_values(config)) if not isinstance(config, Config) else config
+
+
+def given_values(config: Union[None, str, Path, Dict[str, Any], Config]) -> Dict[str, Any]:
+    """The keys the user set: the dict, the YAML file's mapping, or a Config's non-default values."""
     if config is None:
-        return Config()
+        return {}
     if isinstance(config, Config):
-        return config
+        defaults = Config().to_dict()
+        return {k: v for k, v in config.to_dict().items() if v != defaults[k]}
     if isinstance(config, (str, Path)):
         path = Path(config)
         if not path.exists():
@@ -146,7 +152,7 @@ def load_config(config: Union[None, str, Path, Dict[str, Any], Config]) -> Confi
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(values, dict):
             raise ValueError(f"analog config file {path} must hold a mapping, not {type(values).__name__}")
-        return Config().update(values)
+        return values
     if isinstance(config, dict):
-        return Config().update(config)
+        return config
     raise TypeError(f"config must be None, a dict or a YAML path, not {type(config).__name__}")

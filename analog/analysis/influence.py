@@ -19,20 +19,66 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from analog.analysis.results import InfluenceScores, TokenInfluence, TopKInfluence
+from analog.hessian import CurvatureError
 
 MODES = ("dot", "cosine", "l2")
 
 
 class InfluenceFunction:
-    """``analog.add_analysis({"influence": InfluenceFunction})`` -> ``analog.influence``."""
+    """Influence scores from a fitted curvature and a log store.
 
-    def __init__(self, analog):
+    ``InfluenceFunction(analog)`` — what ``analog.add_analysis({"influence": InfluenceFunction})``
+    builds — reads the curvature, the store, the damping and the progress setting from the AnaLog
+    at each call (``finalize`` and ``update`` may change them). ``InfluenceFunction.from_parts(
+    curvature, store, damping=None, progress=False)`` needs no AnaLog: any fitted curvature and any
+    store (a LogStore, or None to score only logs passed in) will do.
+    """
+
+    def __init__(self, analog=None, *, curvature=None, store=None, damping: Optional[float] = None,
+                 progress: bool = False):
+        if analog is None and curvature is None:
+            raise ValueError("InfluenceFunction needs an AnaLog, or a curvature (InfluenceFunction.from_parts)")
         self.analog = analog
+        self._parts = {"curvature": curvature, "store": store, "damping": check_damping(damping),
+                       "progress": bool(progress)}
 
-    # -- helpers ----------------------------------------------------------------------------
+    @classmethod
+    def from_parts(cls, curvature, store=None, damping: Optional[float] = None,
+                   progress: bool = False) -> "InfluenceFunction":
+        return cls(curvature=curvature, store=store, damping=damping, progress=progress)
+
+    # -- what it is built from --------------------------------------------------------------
     @property
     def curvature(self):
-        return self.analog.curvature
+        return self.analog.curvature if self.analog is not None else self._parts["curvature"]
+
+    @property
+    def damping(self) -> Optional[float]:
+        return self.analog.config.damping if self.analog is not None else self._parts["damping"]
+
+    @property
+    def progress(self) -> bool:
+        return self.analog.progress if self.analog is not None else self._parts["progress"]
+
+    def _store(self):
+        store = self.analog.open_store() if self.analog is not None else self._parts["store"]
+        if store is None:
+            raise ValueError("this InfluenceFunction has no log store: pass log_loader=..., or build it "
+                             "with InfluenceFunction.from_parts(curvature, store)")
+        return store
+
+    def _loader(self, log_loader):
+        from analog.storage import build_log_dataloader
+
+        return log_loader if log_loader is not None else build_log_dataloader(self._store())
+
+    def _check_ready(self) -> None:
+        """Queries need a fitted curvature: refuse them before ``finalize()`` (the store may also miss rows)."""
+        curvature = self.curvature
+        if curvature is None or not curvature.meta["finalized"]:
+            kind = getattr(curvature, "kind", "no")
+            raise CurvatureError(f"{kind} curvature is not fitted yet: call analog.finalize() (or analog.eval()) "
+                                 "after logging, before influence queries")
 
     def _grads(self, log, what: str) -> Tuple[List[Any], Dict[str, torch.Tensor]]:
         ids, logs = log
@@ -66,7 +112,8 @@ class InfluenceFunction:
 
     def precondition(self, grads: Dict[str, torch.Tensor], damping=None) -> Dict[str, torch.Tensor]:
         """{m: (F̂_m + λI)⁻¹ g_m} flattened to (B, D_m), float32."""
-        damping = self.analog.config.damping if damping is None else damping
+        self._check_ready()
+        damping = self.damping if damping is None else check_damping(damping)
         out = {}
         for m, g in grads.items():
             pre = self.curvature.precondition(m, g.float(), damping)
@@ -133,12 +180,15 @@ class InfluenceFunction:
         offset = 0
         if distributed:
             log_loader, offset = self._shard_loader(log_loader)
-        log_loader = log_loader if log_loader is not None else self.analog.build_log_dataloader()
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+            raise ValueError(f"topk must be a positive integer (the number of best and worst kept), got {topk!r}")
+        self._check_ready()
+        log_loader = self._loader(log_loader)
         q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._store_shapes(log_loader),
                                                 per_module, topk)
         chunks, parts_all, train_ids = [], {}, []
         best = None
-        show = self.analog._progress() if progress is None else progress
+        show = self.progress if progress is None else progress
         for batch in tqdm(log_loader, desc="influence", disable=not show, leave=False):
             t_ids, t = self._grads(batch, "training")
             self._check_match(q, self._shapes(t))
@@ -166,7 +216,7 @@ class InfluenceFunction:
         from analog.storage.dataset import LogBatches
 
         if log_loader is None:
-            store, batch_size, workers, lo, hi = self.analog.open_store(), 256, 0, 0, None
+            store, batch_size, workers, lo, hi = self._store(), 256, 0, 0, None
         else:
             dataset = getattr(log_loader, "dataset", None)
             if not isinstance(dataset, LogBatches):
@@ -221,13 +271,14 @@ class InfluenceFunction:
         if uneven:
             raise ValueError(f"per-token scores need the same positions in every module; {(b, t)} vs {uneven}")
         flat = {m: g.reshape(b * t, *g.shape[2:]) for m, g in tokens.items()}
-        log_loader = log_loader if log_loader is not None else self.analog.build_log_dataloader()
+        self._check_ready()
+        log_loader = self._loader(log_loader)
         shapes = self._store_shapes(log_loader)
         if shapes is not None:
             self._check_match(flat, shapes)
         pre = self.precondition(flat, damping)
         chunks, train_ids = [], []
-        show = self.analog._progress() if progress is None else progress
+        show = self.progress if progress is None else progress
         for batch in tqdm(log_loader, desc="token influence", disable=not show, leave=False):
             ids, grads = self._grads(batch, "training")
             self._check_match(flat, self._shapes(grads))
@@ -249,6 +300,15 @@ class InfluenceFunction:
             ids.extend(b_ids)
             values.append(self._self_scores(g, damping).cpu())
         return ids, torch.cat(values)
+
+
+def check_damping(damping: Any) -> Optional[float]:
+    """``damping`` if it is None or a finite number >= 0; a ValueError naming it otherwise."""
+    if damping is None:
+        return None
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+        raise ValueError(f"damping must be a finite number >= 0 or None (0.1 × mean eigenvalue), got {damping!r}")
+    return float(damping)
 
 
 def _merge_topk(best, scores: torch.Tensor, offset: int, k: int):

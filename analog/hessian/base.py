@@ -14,15 +14,11 @@ Statistics are collected in two places: Kronecker factors from the hooks while l
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import ClassVar, Dict, Optional, Type
 
 import torch
-from safetensors.torch import load_file, save
 
 from analog.distributed import all_reduce_sum, rank, world_size
-from analog.storage.layout import write_bytes_atomic
 
 _KINDS: Dict[str, Type["Curvature"]] = {}
 HEURISTIC_DAMPING = 0.1
@@ -94,19 +90,14 @@ class Curvature:
     def modules(self):
         return sorted({k.rsplit("/", 1)[0] for k in self.state})
 
-    # -- persistence ------------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state.items()}
-        write_bytes_atomic(directory / "curvature.safetensors", save(tensors))
-        write_bytes_atomic(directory / "curvature.json", json.dumps({"kind": self.kind, **self.meta}).encode())
-
     @staticmethod
-    def load(directory: Path) -> "Curvature":
-        meta = json.loads((directory / "curvature.json").read_text())
-        curvature = build_curvature(meta.pop("kind"))
-        curvature.meta = meta
-        curvature.state = load_file(str(directory / "curvature.safetensors"))
+    def load(directory) -> "Curvature":
+        """The curvature saved in a project's ``state/`` directory (written by analog.state.ProjectState)."""
+        from analog.state import read_curvature
+
+        curvature = read_curvature(directory)
+        if curvature is None:
+            raise CurvatureError(f"no fitted curvature in {directory} (missing curvature.json): finalize() the run")
         return curvature
 
 

@@ -31,7 +31,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def log_causal_lm(analog, model, batches: Iterable[dict], progress: Optional[bool] = None) -> None:
     """Log every batch ``{"input_ids", "attention_mask", "ids"}`` (ids: one per sequence)."""
-    show = analog._progress() if progress is None else progress
+    show = analog.progress if progress is None else progress
     device = next(model.parameters()).device
     for batch in tqdm(batches, desc="logging sequences", disable=not show):
         input_ids = batch["input_ids"].to(device)

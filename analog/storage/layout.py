@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
+from analog.storage.rows import row_elems
+
 FORMAT_VERSION = 1
 STORE_FILE = "store.json"
 CHUNK_RE = re.compile(r"chunk_(?:r(\d{3,})_)?(\d{6})\.(bin|json)$")
@@ -121,16 +123,6 @@ def chunk_keys(root: Path) -> Dict[str, List[Tuple[int, int]]]:
 def chunk_indices(root: Path, rank: int = 0) -> Dict[str, List[int]]:
     """Indices of the chunk files of ``rank`` present, by extension."""
     return {k: [i for r, i in v if r == rank] for k, v in chunk_keys(root).items()}
-
-
-def row_elems(fields: List[Dict[str, Any]]) -> int:
-    total = 0
-    for field in fields:
-        n = 1
-        for s in field["shape"]:
-            n *= int(s)
-        total += n
-    return total
 
 
 def read_header(path: Path) -> Dict[str, Any]:

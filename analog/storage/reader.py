@@ -23,6 +23,7 @@ from analog.storage.layout import (
     read_header,
     stored_world_size,
 )
+from analog.storage.rows import split
 
 #: (ids, {module: {kind: tensor (B, *shape)}})
 LogBatch = Tuple[List[Any], Dict[str, Dict[str, torch.Tensor]]]
@@ -163,15 +164,8 @@ class LogStore:
         return t.view(torch.bfloat16) if self.np_dtype is np.uint16 else t
 
     def split(self, rows: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
-        """(B, row_elems) -> {module: {kind: (B, *shape)}} as views of ``rows``."""
-        out: Dict[str, Dict[str, torch.Tensor]] = {}
-        offset = 0
-        for field in self.fields:
-            size = int(np.prod(field["shape"])) if field["shape"] else 1
-            view = rows[:, offset : offset + size].reshape(rows.shape[0], *field["shape"])
-            out.setdefault(field["module"], {})[field["kind"]] = view
-            offset += size
-        return out
+        """(B, row_elems) -> {module: {kind: (B, *shape)}} as views of ``rows`` (see analog.storage.rows)."""
+        return split(rows, self.fields)
 
     def batch(self, start: int, stop: int) -> LogBatch:
         return self.ids[start:stop], self.split(self.rows(start, stop))

@@ -46,10 +46,10 @@ from analog.storage.layout import (
     rank_tmp_suffix,
     read_chunk_meta,
     read_header,
-    row_elems,
     stored_world_size,
     write_json_atomic,
 )
+from analog.storage.rows import pack, row_elems
 
 try:  # advisory locking; unavailable on Windows, where the lock is skipped
     import fcntl
@@ -70,6 +70,7 @@ class LogWriter:
         flush_bytes: int = 64 * 2**20,
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
+        lock: Optional["StoreLock"] = None,
     ):
         from analog import distributed
 
@@ -94,11 +95,15 @@ class LogWriter:
         self.torch_dtype, self.np_dtype = DTYPES[dtype]
         self.row_bytes = self.header["row_elems"] * np.dtype(self.np_dtype).itemsize
         self.flush_bytes = int(flush_bytes)
-        self._lock = _StoreLock(self.path, self.rank)
+        # a lock handed in (by the project's state owner, which holds it across logging and fitting)
+        # stays with its owner; otherwise the writer takes its own and releases it in close()
+        self._own_lock = lock is None
+        self._lock = StoreLock(self.path, self.rank) if lock is None else lock
         try:
             self.ids = self._open_store()
         except BaseException:
-            self._lock.close()
+            if self._own_lock:
+                self._lock.close()
             raise
         self._buffer: List[torch.Tensor] = []
         self._buffer_ids: List[Any] = []
@@ -166,6 +171,10 @@ class LogWriter:
         if self._buffer_bytes >= self.flush_bytes:
             self._submit()
 
+    def write_logs(self, ids: Sequence[Any], logs) -> None:
+        """Append a batch's logs ``{module: {kind: (B, *shape)}}``, packed by analog.storage.rows.pack."""
+        self.write(ids, pack(logs, self.header["fields"], self.torch_dtype))
+
     def _check_new(self, ids: List[Any]) -> None:
         """Refuse a batch (as a whole) holding an id twice or an id already logged."""
         seen = set()
@@ -196,7 +205,8 @@ class LogWriter:
             self.closed = True
             self._queue.put(None)
             self._thread.join()
-            self._lock.close()
+            if self._own_lock:
+                self._lock.close()
         self._raise_pending()
 
     def _submit(self) -> None:
@@ -243,7 +253,7 @@ class LogWriter:
                           {"n": len(ids), "ids": ids, "nbytes": nbytes})
 
 
-class _StoreLock:
+class StoreLock:
     """An exclusive advisory lock on ``rank``'s lock file; a no-op where ``fcntl`` is missing."""
 
     def __init__(self, path: Path, rank: int = 0):

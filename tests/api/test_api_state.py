@@ -13,7 +13,8 @@ from torch import nn
 
 from analog import AnaLog
 from analog.ids import to_ids
-from analog.storage import StoreError
+from analog.state import ProjectError
+from analog.storage import LogStore, StoreError
 
 COMMON = textwrap.dedent("""
     import torch
@@ -89,12 +90,18 @@ def test_state_restores_in_a_new_process(logged_elsewhere):
     assert compared == 10
 
 
-def test_reading_with_another_projection_is_an_error(logged_elsewhere):
+def test_reopening_with_another_projection_is_an_error_naming_the_key(logged_elsewhere):
     root, _ = logged_elsewhere
-    run = AnaLog("proj", config(str(root), seed=6))
+    with pytest.raises(ProjectError, match=r"compression.seed: saved 5, given 6"):
+        AnaLog("proj", config(str(root), seed=6))
+
+
+def test_a_store_read_with_another_projection_is_an_error(logged_elsewhere):
+    root, _ = logged_elsewhere
+    run = AnaLog("other", config(str(root), seed=6))
     run.watch(make_model())
     with pytest.raises(StoreError, match=r"different compression(.|\n)*'seed': 5(.|\n)*'seed': 6"):
-        run.build_log_dataloader(batch_size=8)
+        LogStore(root / "proj" / "logs", expect_compression=run.projector.fingerprint())
 
 
 def test_reading_with_another_module_set_is_an_error(logged_elsewhere):

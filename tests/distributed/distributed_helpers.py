@@ -193,7 +193,7 @@ def worker_dies(rank, world, tmp, root):
     run.watch(model)
     for b, ids in enumerate(shard(rank, world)):
         if rank == 1 and b == 2:
-            run._writer.flush()  # what rank 1 logged so far is on disk
+            run.flush()  # what rank 1 logged so far is on disk
             os._exit(3)
         with run(data_id=ids):
             loss_fn(model(x[ids]), y[ids]).backward()

@@ -7,6 +7,7 @@ from conftest import make_data, make_mlp, query_log, run_logging
 from analog import AnaLog
 from analog.analysis import InfluenceFunction, InfluenceScores
 from analog.hessian import CurvatureError
+from analog.state import ProjectError
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_reopening_a_project_with_another_hessian_is_a_clear_error(fitted):
     run, model, x, y = fitted
     again = AnaLog(project="api", config={"root_dir": run.config.root_dir,
                                           "compression": {"type": "logra", "rank": 4}})
-    with pytest.raises(ValueError, match="holds a fitted 'ekfac' curvature"):
+    with pytest.raises(ProjectError, match="hessian: saved 'ekfac', given 'kfac'"):
         again.update({"hessian": "kfac"}).watch(model)
 
 
