@@ -20,16 +20,16 @@ setup(
     install_requires=[
         "torch>=2.1",
         "numpy",
-        "einops",
         "tqdm",
         "pyyaml",
         "safetensors",
-        "matplotlib",
     ],
     extras_require={
         "demo": ["scikit-learn"],
         "hf": ["transformers", "accelerate"],
-        "test": ["pytest", "scikit-learn", "transformers", "accelerate", "ruff"],
+        # the run-log plots (analog.runs); everything else works without matplotlib
+        "plot": ["matplotlib"],
+        "test": ["pytest", "scikit-learn", "transformers", "accelerate", "ruff", "matplotlib"],
     },
     entry_points={"console_scripts": ["analog=analog.cli:main"]},
     classifiers=[

@@ -12,8 +12,10 @@ compare_runs({"TTL": "runs/ttl/train.log", "Ablation": "runs/abl/train.log"}, ou
 from analog.runs.comparator import RunComparator, compare_runs
 from analog.runs.log_parser import LogParseError, LogParser, detect_format, parse_number, parse_training_log
 from analog.runs.plots import (
+    moving_average,
     plot_loss_comparison,
     plot_ppl_comparison,
+    plot_throughput,
     plot_throughput_comparison,
     plot_training_curves,
     smooth,
@@ -27,10 +29,12 @@ __all__ = [
     "TrainingMetrics",
     "compare_runs",
     "detect_format",
+    "moving_average",
     "parse_number",
     "parse_training_log",
     "plot_loss_comparison",
     "plot_ppl_comparison",
+    "plot_throughput",
     "plot_throughput_comparison",
     "plot_training_curves",
     "smooth",

@@ -1,6 +1,6 @@
 """``analog runs``: compare training runs, report on one, or print quick summaries.
 
-analog runs compare A.log B.log -o DIR [--names A B] [--align step|tokens] [--smoothing 0.9]
+analog runs compare A.log B.log -o DIR [--names A B] [--align step|tokens] [--smooth N | --smoothing 0.9]
 analog runs report A.log -o DIR
 analog runs summary A.log [B.log ...]
 """
@@ -41,7 +41,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", required=True, help="folder for the written files")
     parser.add_argument("--align", choices=["step", "tokens"], default="step", help="x axis (default: step)")
-    parser.add_argument(
+    smoothing = parser.add_mutually_exclusive_group()
+    smoothing.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N-point moving average drawn over the curves (default 1: none)",
+    )
+    smoothing.add_argument(
         "--smoothing", type=float, default=0.0, help="EMA weight in [0, 1) drawn over the curves (default 0)"
     )
 
@@ -68,20 +76,20 @@ def _compare(args) -> int:
         return _error(f"{len(args.names)} names for {len(args.logs)} logs")
     names = args.names or [None] * len(args.logs)
     try:
-        comparator = RunComparator(align=args.align, smoothing=args.smoothing)
+        comparator = RunComparator(align=args.align, smoothing=args.smoothing, smooth_window=args.smooth)
         for name, log in zip(names, args.logs):
             comparator.add_run(name, log)
         return _write(comparator, args.output_dir)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         return _error(str(error))
 
 
 def _report(args) -> int:
     try:
-        comparator = RunComparator(align=args.align, smoothing=args.smoothing)
+        comparator = RunComparator(align=args.align, smoothing=args.smoothing, smooth_window=args.smooth)
         comparator.add_run(args.name, args.log)
         return _write(comparator, args.output_dir)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         return _error(str(error))
 
 

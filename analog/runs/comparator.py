@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Type, Union
 
 from analog.runs.log_parser import LogParser, parse_training_log
 from analog.runs.plots import (
+    check_smoothing,
     paired,
     plot_loss_comparison,
     plot_ppl_comparison,
@@ -24,6 +25,8 @@ from analog.runs.training_metrics import STEP_SERIES, TrainingMetrics
 GENERIC_STEMS = {"train", "training", "log", "logs", "trainer_state", "metrics", "output", "stdout", "run"}
 COLUMNS = [
     ("Run", "name", "s"),
+    ("Config", "config", "s"),
+    ("Mode", "mode", "s"),
     ("Steps", "num_steps", "d"),
     ("Tokens", "total_tokens", "tokens"),
     ("Final loss", "final_loss", ".4f"),
@@ -33,6 +36,7 @@ COLUMNS = [
     ("Best val loss", "best_val_loss", ".4f"),
     ("Best val PPL", "best_val_ppl", ".2f"),
     ("Tok/s", "mean_tok_per_sec", ".0f"),
+    ("Grad norm", "mean_grad_norm", ".2f"),
     ("Malformed", "malformed_lines", "d"),
 ]
 
@@ -43,6 +47,43 @@ def run_name(path: Union[str, os.PathLike]) -> str:
     if path.is_dir():
         return path.name
     return path.parent.name if path.stem.lower() in GENERIC_STEMS and path.parent.name else path.stem
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    """The table's Config cell: ``dim/layers/heads`` as the seed shows it, else ``k=v k=v``."""
+    shown = {k: v for k, v in config.items() if k != "mode"}
+    if not shown:
+        return "-"
+    if {"dim", "layers", "heads"} <= set(shown) and len(shown) == 3:
+        return f"{shown['dim']}/{shown['layers']}/{shown['heads']}"
+    return " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def key_findings(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+    """The seed's KEY FINDINGS lines (two runs or more): the run with the lowest best validation
+    perplexity, and throughput as fastest/slowest mean tokens per second; plus the lowest loss at
+    the common step. Runs without the value are left out of that line."""
+    if len(rows) < 2:
+        return []
+    lines = []
+
+    def present(key):
+        return [(row["name"], row[key]) for row in rows if row.get(key) is not None and math.isfinite(row[key])]
+
+    val_ppl = present("best_val_ppl")
+    if val_ppl:
+        name, value = min(val_ppl, key=lambda item: item[1])
+        lines.append(f"  - Best val PPL: {name} ({value:.2f})")
+    speed = present("mean_tok_per_sec")
+    if len(speed) >= 2:
+        (fast, fast_v), (slow, slow_v) = max(speed, key=lambda i: i[1]), min(speed, key=lambda i: i[1])
+        if slow_v > 0:
+            lines.append(f"  - Throughput: {fast} is {fast_v / slow_v:.2f}x faster than {slow}")
+    common = present("loss_at_common")
+    if len(common) >= 2:
+        name, value = min(common, key=lambda item: item[1])
+        lines.append(f"  - Lowest loss at the common point: {name} ({value:.4f})")
+    return lines
 
 
 def file_safe(name: str) -> str:
@@ -68,16 +109,19 @@ def _json_values(values: Sequence[float]) -> List[Optional[float]]:
 class RunComparator:
     """Collects runs (``add_run``) and compares them at equal steps or equal tokens (``align``).
 
-    ``smoothing`` is the weight w of the exponential moving average drawn over the raw curves
-    (0 = none, see ``plots.smooth``); tables and JSON always use the raw values.
+    Curves are drawn raw, or smoothed by ``smooth_window=N`` (the seed's trailing N-point moving
+    average, ``plots.moving_average``) or ``smoothing=w`` (exponential moving average, ``plots.smooth``);
+    tables and JSON always use the raw values.
     """
 
-    def __init__(self, align: str = "step", smoothing: float = 0.0):
+    def __init__(self, align: str = "step", smoothing: float = 0.0, smooth_window: int = 1):
         x_values(TrainingMetrics(), align)
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
         self.align = align
         self.smoothing = smoothing
+        self.smooth_window = smooth_window
+        check_smoothing(smoothing, smooth_window)
         self.runs: Dict[str, TrainingMetrics] = {}
 
     def add_run(
@@ -130,7 +174,13 @@ class RunComparator:
         self._check()
         common = self.common_x()
         return [
-            {"name": name, **metrics.summary(), "loss_at_common": self.loss_at(name, common)}
+            {
+                "name": name,
+                "config": config_text(metrics.config),
+                "mode": metrics.config.get("mode", "-"),
+                **metrics.summary(),
+                "loss_at_common": self.loss_at(name, common),
+            }
             for name, metrics in self.runs.items()
         ]
 
@@ -145,6 +195,9 @@ class RunComparator:
         lines.append("")
         shown = _format(common, "tokens" if self.align == "tokens" else "d")
         lines.append(f"Loss@common: training loss at {self.align} {shown}, the last one all runs reach.")
+        findings = key_findings(rows)
+        if findings:
+            lines += ["", "KEY FINDINGS:", *findings]
         return "\n".join(lines)
 
     def print_comparison_table(self, file=None) -> None:
@@ -161,6 +214,7 @@ class RunComparator:
             runs[name] = {
                 "source": m.source,
                 "format": m.format,
+                "config": dict(m.config),
                 "summary": m.summary(),
                 "loss_at_common": self.loss_at(name, common),
                 "lines_read": m.lines_read,
@@ -175,35 +229,53 @@ class RunComparator:
                     "gap": _json_values(m.val_gap),
                 },
             }
-        return {"align": self.align, "smoothing": self.smoothing, "common_x": common, "runs": runs}
+        return {
+            "align": self.align,
+            "smoothing": self.smoothing,
+            "smooth_window": self.smooth_window,
+            "common_x": common,
+            "runs": runs,
+        }
 
     def report_text(self) -> str:
-        lines = [f"Run comparison (aligned by {self.align}, smoothing {self.smoothing})", "", self.format_table(), ""]
+        smoothing = f"smoothing {self.smoothing}" if self.smoothing else f"smooth window {self.smooth_window}"
+        lines = [f"Run comparison (aligned by {self.align}, {smoothing})", "", self.format_table(), ""]
         for name, m in self.runs.items():
-            lines.append(f"{name}: {m.source} [{m.format}] {m.lines_read} lines, {m.malformed_lines} malformed")
+            resumed = f", {m.resumed_records} records replaced by a resume" if m.resumed_records else ""
+            lines.append(
+                f"{name}: {m.source} [{m.format}] {m.lines_read} lines, {m.malformed_lines} malformed{resumed}"
+            )
             lines.extend(f"    {example}" for example in m.malformed_examples)
         return "\n".join(lines) + "\n"
 
-    def generate_comparison(self, output_dir: Union[str, os.PathLike]) -> Dict[str, str]:
-        """Write the plots, ``comparison_report.txt`` and ``comparison_data.json``; returns their paths."""
+    def generate_comparison(
+        self, output_dir: Union[str, os.PathLike], smooth_window: Optional[int] = None
+    ) -> Dict[str, str]:
+        """Write the plots, ``comparison_report.txt`` and ``comparison_data.json``; returns their paths.
+        ``smooth_window`` (as the seed's) replaces the comparator's for this call."""
         self._check()
+        if smooth_window is not None:
+            check_smoothing(self.smoothing, smooth_window)
+            self.smooth_window = smooth_window
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        kw = {"align": self.align, "smoothing": self.smoothing}
+        kw = {"align": self.align, "smoothing": self.smoothing, "smooth_window": self.smooth_window}
         files = {
-            "loss_comparison": plot_loss_comparison(self.runs, str(out / "loss_comparison.png"), **kw),
-            "ppl_comparison": plot_ppl_comparison(self.runs, str(out / "ppl_comparison.png"), **kw),
-            "throughput_comparison": plot_throughput_comparison(
-                self.runs, str(out / "throughput_comparison.png"), **kw
-            ),
+            name: str(out / f"{name}.png") for name in ("loss_comparison", "ppl_comparison", "throughput_comparison")
         }
+        plot_loss_comparison(self.runs, title="Training Loss Comparison", output_path=files["loss_comparison"], **kw)
+        plot_ppl_comparison(self.runs, title="Perplexity Comparison", output_path=files["ppl_comparison"], **kw)
+        plot_throughput_comparison(
+            self.runs, title="Training Throughput Comparison", output_path=files["throughput_comparison"], **kw
+        )
         used = set()
         for name, metrics in self.runs.items():
             stem = file_safe(name)
             while stem in used:
                 stem += "_"
             used.add(stem)
-            files[f"curves_{name}"] = plot_training_curves(metrics, str(out / f"curves_{stem}.png"), name, **kw)
+            files[f"curves_{name}"] = str(out / f"curves_{stem}.png")
+            plot_training_curves(metrics, files[f"curves_{name}"], name, title=f"Training Curves: {name}", **kw)
         (out / "comparison_report.txt").write_text(self.report_text(), encoding="utf-8")
         with open(out / "comparison_data.json", "w", encoding="utf-8") as handle:
             json.dump(self.to_dict(), handle, indent=2, allow_nan=False)
@@ -218,10 +290,11 @@ def compare_runs(
     align: str = "step",
     smoothing: float = 0.0,
     print_table: bool = True,
+    smooth_window: int = 1,
 ) -> RunComparator:
     """Parse ``runs`` ({name: log path or TrainingMetrics}, or a list of paths), print the table
     and write every comparison file to ``output_dir``. Returns the comparator."""
-    comparator = RunComparator(align=align, smoothing=smoothing)
+    comparator = RunComparator(align=align, smoothing=smoothing, smooth_window=smooth_window)
     items = runs.items() if isinstance(runs, Mapping) else [(None, source) for source in runs]
     for name, source in items:
         comparator.add_run(name, source)

@@ -7,10 +7,17 @@ the training line is one line, wrapped here)::
         | LR: 8.19e-08 | GradNorm: 5.96 | Gate std: 0.0838 | Tok/s: 20555
     [Validation] Loss: 3.3593, PPL: 28.77, Train/Val Gap: 0.83x
 
-Other formats are recognised by content: a JSON document with ``log_history`` (Hugging Face
-``trainer_state.json``), one JSON object per line, or CSV with a step column. Custom text formats:
-subclass ``LogParser`` and override ``_parse_line`` (call ``super()._parse_line(line)`` for lines
-you do not handle), then ``parse_training_log(path, parser_cls=MyLogParser)``.
+    Config: dim=512, layers=6, heads=8
+    Mode: MEMORY+ATTENTION
+
+``Config:`` ``key=value`` pairs and the ``Mode:`` text go to ``metrics.config``. Other formats are
+recognised by content: a JSON document with ``log_history`` (Hugging Face ``trainer_state.json``),
+one JSON object per line, or CSV with a step column. Custom text formats: subclass ``LogParser``
+and override ``_parse_line`` (call ``super()._parse_line(line)`` for lines you do not handle), then
+``parse_training_log(path, parser_cls=MyLogParser)``; whatever a line appends stays tied to its
+step (:mod:`analog.runs.alignment`).
+
+Parsing is linear in the input: no pattern here can backtrack over a run of spaces more than once.
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import os
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Type, Union
+from typing import Dict, Iterable, Optional, Tuple, Type, Union
 
+from analog.runs.alignment import mark, settle
 from analog.runs.structured import looks_like_csv, parse_csv, parse_json_lines, parse_trainer_state
 from analog.runs.training_metrics import TrainingMetrics
 
@@ -61,7 +69,11 @@ class LogParser:
 
     TRAIN_PATTERN = re.compile(r"(?:\[Epoch\s+(\d+)\s*/\s*(\d+)\]\s*)?\bStep\s+(\d+)\s*(\|.*)?$")
     VALIDATION_PATTERN = re.compile(r"\[Validation\]\s*(.*)$")
-    FIELD_PATTERN = re.compile(r"^\s*([A-Za-z][\w /.\-]*?)\s*[:=]\s*(\S+)\s*$")
+    #: a field's key (matched whole, after splitting at the first ``:`` or ``=``; linear)
+    KEY_PATTERN = re.compile(r"[A-Za-z][\w /.\-]*")
+    #: ``Config: k=v, k=v`` and ``Mode: TEXT`` headers (found with ``str.find``, never a regex)
+    CONFIG_HEADER = "Config:"
+    MODE_HEADER = "Mode:"
     #: field name (lower case) -> series of a training line
     TRAIN_FIELDS: Dict[str, str] = {
         "lm loss": "loss",
@@ -92,11 +104,13 @@ class LogParser:
             return self.parse_lines(handle)
 
     def parse_lines(self, lines: Iterable[str]) -> TrainingMetrics:
+        """Parse every line; values appended while reading a line are tied to that line's step."""
         for self.line_number, line in enumerate(lines, start=1):
             self.metrics.lines_read = self.line_number
+            before = mark(self.metrics)
             self._parse_line(line.rstrip("\r\n"))
-        self.metrics.pad()
-        return self.metrics
+            settle(self.metrics, before, self.line_number)
+        return self.metrics.finish()
 
     def _parse_line(self, line: str) -> None:
         """Read one line: a validation line, a training line, or something to ignore."""
@@ -113,6 +127,25 @@ class LogParser:
                 self.metrics.total_epochs = int(total)
             values = {"epochs": float(epoch)} if epoch is not None else {}
             self._read_fields(line, rest or "", "|", self.TRAIN_FIELDS, step=int(step), values=values)
+            return
+        self._read_header(line)
+
+    def _read_header(self, line: str) -> None:
+        """``Config: dim=512, layers=6`` -> ``config["dim"] = 512, ...``; ``Mode: X`` -> ``config["mode"]``."""
+        for header in (self.CONFIG_HEADER, self.MODE_HEADER):
+            index = line.find(header)
+            if index < 0 or (index > 0 and line[index - 1].isalnum()):
+                continue
+            text = line[index + len(header) :].strip()
+            if header == self.MODE_HEADER:
+                self.metrics.config["mode"] = text
+                return
+            pairs = [part.partition("=") for part in text.split(",")]
+            if text and all(sep and key.strip() for key, sep, _ in pairs):
+                self.metrics.config.update({key.strip(): _config_value(value) for key, _, value in pairs})
+            else:
+                self.metrics.config["config"] = text
+            return
 
     def _read_fields(self, line, text, sep, known, step=None, values=None, validation=False) -> None:
         """Parse ``Key: value`` fields; a known key with an unreadable value makes the line malformed.
@@ -120,18 +153,19 @@ class LogParser:
         values = dict(values or {})
         found = 0
         for field in filter(str.strip, text.split(sep)):
-            match = self.FIELD_PATTERN.match(field)
-            if not match:
-                self.metrics.add_malformed(self.line_number, line, f"cannot read field {field.strip()!r}")
+            split = self._split_field(field)
+            if split is None:
+                self.metrics.add_malformed(self.line_number, line, f"cannot read field {field.strip()[:80]!r}")
                 return
-            key, raw = match.group(1).strip().lower(), match.group(2)
+            label, raw = split
+            key = label.lower()
             name = known.get(key)
             try:
                 value = parse_number(raw)
             except ValueError:
                 if name is None:
                     continue
-                self.metrics.add_malformed(self.line_number, line, f"{match.group(1)}: {raw!r} is not a number")
+                self.metrics.add_malformed(self.line_number, line, f"{label}: {raw!r} is not a number")
                 return
             found += 1
             if name is not None:
@@ -144,6 +178,30 @@ class LogParser:
             self.metrics.add_validation(**values)
         else:
             self.metrics.add_step(step, **values)
+
+    def _split_field(self, field: str) -> Optional[Tuple[str, str]]:
+        """``" LM Loss: 10.45 "`` -> ``("LM Loss", "10.45")``: split at the first ``:`` or ``=``; the
+        key must match ``KEY_PATTERN`` and the value be one token. None when it is not a field."""
+        cut = min((i for i in (field.find(":"), field.find("=")) if i >= 0), default=-1)
+        if cut < 0:
+            return None
+        key, value = field[:cut].strip(), field[cut + 1 :].split()
+        if len(value) != 1 or not self.KEY_PATTERN.fullmatch(key):
+            return None
+        return key, value[0]
+
+
+def _config_value(text: str) -> Union[int, float, str]:
+    """``"512"`` -> 512, ``"1e-3"`` -> 0.001, anything else stays text."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return parse_number(text)
+    except ValueError:
+        return text
 
 
 def _read_text(path: Path) -> str:
@@ -202,7 +260,7 @@ def parse_training_log(path: PathLike, parser_cls: Optional[Type[LogParser]] = N
             metrics = (parser_cls or LogParser)(source=str(path)).parse_lines(text.splitlines())
     except ValueError as error:
         raise LogParseError(f"cannot parse {path} as {kind}: {error}") from error
-    metrics.pad()
+    metrics.finish()
     if metrics.num_records == 0:
         raise LogParseError(
             f"no training metrics found in {path} (read as {kind}: {metrics.lines_read} lines, "

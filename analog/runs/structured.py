@@ -75,10 +75,11 @@ def add_record(metrics: TrainingMetrics, record: Mapping[str, Any]) -> Optional[
     step = int(values.pop("step"))
     val_values = {k: values.pop(k) for k in VAL_SERIES if k in values}
     if val_values:
+        if set(values) - {"epochs"}:  # a training point in the same record comes first
+            extras = {k: v for k, v in extras.items() if not k.lower().startswith(("eval", "val"))}
+            _add_or_merge(metrics, step, {**values, **extras})
         metrics.add_validation(step, **val_values)
-        if not set(values) - {"epochs"}:
-            return None
-        extras = {k: v for k, v in extras.items() if not k.lower().startswith(("eval", "val"))}
+        return None
     if values or extras:
         _add_or_merge(metrics, step, {**values, **extras})
     return None

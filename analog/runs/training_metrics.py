@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
+
+from analog.runs.alignment import drop_superseded
 
 NAN = float("nan")
 
@@ -23,6 +25,10 @@ class TrainingMetrics:
     """Series of one run. Per-step lists are aligned with ``steps``; validation lists with
     ``val_steps`` (the last training step seen before the validation line). ``extras`` holds
     per-step metrics the parser has no field for (``polar``, ``gate_std``, ...), also aligned.
+    ``config`` holds what ``Config:`` and ``Mode:`` lines said (``{"dim": 512, "mode": "MEMORY"}``).
+    ``val_after[v]``: how many training records were logged before validation record v.
+    ``resumed_records``: records dropped because a resumed run logged their steps again
+    (see :mod:`analog.runs.alignment`).
     """
 
     source: str = ""
@@ -42,6 +48,9 @@ class TrainingMetrics:
     val_ppl: List[float] = field(default_factory=list)
     val_gap: List[float] = field(default_factory=list)
     total_epochs: Optional[int] = None
+    config: Dict[str, Any] = field(default_factory=dict)
+    val_after: List[int] = field(default_factory=list, repr=False)
+    resumed_records: int = 0
     lines_read: int = 0
     malformed_lines: int = 0
     malformed_examples: List[str] = field(default_factory=list)
@@ -60,6 +69,7 @@ class TrainingMetrics:
         if step is None:
             step = self.steps[-1] if self.steps else 0
         self.val_steps.append(int(step))
+        self.val_after.append(len(self.steps))
         if "val_tokens" not in values and self.tokens and self.steps and step == self.steps[-1]:
             values["val_tokens"] = self.tokens[-1]
         for name in VAL_SERIES:
@@ -81,6 +91,18 @@ class TrainingMetrics:
         for name, series in self.extras.items():
             self._pad_list(f"extras[{name}]", series, len(self.steps))
 
+    def finish(self) -> "TrainingMetrics":
+        """Pad the series, then drop records a resumed run logged again (the last one of a step is
+        kept); ``resumed_records`` counts the dropped ones."""
+        self.pad()
+        self.resumed_records += drop_superseded(self)
+        return self
+
+    @property
+    def tokens_per_sec(self) -> List[float]:
+        """The seed's name of ``tok_per_sec``."""
+        return self.tok_per_sec
+
     @staticmethod
     def _pad_list(name: str, series: List[float], length: int) -> None:
         if len(series) > length:
@@ -97,7 +119,8 @@ class TrainingMetrics:
         return bool(finite(values))
 
     def summary(self) -> Dict[str, Optional[float]]:
-        """Headline numbers: last/min training loss and ppl, best validation, mean throughput."""
+        """Headline numbers: last/min training loss and ppl, best validation, mean throughput and
+        gradient norm (over the finite values), records dropped by resumes."""
 
         def last(values):
             vals = finite(values)
@@ -108,6 +131,7 @@ class TrainingMetrics:
             return min(vals) if vals else None
 
         tok_s = finite(self.tok_per_sec)
+        grad = finite(self.grad_norm)
         return {
             "num_steps": len(self.steps),
             "last_step": self.steps[-1] if self.steps else None,
@@ -123,5 +147,7 @@ class TrainingMetrics:
             "final_val_ppl": last(self.val_ppl),
             "best_val_ppl": best(self.val_ppl),
             "mean_tok_per_sec": sum(tok_s) / len(tok_s) if tok_s else None,
+            "mean_grad_norm": sum(grad) / len(grad) if grad else None,
+            "resumed_records": self.resumed_records,
             "malformed_lines": self.malformed_lines,
         }
