@@ -120,7 +120,7 @@ class AnaLog:
 
     def _setup_state(self) -> None:
         c = self.config.compression
-        self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init)
+        self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init, damping=c.damping)
         self.projector.setup(self.dims)
         saved = self.state.load_projection()
         if saved is not None:
@@ -265,14 +265,18 @@ class AnaLog:
         return self._last
 
     def next_pass(self) -> None:
-        """End the PCA pass of LoGra ``init='pca'``: take the projections from its covariances."""
+        """End the statistics pass of LoGra ``init='pca'|'whiten'|'whiten_pca'``: fit the projections
+        from its K-FAC factors (see analog.compression.logra)."""
         if self.phase != "pca":
             return
         if self._pca_stats is None or not self._pca_stats.meta["n_samples"]:
-            raise RuntimeError("LoGra init='pca' needs a first pass over the data inside `with analog(...)`")
+            raise RuntimeError(f"LoGra init={self.projector.init!r} needs a first statistics pass over the data inside "
+                               "`with analog(...)` (run the loop under AnaLogScheduler); this statistics pass saw "
+                               "no data")
         self._pca_stats.finalize()
         state = self._pca_stats.state
-        self.projector.fit_pca({m: {"in": state[f"{m}/A"], "out": state[f"{m}/S"]} for m in self.modules})
+        self.projector.fit({m: {"in": state[f"{m}/A"], "out": state[f"{m}/S"]} for m in self.modules
+                            if f"{m}/A" in state})
         self._sync_projector()
         self._pca_stats, self.phase = None, "log"
 

@@ -9,8 +9,10 @@ save           write logs to the store on disk (default ``True``)
 hessian        ``"none"`` (identity), ``"diagonal"``, ``"kfac"``, ``"ekfac"``, ``"raw"``; ``True`` means
                ``"kfac"`` (one pass, cheap, works with ``save=False``); ``False`` means ``"none"``
 damping        λ added to the curvature: a float, or ``None`` for 0.1 × mean eigenvalue per module
-compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: rank}, init: random|pca,
-               seed: int}`` (default LoGra, rank 64, random, seed 0)
+compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: rank},
+               init: random|pca|whiten|whiten_pca, seed: int, damping: float|None}`` (default LoGra,
+               rank 64, random, seed 0); ``pca``/``whiten``/``whiten_pca`` need a statistics pass
+               (AnaLogScheduler); ``damping`` is the whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A)
 storage        ``{dtype: float32|float16|bfloat16, flush_bytes: int}``
 nonfinite      ``"error"`` (default: raise, naming the module and ids) or ``"allow"``
 progress       show tqdm bars (default: only when stderr is a terminal)
@@ -28,6 +30,7 @@ import yaml
 
 LOG_KINDS = ("grad", "forward", "backward")
 HESSIANS = ("none", "diagonal", "kfac", "ekfac", "raw")
+INITS = ("random", "pca", "whiten", "whiten_pca")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class CompressionConfig:
     rank: Any = 64
     init: str = "random"
     seed: int = 0
+    damping: Optional[float] = None
 
 
 @dataclass
@@ -122,6 +126,12 @@ class Config:
             raise ValueError(f"config 'nonfinite' must be 'error' or 'allow', got {self.nonfinite!r}")
         if self.compression.type not in ("logra", "dense", "none"):
             raise ValueError(f"config 'compression.type': unknown {self.compression.type!r}")
+        c = self.compression
+        if c.init not in INITS:
+            raise ValueError(f"config 'compression.init': unknown {c.init!r}; choose from {list(INITS)}")
+        if c.damping is not None and (isinstance(c.damping, bool) or not isinstance(c.damping, (int, float))
+                                      or not c.damping > 0):
+            raise ValueError(f"config 'compression.damping' must be a number > 0 or None, got {c.damping!r}")
         if self.compression.type == "dense" and self.hessian in ("kfac", "ekfac"):
             raise ValueError("K-FAC and EK-FAC need Kronecker factors, which a dense projection does not keep; "
                              "use hessian 'raw', 'diagonal' or 'none' with compression type 'dense'")

@@ -56,8 +56,8 @@ class Projector:
             cls.kind = kind
             _PROJECTORS[kind] = cls
 
-    def __init__(self, rank=64, seed: int = 0, init: str = "random"):
-        self.rank, self.seed, self.init = rank, int(seed), init
+    def __init__(self, rank=64, seed: int = 0, init: str = "random", damping=None):
+        self.rank, self.seed, self.init, self.damping = rank, int(seed), init, damping
         self.tensors: Dict[str, torch.Tensor] = {}
         self._device_cache: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 
@@ -78,7 +78,10 @@ class Projector:
         digest = 0
         for key in sorted(self.tensors):
             digest = zlib.crc32(self.tensors[key].detach().cpu().contiguous().numpy().tobytes(), digest)
-        return {"kind": self.kind, "rank": self.rank, "seed": self.seed, "init": self.init, "crc32": digest}
+        out = {"kind": self.kind, "rank": self.rank, "seed": self.seed, "init": self.init, "crc32": digest}
+        if self.damping is not None:
+            out["damping"] = self.damping
+        return out
 
     def _on(self, key: str, device: torch.device) -> torch.Tensor:
         cached = self._device_cache.get((key, device))

@@ -12,7 +12,13 @@ O(d_out·d_in) per sample.
 E⟨P_outᵀG₁P_in, P_outᵀG₂P_in⟩ = ⟨G₁, G₂⟩ and every process builds the same matrices.
 ``init="pca"``: the top-r eigenvectors of the activation covariance E[a aᵀ] and of the
 output-gradient covariance E[δ δᵀ], gathered in a first, uncompressed pass (see ``fit_pca``).
-A side whose rank is at least its dimension is left uncompressed (the identity).
+``init="whiten"``: the random matrices premultiplied by the damped inverse square roots of those
+covariances, P_in = A_λ^{-1/2} R_in, P_out = S_λ^{-1/2} R_out (see analog.compression.whiten), so the
+stored gradients' inner products estimate the K-FAC-preconditioned ones gᵀ(S_λ ⊗ A_λ)⁻¹g′.
+``init="whiten_pca"``: the same roots applied to the top-r eigenvectors instead of R (deterministic:
+the exact K-FAC-preconditioned product restricted to the top eigen-directions of A and S).
+A side whose rank is at least its dimension is left uncompressed (the identity; whitened by the
+d × d root itself for ``whiten``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from typing import Dict, Tuple
 import torch
 
 from analog.compression.base import Projector, module_seed, rank_for
+from analog.compression.whiten import whitening
+
+#: inits whose projections are fitted from a first statistics pass (K-FAC factors A and S)
+FITTED_INITS = ("pca", "whiten", "whiten_pca")
 
 
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -32,21 +42,57 @@ def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
 class LoGraProjector(Projector, kind="logra"):
     def setup(self, dims: Dict[str, Tuple[int, int, int]]) -> None:
         self.dims = dict(dims)
-        if self.init == "pca":
+        if self.init in FITTED_INITS:
             return
         if self.init != "random":
-            raise ValueError(f"unknown LoGra init {self.init!r}; use 'random' or 'pca'")
+            raise ValueError(f"unknown LoGra init {self.init!r}; use 'random', 'pca' or 'whiten'")
+        self.load_tensors(self._random())
+
+    def _random(self) -> Dict[str, torch.Tensor]:
+        """{name/side: (G, d, r)} Gaussian N(0, 1/r) matrices for every side with r < d."""
         tensors = {}
-        for name, (groups, d_out, d_in) in dims.items():
+        for name, (groups, d_out, d_in) in self.dims.items():
             r_out, r_in = rank_for(name, self.rank)
             for side, d, r in (("out", d_out, r_out), ("in", d_in, r_in)):
                 if r < d:
                     p = gaussian(d, r, module_seed(self.seed, f"{name}/{side}"))
                     tensors[f"{name}/{side}"] = p.unsqueeze(0).expand(groups, d, r).contiguous()
-        self.load_tensors(tensors)
+        return tensors
 
     def needs_fit(self) -> bool:
-        return self.init == "pca" and not self.tensors
+        return self.init in FITTED_INITS and not self.tensors
+
+    def fit(self, factors: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Fit the projections from a statistics pass: ``{name: {"in": A (G, d_in, d_in), "out": S}}``."""
+        missing = sorted(set(self.dims) - set(factors))
+        if missing:
+            raise ValueError(f"the statistics pass has no factors for module(s) {missing}: no gradient reached "
+                             "them inside `with analog(...)`")
+        if self.init == "pca":
+            self.fit_pca(factors)
+        elif self.init in ("whiten", "whiten_pca"):
+            self.fit_whiten(factors)
+        else:
+            raise ValueError(f"LoGra init {self.init!r} is not fitted from statistics")
+
+    def fit_whiten(self, factors: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Per side, P = M_λ^{-1/2} R with R Gaussian (``whiten``) or R = the top-r eigenvectors of M
+        (``whiten_pca``: P = Q_r diag((e_r + λ)^{-1/2})); the full root M_λ^{-1/2} where r >= d.
+        Damping split as in analog.compression.whiten."""
+        random = self._random() if self.init == "whiten" else {}
+        tensors = {}
+        for name, (_, d_out, d_in) in self.dims.items():
+            r_out, r_in = rank_for(name, self.rank)
+            root_a, root_s, _, _ = whitening(name, factors[name]["in"], factors[name]["out"], self.damping)
+            for side, root, d, r in (("out", root_s, d_out, r_out), ("in", root_a, d_in, r_in)):
+                if r >= d:
+                    p = root
+                elif self.init == "whiten":
+                    p = root @ random[f"{name}/{side}"].double()
+                else:  # the root maps eigenvector q to q / sqrt(e + λ): keep the top r of them
+                    p = root @ torch.linalg.eigh(factors[name][side].double())[1][..., -r:].flip(-1)
+                tensors[f"{name}/{side}"] = p.float().contiguous()
+        self.load_tensors(tensors)
 
     def fit_pca(self, covariances: Dict[str, Dict[str, torch.Tensor]]) -> None:
         """Projections from ``{name: {"in": (G, d_in, d_in), "out": (G, d_out, d_out)}}`` covariances."""
