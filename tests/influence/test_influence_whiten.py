@@ -17,7 +17,7 @@ from analog.analysis import InfluenceFunction
 from analog.compression.logra import LoGraProjector
 from analog.compression.whiten import spread_bound
 from analog.hessian import CurvatureError
-from analog.storage.layout import StoreError
+from analog.state import ProjectError
 
 MODULES = ("0", "2")
 
@@ -177,9 +177,9 @@ def test_whitened_projection_saved_and_refused_on_mismatch(tmp_path, setup):
     assert again.phase == "log"  # the fitted projections were restored: no statistics pass again
     again.eval().add_analysis({"influence": InfluenceFunction})
     torch.testing.assert_close(again.influence.compute_influence_all(query_log(again, model, xq, yq)).scores, before)
-    other = AnaLog("w", {"root_dir": str(tmp_path), "compression": {**comp, "damping": 0.5}, "hessian": "kfac"})
-    with pytest.raises(StoreError, match="different compression"):
-        other.watch(model).open_store()
+    with pytest.raises(ProjectError, match="compression.damping"):  # another whitening λ: refused, named
+        other = {"root_dir": str(tmp_path), "compression": {**comp, "damping": 0.5}, "hessian": "kfac"}
+        AnaLog("w", other).watch(model)
 
 
 def test_statistics_pass_without_data_or_gradient_is_a_clear_error(tmp_path, setup):
