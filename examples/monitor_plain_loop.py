@@ -56,9 +56,9 @@ def main(argv=None) -> None:
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
+        # before zero_grad: the gradient metrics read the gradients of the step just applied
+        metrics = analyzer.on_optimizer_step(model, inputs=probe, optimizer=optimizer)
         optimizer.zero_grad()
-
-        metrics = analyzer.on_optimizer_step(model, inputs=probe)
         if metrics:
             print(f"step {step}: loss {loss.item():.4f}")
             for key in (
@@ -68,6 +68,8 @@ def main(argv=None) -> None:
                 "sparse/kl_at_1e-04_random",
                 "sparse/top1_agree_at_1e-03",
                 "sparse/kept_ratio_at_1e-03",
+                "gradient/norm_l2",
+                "momentum/adam_update_rms",
             ):
                 print(f"    {key:32s} {metrics[key]:.6g}")
 

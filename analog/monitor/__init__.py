@@ -1,4 +1,4 @@
-"""Training monitor: parameter-change and sparse-update-quality metrics during training.
+"""Training monitor: parameter change, sparse-update quality, gradients and optimizer state during training.
 
 ```python
 from analog.monitor import MonitorConfig, ModelAnalysisManager
@@ -7,7 +7,7 @@ analyzer = ModelAnalysisManager.create(MonitorConfig(interval=100))
 for batch in loader:
     ...
     optimizer.step()
-    metrics = analyzer.on_optimizer_step(model, inputs=batch)   # {} between measurements
+    metrics = analyzer.on_optimizer_step(model, inputs=batch, optimizer=optimizer)  # {} between measurements
 ```
 
 ``ModelAnalysisCallback`` (the Hugging Face ``Trainer`` callback) is imported on first access, so
@@ -18,15 +18,19 @@ GRAIL name); that name still works and warns.
 from analog._deprecated import deprecated_names
 from analog.monitor.base import AnalysisContext, MetricComputer
 from analog.monitor.config import MonitorConfig, format_threshold
+from analog.monitor.gradient import GradientMetrics
 from analog.monitor.manager import ModelAnalysisManager
+from analog.monitor.momentum import MomentumMetrics
 from analog.monitor.parameter_change import ParameterChangeMetrics
 from analog.monitor.primitives import ParameterDelta, ParameterSetMismatch, ParameterSnapshot
 from analog.monitor.sparse_quality import SparseQualityMetrics
 
 __all__ = [
     "AnalysisContext",
+    "GradientMetrics",
     "MetricComputer",
     "ModelAnalysisManager",
+    "MomentumMetrics",
     "MonitorConfig",
     "ParameterChangeMetrics",
     "ParameterDelta",

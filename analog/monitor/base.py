@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
 
 from torch import nn
 
@@ -17,12 +17,15 @@ class AnalysisContext:
 
     ``model`` holds the current weights W_new; ``inputs`` is the batch given to
     ``on_optimizer_step`` (a tensor, a tuple of positional arguments or a dict of keyword
-    arguments), or None; ``step`` is the optimizer step of the measurement.
+    arguments), or None; ``step`` is the optimizer step of the measurement; ``optimizer`` the
+    optimizer given to ``on_optimizer_step`` (or None); ``metadata`` its other keyword arguments.
     """
 
     model: Optional[nn.Module] = None
     inputs: Any = None
     step: int = 0
+    optimizer: Any = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
 class MetricComputer(ABC):

@@ -32,10 +32,15 @@ def _check_thresholds(name: str, values: List[float]) -> None:
 class MonitorConfig:
     """Configuration of ``ModelAnalysisManager``.
 
-    ``interval``: measure every N optimizer steps; each measurement compares the weights with the
-    snapshot taken at the previous measurement (or at ``start()``/the first call).
+    ``interval``: measure at every optimizer step that is a multiple of N, as GRAIL does; each
+    measurement compares the weights with the snapshot of the previous one. Without ``start()``
+    the first multiple (step N) only takes the reference and metrics come at 2N, 3N, ...; after
+    ``start(model)`` (reference at step 0) they come at N, 2N, ...
     ``snapshot_device``/``snapshot_dtype``: where and how snapshots are kept (float32 on CPU: 4 bytes
     per parameter). ``seed`` fixes the random masks of the sparse-quality baseline.
+    ``gradient_enabled``: ``GradientMetrics`` (needs the gradients still present at the call);
+    ``momentum_enabled``: ``MomentumMetrics`` (needs ``on_optimizer_step(..., optimizer=opt)``);
+    ``*_per_layer`` adds their per-layer keys.
     """
 
     interval: int = 100
@@ -50,6 +55,11 @@ class MonitorConfig:
     sparse_quality_enabled: bool = True
     sparse_quality_thresholds: List[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
     sparse_quality_include_random: bool = True
+
+    gradient_enabled: bool = False
+    gradient_per_layer: bool = False
+    momentum_enabled: bool = False
+    momentum_per_layer: bool = False
 
     seed: int = 0
 
@@ -76,7 +86,8 @@ class MonitorConfig:
 
     @classmethod
     def comprehensive(cls, **overrides) -> "MonitorConfig":
-        """Every metric, per-layer and per-component, with the random baseline, every 25 steps."""
+        """Every metric (gradient and optimizer state included: pass ``optimizer=``), per layer and per
+        component, with the random baseline, every 25 steps."""
         base = cls(
             interval=25,
             param_change_enabled=True,
@@ -84,5 +95,9 @@ class MonitorConfig:
             param_change_track_components=True,
             sparse_quality_enabled=True,
             sparse_quality_include_random=True,
+            gradient_enabled=True,
+            gradient_per_layer=True,
+            momentum_enabled=True,
+            momentum_per_layer=True,
         )
         return replace(base, **overrides)

@@ -20,7 +20,9 @@ from analog.monitor.manager import ModelAnalysisManager
 
 
 class ModelAnalysisCallback(TrainerCallback):
-    """Calls ``analyzer.on_optimizer_step`` at the end of every optimizer step of a ``Trainer``.
+    """Calls ``analyzer.on_optimizer_step(model, inputs=probe_inputs, optimizer=optimizer)`` right
+    after every optimizer step of a ``Trainer`` (its ``on_optimizer_step`` event, while the gradients
+    are still there) and logs the metrics at ``on_step_end`` with the new ``global_step``.
 
     The Trainer does not hand the batch to callbacks, so sparse-quality metrics use
     ``probe_inputs``, a fixed batch (the same inputs at every measurement make them comparable).
@@ -44,12 +46,16 @@ class ModelAnalysisCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
-            self.analyzer.start(model)
+            self.analyzer.start(model, step=state.global_step)  # a resumed run keeps its schedule
+        self._pending: Dict[str, float] = {}
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Right after ``optimizer.step()``, before the Trainer clears the gradients."""
+        if model is not None:
+            self._pending = self.analyzer.on_optimizer_step(model, inputs=self.probe_inputs, optimizer=optimizer)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            return
-        metrics = self.analyzer.on_optimizer_step(model, inputs=self.probe_inputs)
+        metrics, self._pending = getattr(self, "_pending", {}), {}
         if not metrics:
             return
         logged = {self.prefix + key: value for key, value in metrics.items()}

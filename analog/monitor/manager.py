@@ -9,6 +9,8 @@ from torch import nn
 
 from analog.monitor.base import AnalysisContext, MetricComputer
 from analog.monitor.config import MonitorConfig
+from analog.monitor.gradient import GradientMetrics
+from analog.monitor.momentum import MomentumMetrics
 from analog.monitor.parameter_change import ParameterChangeMetrics
 from analog.monitor.primitives import ParameterDelta, ParameterSetMismatch, ParameterSnapshot
 from analog.monitor.sparse_quality import SparseQualityMetrics
@@ -19,10 +21,12 @@ logger = logging.getLogger(__name__)
 class ModelAnalysisManager:
     """Runs metric computers every ``config.interval`` optimizer steps.
 
-    Call ``on_optimizer_step(model, inputs)`` after every ``optimizer.step()``. The first call (or
-    ``start(model)`` before training) takes the reference snapshot; afterwards, once ``interval``
-    steps have passed since the reference, every computer is run on Δ = W_now − W_reference and
-    the current weights become the new reference. Between measurements the call returns ``{}``.
+    Call ``on_optimizer_step(model, inputs=batch, optimizer=opt)`` after every ``optimizer.step()``
+    (before ``optimizer.zero_grad()`` when gradient metrics are on). At every step that is a
+    multiple of ``interval`` (GRAIL's schedule) the first call takes the reference snapshot and the
+    later ones run every computer on Δ = W_now − W_reference, the current weights becoming the new
+    reference; ``start(model)`` before training takes the reference at step 0 instead, so metrics
+    start at step ``interval``. Between measurements the call returns ``{}``.
 
     Nothing here stops training: a failing computer is logged (``last_errors`` keeps the message)
     and the others still report; a parameter set that changed between snapshots is logged and the
@@ -48,6 +52,10 @@ class ModelAnalysisManager:
                     track_components=config.param_change_track_components,
                 )
             )
+        if config.gradient_enabled:
+            manager.add_metric(GradientMetrics(per_layer=config.gradient_per_layer))
+        if config.momentum_enabled:
+            manager.add_metric(MomentumMetrics(per_layer=config.momentum_per_layer))
         if config.sparse_quality_enabled:
             manager.add_metric(
                 SparseQualityMetrics(
@@ -75,21 +83,36 @@ class ModelAnalysisManager:
         """The current reference snapshot (None before the first call or after a reset)."""
         return self._snapshot
 
-    def start(self, model: nn.Module) -> None:
-        """Take the reference snapshot before the first optimizer step (step 0)."""
+    def start(self, model: nn.Module, step: int = 0) -> None:
+        """Take the reference snapshot now, before optimizer step ``step + 1`` (``step``: the
+        optimizer steps already done, e.g. a resumed run's global step)."""
         self.reset()
+        self.step = int(step)
         self._snapshot = self._capture(model)
 
-    def on_optimizer_step(self, model: nn.Module, inputs: Any = None) -> Dict[str, float]:
-        """Count one optimizer step; measure if ``interval`` steps passed since the reference."""
+    def state_dict(self) -> Dict[str, int]:
+        """The step count (snapshots are not saved: after ``load_state_dict`` the next multiple of
+        ``interval`` takes a new reference)."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.reset()
+        self.step = int(state["step"])
+
+    def on_optimizer_step(
+        self, model: nn.Module, inputs: Any = None, optimizer: Any = None, **metadata: Any
+    ) -> Dict[str, float]:
+        """Count one optimizer step; at a multiple of ``interval`` take the reference or measure.
+        ``optimizer`` and ``metadata`` reach the computers through ``AnalysisContext``."""
         self.step += 1
         try:
+            if self.step % self.config.interval != 0:
+                return {}
             if self._snapshot is None:
                 self._snapshot = self._capture(model)
                 return {}
-            if self.step - self._snapshot.step < self.config.interval:
-                return {}
-            return self._measure(model, inputs)
+            context = AnalysisContext(model, inputs, self.step, optimizer, dict(metadata))
+            return self._measure(model, context)
         except Exception as error:  # the monitor must never stop training
             logger.warning("model analysis skipped at step %d: %s", self.step, error, exc_info=True)
             self.last_errors = {"manager": repr(error)}
@@ -100,7 +123,7 @@ class ModelAnalysisManager:
             model, device=self.config.snapshot_device, dtype=self.config.snapshot_dtype, step=self.step
         )
 
-    def _measure(self, model: nn.Module, inputs: Any) -> Dict[str, float]:
+    def _measure(self, model: nn.Module, context: AnalysisContext) -> Dict[str, float]:
         new = self._capture(model)
         old = self._snapshot
         try:
@@ -114,7 +137,6 @@ class ModelAnalysisManager:
             self._snapshot = new
             self.last_errors = {"manager": str(error)}
             return {}
-        context = AnalysisContext(model=model, inputs=inputs, step=self.step)
         metrics: Dict[str, float] = {}
         self.last_errors = {}
         for computer in self.computers:

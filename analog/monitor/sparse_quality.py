@@ -16,7 +16,9 @@ Positions are weighted by ``attention_mask`` when the inputs carry one of the lo
 shape. The random baseline keeps, in every tensor, the same fraction of entries as the magnitude
 mask (exactly as many for tensors up to 2^16 entries) but chosen uniformly at random. The model's
 parameters are swapped (``param.data = ...``), never written to, so they are restored
-bit-exactly; the model runs in eval mode under ``no_grad``.
+bit-exactly; the model runs in eval mode under ``no_grad``, and afterwards every module is put back
+in the mode it had (not ``model.train()``, which would switch a BatchNorm the user froze in eval mode
+back to training).
 """
 
 from __future__ import annotations
@@ -146,13 +148,14 @@ class SparseQualityMetrics(MetricComputer):
         model, inputs = context.model, context.inputs
         if model is None or inputs is None:
             return {}
-        was_training = model.training
+        modes = [(module, module.training) for module in model.modules()]
         model.eval()
         try:
             with torch.no_grad():
                 return self._measure(model, inputs, delta, snapshot)
         finally:
-            model.train(was_training)
+            for module, training in modes:  # each module's own mode (a frozen BatchNorm stays in eval)
+                module.training = training
 
     def _measure(self, model, inputs, delta: ParameterDelta, snapshot: ParameterSnapshot) -> Dict[str, float]:
         full = run_model(model, inputs)

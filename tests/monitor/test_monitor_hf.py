@@ -64,6 +64,11 @@ def test_callback_with_real_trainer(tmp_path):
         assert metrics["analysis/param_change/norm_l2"] > 0.0
         assert "analysis/param_change/component/c_attn/mean_abs_delta" in metrics
         assert "analysis/param_change/layer_1/sparsity" in metrics
+        # measured at the Trainer's on_optimizer_step: gradients and Adam state are there
+        assert metrics["analysis/gradient/norm_l2"] > 0.0 and "analysis/gradient/layer_1/variance" in metrics
+        assert metrics["analysis/momentum/adam_update_rms"] > 0.0
+        assert "analysis/momentum/layer_0/exp_avg_norm" in metrics
+    assert analyzer.last_errors == {}
     logged = [entry for entry in trainer.state.log_history if "analysis/param_change/norm_l2" in entry]
     assert [entry["step"] for entry in logged] == [2, 4]
     trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
@@ -91,6 +96,7 @@ def test_callback_sends_to_log_fn_without_trainer():
     for step in (1, 2):
         model(torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
         optimizer.step()
+        callback.on_optimizer_step(None, state, control, model=model, optimizer=optimizer)  # as the Trainer does
         optimizer.zero_grad()
         state.global_step = step
         callback.on_step_end(None, state, control, model=model)

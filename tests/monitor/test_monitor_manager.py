@@ -44,8 +44,8 @@ def _train(model, manager, steps, inputs):
         loss = model(inputs).logsumexp(-1).mean()
         loss.backward()
         optimizer.step()
+        metrics = manager.on_optimizer_step(model, inputs=inputs, optimizer=optimizer)
         optimizer.zero_grad()
-        metrics = manager.on_optimizer_step(model, inputs=inputs)
         if metrics:
             results[step] = metrics
     return results
@@ -61,8 +61,17 @@ def test_intervals_respected_with_and_without_start():
     assert sorted(results) == [3, 6, 9]
     assert [(r["steps/old"], r["steps/new"]) for r in results.values()] == [(0, 3), (3, 6), (6, 9)]
     manager.reset()
-    results = _train(model, manager, 7, inputs)
-    assert sorted(results) == [4, 7], "first call is the reference, then every 3 steps"
+    results = _train(model, manager, 10, inputs)
+    # GRAIL's schedule: every multiple of the interval; the first one only takes the reference
+    grail = [step for step in range(1, 11) if step % 3 == 0][1:]
+    assert sorted(results) == grail == [6, 9]
+    assert [(r["steps/old"], r["steps/new"]) for r in results.values()] == [(3, 6), (6, 9)]
+    manager.start(model, step=4)  # e.g. a resumed run at global step 4: schedule stays on multiples of 3
+    assert [r["steps/ctx"] for r in _train(model, manager, 5, inputs).values()] == [6, 9]
+    assert manager.state_dict() == {"step": 9}
+    manager.load_state_dict({"step": 1})  # no snapshot is saved: step 3 takes the reference
+    assert manager.snapshot is None
+    assert [r["steps/ctx"] for r in _train(model, manager, 5, inputs).values()] == [6]
 
 
 def test_create_presets_and_metric_keys():
@@ -78,9 +87,19 @@ def test_create_presets_and_metric_keys():
     torch.manual_seed(0)
     model, inputs = Classifier(), torch.randn(5, 4)
     full = ModelAnalysisManager.create(MonitorConfig.comprehensive(interval=2))
-    results = _train(model, full, 3, inputs)
-    assert sorted(results) == [3]
-    keys = results[3]
+    assert [type(c).__name__ for c in full.computers] == [
+        "ParameterChangeMetrics",
+        "GradientMetrics",
+        "MomentumMetrics",
+        "SparseQualityMetrics",
+    ]
+    results = _train(model, full, 5, inputs)
+    assert sorted(results) == [4]
+    keys = results[4]
+    assert "gradient/layer_0/norm_l2" not in keys and "gradient/norm_l2" in keys  # no numbered blocks here
+    # plain SGD keeps no state: said, not silently skipped
+    assert list(full.last_errors) == ["MomentumMetrics"] and "SGD keeps no" in full.last_errors["MomentumMetrics"]
+
     for thr in ("1e-08", "1e-06", "1e-04"):
         for name in ("kl", "cosine", "mse", "top1_agree"):
             assert f"sparse/{name}_at_{thr}" in keys and f"sparse/{name}_at_{thr}_random" in keys
@@ -104,7 +123,7 @@ def test_failed_forward_is_logged_and_weights_restored_bit_exactly():
     torch.manual_seed(0)
     model, inputs = Classifier(), torch.randn(5, 4)
     manager = ModelAnalysisManager.create(MonitorConfig(interval=2, sparse_quality_thresholds=[0.0, 1e-3]))
-    _train(model, manager, 1, inputs)
+    _train(model, manager, 2, inputs)  # step 2 takes the reference
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.fail_on_call = model.forward_calls + 3  # the second sparse forward of the measurement
     manager.on_optimizer_step(model, inputs=inputs)
