@@ -20,7 +20,12 @@ from .config import ConfigError, MetricsConfig, load_metrics_config, parse_confi
 from .custom import load_custom_metrics
 from .registry import COMPONENTS, METRICS, register_component, register_metric
 from .runner import ModelSpec, run_metrics
-from .transitions import detect_transitions, relative_change_transitions, robust_transitions
+from .transitions import (
+    changepoint_transitions,
+    detect_transitions,
+    relative_change_transitions,
+    robust_transitions,
+)
 
 __all__ = [
     "BaseComparativeMetric",
@@ -36,6 +41,7 @@ __all__ = [
     "MetricsConfig",
     "ModelSpec",
     "Setting",
+    "changepoint_transitions",
     "detect_transitions",
     "linear_cka",
     "load_metrics_config",

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Dict, List
+
+_TRANSITION_FLAGS = ("rules", "relative_threshold", "z_threshold", "penalty", "min_jump")
 
 __all__ = ["ALIASES", "DEFAULT_METRICS", "add_parser", "quick_config", "run"]
 
@@ -72,6 +74,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="let torch.load run pickled code (weights_only=False); only for trusted files",
     )
+    p.add_argument(
+        "--transition-rules",
+        dest="rules",
+        help="comma-separated phase-transition rules: changepoint (default), relative (Phase-Viz), robust",
+    )
+    p.add_argument("--penalty", type=float, help="changepoint: penalty per boundary in noise units (default 8)")
+    p.add_argument("--min-jump", type=float, help="changepoint: smallest jump, fraction of the range (default 0.1)")
     p.add_argument("--relative-threshold", type=float, help="relative-change transition threshold (default 0.2)")
     p.add_argument("--z-threshold", type=float, help="robust z-score transition threshold (default 3.5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -140,12 +149,11 @@ def _execute(args: argparse.Namespace) -> int:
             if not args.quiet:
                 print(f"analog metrics: no --metrics or --config given; computing {args.metrics}", file=sys.stderr)
         config = parse_config(quick_config(args, custom))
-    if args.relative_threshold is not None or args.z_threshold is not None:
-        t = config.transitions
-        spec = {"rules": list(t.rules), "relative_threshold": t.relative_threshold, "z_threshold": t.z_threshold}
-        spec.update(
-            {k: getattr(args, k) for k in ("relative_threshold", "z_threshold") if getattr(args, k) is not None}
-        )
+    overrides = {k: getattr(args, k) for k in _TRANSITION_FLAGS if getattr(args, k) is not None}
+    if overrides:
+        if "rules" in overrides:
+            overrides["rules"] = [r.strip() for r in overrides["rules"].split(",") if r.strip()]
+        spec = {**asdict(config.transitions), **overrides}
         config = replace(config, transitions=parse_transitions(spec))
     model = ModelSpec(args.model, args.class_name) if args.model else None
     paths = run_metrics(

@@ -23,6 +23,7 @@ from .registry import COMPONENTS, METRICS
 __all__ = ["AGGREGATIONS", "ConfigError", "MetricEntry", "MetricsConfig", "load_metrics_config", "parse_config"]
 
 AGGREGATIONS = ("mean", "median", "min", "max", "sum")
+TRANSITION_RULES = ("changepoint", "relative", "robust")
 ENTRY_KEYS = ("metric_name", "data_split", "target_checkpoint", "components", "name", "aggregation", "whole_model")
 COMPONENT_KEYS = ("component_name", "data_type", "layer_suffixes", "layers")
 
@@ -47,11 +48,13 @@ class MetricEntry:
 
 @dataclass(frozen=True)
 class TransitionConfig:
-    """Phase-transition rules (see :mod:`analog.metrics.transitions`)."""
+    """Phase-transition rules (see :mod:`analog.metrics.transitions`); ``changepoint`` by default."""
 
-    rules: Tuple[str, ...] = ("relative", "robust")
+    rules: Tuple[str, ...] = ("changepoint",)
     relative_threshold: float = 0.2
     z_threshold: float = 3.5
+    penalty: float = 8.0
+    min_jump: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -253,14 +256,16 @@ def parse_config(raw: Any) -> MetricsConfig:
 
 
 def parse_transitions(raw: Any) -> TransitionConfig:
-    """Validate the ``transitions`` section (rules and thresholds)."""
-    spec = _check_keys(raw or {}, ("rules", "relative_threshold", "z_threshold"), "transitions")
-    rules = tuple(spec.get("rules", ("relative", "robust")))
-    bad = [r for r in rules if r not in ("relative", "robust")]
+    """Validate the ``transitions`` section (rules and their thresholds)."""
+    numbers = ("relative_threshold", "z_threshold", "penalty", "min_jump")
+    spec = _check_keys(raw or {}, ("rules",) + numbers, "transitions")
+    rules = spec.get("rules", TransitionConfig.rules)
+    rules = (rules,) if isinstance(rules, str) else tuple(rules or ())
+    bad = [r for r in rules if r not in TRANSITION_RULES]
     if bad or not rules:
-        raise ConfigError(f"transitions.rules: {bad or rules} not in relative, robust")
+        raise ConfigError(f"transitions.rules: {bad or list(rules)} not in {', '.join(TRANSITION_RULES)}")
     values = {}
-    for key in ("relative_threshold", "z_threshold"):
+    for key in numbers:
         value = spec.get(key, getattr(TransitionConfig, key))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"transitions.{key}: expected a positive number, got {value!r}")

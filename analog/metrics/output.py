@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional
 
@@ -66,14 +67,9 @@ class ResultWriter:
             writer = csv.writer(f)
             writer.writerow(Row._fields)
             writer.writerows(sorted(self.rows, key=lambda r: (r.metric, r.component, r.layer, r.step)))
-        found = detect_transitions(
-            self.series(), transitions.rules, transitions.relative_threshold, transitions.z_threshold
-        )
-        settings = {
-            "rules": list(transitions.rules),
-            "relative_threshold": transitions.relative_threshold,
-            "z_threshold": transitions.z_threshold,
-        }
+        settings = asdict(transitions)
+        settings["rules"] = list(transitions.rules)
+        found = detect_transitions(self.series(), **settings)
         paths["transitions.json"].write_text(json.dumps({"settings": settings, "transitions": found}, indent=1))
         from analog.report.metrics_page import write_metrics_page
 

@@ -1,6 +1,10 @@
 """Phase-transition detection on one metric series ``v_0..v_T`` at real steps ``s_0 < ... < s_T``.
 
-Two rules, both reporting the later step ``s_i`` of a flagged pair ``(s_{i-1}, s_i)``:
+* ``changepoint`` (default): jumps found by a penalised piecewise-linear change-point fit, quiet
+  on noise and on smooth bends; see :mod:`analog.metrics.changepoint`. A transition spread over
+  two checkpoints is reported once, from ``previous_step`` to ``step``.
+
+Two simpler rules, both reporting the later step ``s_i`` of a flagged pair ``(s_{i-1}, s_i)``:
 
 * ``relative`` (Phase-Viz): ``|v_i - v_{i-1}| / max(|v_{i-1}|, eps) > threshold`` (default 0.2).
   Simple, but any series that crosses zero or is noisy is flagged often.
@@ -20,7 +24,15 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Transition", "detect_transitions", "relative_change_transitions", "robust_transitions"]
+from .changepoint import changepoint_segments
+
+__all__ = [
+    "Transition",
+    "changepoint_transitions",
+    "detect_transitions",
+    "relative_change_transitions",
+    "robust_transitions",
+]
 
 EPS = 1e-12
 
@@ -84,16 +96,31 @@ def robust_transitions(steps, values, z_threshold: float = 3.5) -> List[Transiti
     return out
 
 
+def changepoint_transitions(steps, values, penalty: float = 8.0, min_jump: float = 0.1) -> List[Transition]:
+    """Jumps of a penalised piecewise-linear fit (:func:`analog.metrics.changepoint.changepoint_segments`)."""
+    s, v = _clean(steps, values)
+    out = []
+    for first, last, score in changepoint_segments(s, v, penalty, min_jump):
+        out.append(
+            Transition(int(s[last]), int(s[first - 1]), float(v[last]), float(v[first - 1]), "changepoint", score)
+        )
+    return out
+
+
 def detect_transitions(
     series: Iterable[Tuple[Tuple[str, str, str], Sequence[int], Sequence[float]]],
-    rules: Sequence[str] = ("relative", "robust"),
+    rules: Sequence[str] = ("changepoint",),
     relative_threshold: float = 0.2,
     z_threshold: float = 3.5,
+    penalty: float = 8.0,
+    min_jump: float = 0.1,
 ) -> List[Dict[str, object]]:
     """Run the chosen rules on every ``((metric, component, layer), steps, values)`` series."""
     found: List[Dict[str, object]] = []
     for (metric, component, layer), steps, values in series:
         hits: List[Transition] = []
+        if "changepoint" in rules:
+            hits += changepoint_transitions(steps, values, penalty, min_jump)
         if "relative" in rules:
             hits += relative_change_transitions(steps, values, relative_threshold)
         if "robust" in rules:

@@ -90,11 +90,9 @@ def test_config_form_writes_every_output(pico_run, tmp_path):
     both = np.concatenate([weights[k].numpy().ravel() for k in ("model.0.mlp", "model.1.mlp")])
     assert step_json["whole_model.simple:weights"] == pytest.approx(np.sqrt(np.sum(both**2)), rel=1e-12)
     transitions = json.loads((out / "transitions.json").read_text())["transitions"]
-    flagged = {
-        (t["rule"], t["layer"]) for t in transitions if t["metric"] == "norm__norm_type=frobenius" and t["step"] == JUMP
-    }
+    flagged = {(t["rule"], t["layer"], t["step"]) for t in transitions if t["metric"] == "norm__norm_type=frobenius"}
     layers = ("model.0.mlp.weights", "model.1.mlp.weights", "whole_model.simple:weights")
-    assert flagged == {(rule, layer) for rule in ("relative", "robust") for layer in layers}
+    assert flagged == {("changepoint", layer, JUMP) for layer in layers}  # the default rule: the jump, nothing else
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
