@@ -20,6 +20,7 @@ which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -40,6 +41,7 @@ from analog.state import RUNTIME_KEYS, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
 from analog.storage.layout import DTYPES
 from analog.storage.rows import fields_of
+from analog.trajectory import SegmentError, Trajectory, load_checkpoint, parameters_of
 from analog.watch import select_modules
 
 #: keys that may change once logging started in this process (they affect checks and queries only)
@@ -68,6 +70,7 @@ class AnaLog:
         self._capture: Optional[Capture] = None
         self._last: Optional[Tuple[List[Any], Dict[str, Dict[str, torch.Tensor]]]] = None
         self.analyses: Dict[str, Any] = {}
+        self.segments: Optional[Trajectory] = None  # set by watch(): the project's segments
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -76,7 +79,13 @@ class AnaLog:
 
     @property
     def log_path(self) -> Path:
-        return self.state.log_path
+        """The log store of the active segment (the last one unless ``at_segment`` selects another)."""
+        return self.segments.active.logs(self.path) if self.segments is not None else self.state.log_path
+
+    @property
+    def curvature_path(self) -> Path:
+        """Where the active segment's curvature is saved (``state/`` of its directory)."""
+        return self.segments.active.state(self.path) if self.segments is not None else self.state_path
 
     @property
     def state_path(self) -> Path:
@@ -127,7 +136,8 @@ class AnaLog:
             self.projector.load_tensors(saved)
         self._sync_projector()
         self.phase = "pca" if self.projector.needs_fit() else "log"
-        self.curvature = self.state.load_curvature()
+        self.segments = Trajectory(self.path, self.config.segments.rule)
+        self.curvature = self.state.load_curvature(self.curvature_path)
         if self.curvature is None:
             self.curvature = build_curvature(self.config.hessian)
         elif self.curvature.kind != self.config.hessian:
@@ -187,6 +197,8 @@ class AnaLog:
         if self.mode == "log":
             self._check_ranks()
         ids = to_ids(data_id) if data_id is not None else None
+        if self.mode == "log" and self.phase == "log":
+            self._segment_step(ids)
         batch_size = len(ids) if ids is not None else None
         self._observed: List[Tuple] = []
         if self.mode == "log" and self.phase == "pca":
@@ -198,7 +210,8 @@ class AnaLog:
             if training and self.curvature.meta["finalized"] and self.curvature.kind != "none":
                 raise CurvatureError(
                     f"project {self.project!r} has its {self.curvature.kind} curvature already fitted; logging more "
-                    "would not be counted in it: log into a new project (nothing of this batch was written)")
+                    "would not be counted in it: start a new segment with analog.new_segment() or log into a new "
+                    "project (nothing of this batch was written)")
             if training and self.config.save and ids is None:
                 raise ValueError("pass data_id=... to `with analog(...)` when logs are saved")
             # factors reach the curvature only once the batch passed the checks in __exit__
@@ -224,6 +237,7 @@ class AnaLog:
         elif self.mode == "log" and logs:
             if self.config.save:
                 self._write(ids, logs)
+            self.segments.logged(ids, list(self.modules))
             self.curvature.add_samples(len(ids))
             for factors in self._observed:
                 self.curvature.observe(*factors)
@@ -307,7 +321,67 @@ class AnaLog:
 
     def _save_state(self) -> None:
         tensors = self.projector.tensors if self.projector is not None else None
-        self.state.save(self.config, tensors, self.curvature)
+        self.state.save(self.config, tensors, self.curvature, self.curvature_path)
+        if self.segments is not None and self.segments.has_logs():
+            self.segments.save()
+
+    # -- segments (see analog.trajectory.segments) ------------------------------------------
+    def new_segment(self, lr: Optional[float] = None, **info) -> int:
+        """Start a new segment: the current one is closed (its logs flushed, its curvature fitted on its
+        own logs and saved) and later batches log into the new one; ``lr`` (η of the new segment) and
+        ``info`` (e.g. ``epoch=3``, ``step=1200``) are kept in its record. While the current segment
+        has logged nothing, this only sets its ``lr``/``info``. Returns the index logged into now."""
+        if self.segments is None or self.mode != "log":
+            raise RuntimeError("new_segment() is for logging: call analog.watch(model) first, and not after eval()")
+        segments = self.segments
+        if not segments.has_logs():
+            segments.annotate(lr, info)
+            return segments.current.index
+        self.finalize()
+        segments.close()
+        segments.open_next(lr, info)
+        self._writer, self.curvature = None, build_curvature(self.config.hessian)
+        return segments.current.index
+
+    def _segment_step(self, ids) -> None:
+        """Before a logged batch: start a new segment if the rule says so; a segment's checkpoint is
+        taken before its first batch (the parameters its logs start from)."""
+        if ids is not None and self.segments.starts_new(ids):
+            self.new_segment()
+        if self.config.segments.checkpoint and not self.segments.has_logs():
+            self.segments.snapshot(self.modules)
+
+    @contextlib.contextmanager
+    def at_segment(self, index: int, parameters: bool = True):
+        """Inside the block, queries use segment ``index`` (negative counts from the end): its curvature
+        and logs, and with ``parameters=True`` its checkpoint in the watched modules. Afterwards (also
+        after an exception) the model's parameters and gradients and the active segment are restored."""
+        if self.segments is None:
+            raise RuntimeError("call analog.watch(model) before at_segment()")
+        record = self.segments.record(index)
+        if record.modules and record.modules != list(self.modules):
+            raise SegmentError(f"the query model's watched modules {list(self.modules)} differ from the modules "
+                               f"{record.modules} logged in segment {record.index}")
+        swap = contextlib.nullcontext()
+        if parameters:
+            tensors = load_checkpoint(record.checkpoint_path(self.path), self.segments.run, record.index)
+            swap = parameters_of(self.modules, tensors, f"segment {record.index}")
+        saved = self.curvature, self.segments.selected
+        try:
+            self.segments.selected = record.index
+            if record is not self.segments.current:
+                self.curvature = self._saved_curvature(record.index)
+            with swap:
+                yield record
+        finally:
+            self.curvature, self.segments.selected = saved
+
+    def _saved_curvature(self, index: int) -> Curvature:
+        curvature = self.state.load_curvature(self.curvature_path)
+        if curvature is None:
+            raise SegmentError(f"segment {index} has no fitted curvature in {self.curvature_path}; segments are "
+                               "fitted when the next one starts and at finalize()")
+        return curvature
 
     # -- reading back -----------------------------------------------------------------------
     def open_store(self) -> LogStore:

@@ -14,6 +14,10 @@ compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: ran
                rank 64, random, seed 0); ``pca``/``whiten``/``whiten_pca`` need a statistics pass
                (AnaLogScheduler); ``damping`` is the whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A)
 storage        ``{dtype: float32|float16|bfloat16, flush_bytes: int}``
+segments       ``{rule: repeat|manual, checkpoint: bool}``: when a new segment starts (``repeat``: a batch
+               with an id already logged in the current segment; ``manual``: only at
+               ``new_segment()``), and whether each segment keeps its watched parameters
+               (see analog.trajectory.segments)
 nonfinite      ``"error"`` (default: raise, naming the module and ids) or ``"allow"``
 progress       show tqdm bars (default: only when stderr is a terminal)
 =============  ====================================================================================
@@ -49,6 +53,12 @@ class StorageConfig:
 
 
 @dataclass
+class SegmentsConfig:
+    rule: str = "repeat"
+    checkpoint: bool = False
+
+
+@dataclass
 class Config:
     root_dir: str = "./analog_logs"
     log: List[str] = field(default_factory=lambda: ["grad"])
@@ -57,6 +67,7 @@ class Config:
     damping: Optional[float] = None
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    segments: SegmentsConfig = field(default_factory=SegmentsConfig)
     nonfinite: str = "error"
     progress: Optional[bool] = None
 
@@ -91,6 +102,8 @@ class Config:
             values["compression"] = CompressionConfig(**values["compression"])
         if "storage" in values and isinstance(values["storage"], dict):
             values["storage"] = StorageConfig(**values["storage"])
+        if "segments" in values and isinstance(values["segments"], dict):
+            values["segments"] = SegmentsConfig(**values["segments"])
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -135,6 +148,10 @@ class Config:
         if self.compression.type == "dense" and self.hessian in ("kfac", "ekfac"):
             raise ValueError("K-FAC and EK-FAC need Kronecker factors, which a dense projection does not keep; "
                              "use hessian 'raw', 'diagonal' or 'none' with compression type 'dense'")
+        if self.segments.rule not in ("repeat", "manual"):
+            raise ValueError(f"config 'segments.rule' must be 'repeat' or 'manual', got {self.segments.rule!r}")
+        if not isinstance(self.segments.checkpoint, bool):
+            raise TypeError(f"config 'segments.checkpoint' must be true or false, got {self.segments.checkpoint!r}")
         if self.storage.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"config 'storage.dtype': unknown {self.storage.dtype!r}")
         flush = self.storage.flush_bytes

@@ -7,6 +7,8 @@ Layout under ``root_dir/project/``::
     state/projection.safetensors the projection tensors (LoGra P_in / P_out, ...)
     state/curvature.json         {"kind", "n_samples", "finalized", ...} of the fitted curvature
     state/curvature.safetensors  its tensors
+    segments/, trajectory.json   later segments of a training run (analog.trajectory.layout): segment k
+                                 keeps its curvature in its own state/, passed here as a directory
 
 Everything here is read and written through this class, never elsewhere:
 
@@ -41,7 +43,8 @@ from analog.storage.layout import write_bytes_atomic
 from analog.storage.writer import StoreLock
 
 #: config keys (dotted for sections) that may differ between the run that logged and a later one
-RUNTIME_KEYS = frozenset({"root_dir", "damping", "progress", "nonfinite", "storage.flush_bytes"})
+RUNTIME_KEYS = frozenset({"root_dir", "damping", "progress", "nonfinite", "storage.flush_bytes",
+                          "segments.rule", "segments.checkpoint"})
 
 
 class ProjectError(RuntimeError):
@@ -143,12 +146,16 @@ class ProjectState:
             return None
         return _load_tensors(file, "projection")
 
-    def load_curvature(self):
-        """The saved curvature, or None when none was saved; a clear error naming the file when unreadable."""
-        return read_curvature(self.state_path)
+    def load_curvature(self, directory: Optional[Path] = None):
+        """The saved curvature (of ``directory``, default ``state/``: a segment's curvature lives in its own
+        ``state/``, see analog.trajectory.layout), or None when none was saved; a clear error naming the
+        file when unreadable."""
+        return read_curvature(self.state_path if directory is None else directory)
 
-    def save(self, config: Config, projection: Optional[Dict[str, torch.Tensor]] = None, curvature=None) -> None:
-        """Write config, projection and (when fitted) curvature; rank 0 only, under the lock."""
+    def save(self, config: Config, projection: Optional[Dict[str, torch.Tensor]] = None, curvature=None,
+             curvature_dir: Optional[Path] = None) -> None:
+        """Write config, projection and (when fitted) curvature, the latter to ``curvature_dir`` (default
+        ``state/``); rank 0 only, under the lock."""
         if self.rank != 0:
             return
         self.acquire()
@@ -158,9 +165,11 @@ class ProjectState:
             write_bytes_atomic(self.state_path / "projection.safetensors",
                                save({k: v.contiguous() for k, v in projection.items()}))
         if curvature is not None and curvature.meta["finalized"]:
+            directory = self.state_path if curvature_dir is None else Path(curvature_dir)
+            directory.mkdir(parents=True, exist_ok=True)
             tensors = {k: v.detach().cpu().contiguous() for k, v in curvature.state.items()}
-            write_bytes_atomic(self.state_path / "curvature.safetensors", save(tensors))
-            write_bytes_atomic(self.state_path / "curvature.json",
+            write_bytes_atomic(directory / "curvature.safetensors", save(tensors))
+            write_bytes_atomic(directory / "curvature.json",
                                json.dumps({"kind": curvature.kind, **curvature.meta}).encode())
 
     # -- lock -------------------------------------------------------------------------------

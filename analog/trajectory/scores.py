@@ -25,41 +25,23 @@ from analog.storage import LogStore
 SegmentScores = Tuple[List[Any], torch.Tensor]
 
 
-def check_query(query: Dict[str, torch.Tensor], store: LogStore) -> None:
-    """Query gradients must have the store's modules and per-example gradient shapes."""
-    shapes = {f["module"]: tuple(f["shape"]) for f in store.fields if f["kind"] == "grad"}
-    if not shapes:
-        raise ValueError(f"store {store.path} holds no gradients; log with update({{'log': ['grad']}})")
-    if sorted(query) != sorted(shapes):
-        raise ValueError(f"query gradients of modules {sorted(query)} differ from the modules {sorted(shapes)} "
-                         f"logged in {store.path}")
-    for m, g in query.items():
-        if tuple(g.shape[1:]) != shapes[m]:
-            raise ValueError(f"module {m!r}: query gradients have shape {tuple(g.shape[1:])} but {store.path} "
-                             f"holds {shapes[m]}; they were logged with different projections")
-
-
 def segment_scores(query: Dict[str, torch.Tensor], store: LogStore, curvature=None,
                    damping: Optional[float] = None, batch_size: int = 1024) -> SegmentScores:
     """g_qᵀ (F̂ + λI)⁻¹ g_t of the query gradients ``{module: (n_query, *shape)}`` against every example
-    of ``store``; ``curvature=None`` is the identity (plain gradient dot products, no damping)."""
-    check_query(query, store)
-    pre = {}
-    for m, g in query.items():
-        g = g.detach().float().cpu()
-        p = g if curvature is None else curvature.precondition(m, g, damping)
-        pre[m] = p.reshape(g.shape[0], -1).float()
-    n_query = next(iter(pre.values())).shape[0]
-    parts = []
-    for start in range(0, len(store), batch_size):
-        _, logs = store.batch(start, min(start + batch_size, len(store)))
-        block = torch.zeros(n_query, min(batch_size, len(store) - start))
-        for m, p in pre.items():
-            t = logs[m]["grad"]
-            block += p @ t.reshape(t.shape[0], -1).float().T
-        parts.append(block)
-    scores = torch.cat(parts, 1) if parts else torch.zeros(n_query, 0)
-    return list(store.ids), scores
+    of ``store`` (analog.analysis.InfluenceFunction built from the parts); ``curvature=None`` is the
+    identity (plain gradient dot products, no damping)."""
+    from analog.analysis import InfluenceFunction
+    from analog.hessian import build_curvature
+    from analog.storage import build_log_dataloader
+
+    if curvature is None:
+        curvature = build_curvature("none")
+        curvature.meta["finalized"] = True  # the identity has nothing to fit
+    n_query = len(next(iter(query.values())))
+    log = (list(range(n_query)), {m: {"grad": g} for m, g in query.items()})
+    influence = InfluenceFunction.from_parts(curvature, store, damping)
+    result = influence.compute_influence_all(log, build_log_dataloader(store, batch_size), progress=False)
+    return result.train_ids, result.scores
 
 
 def weighted_sum(parts: Sequence[Tuple[float, SegmentScores]]) -> SegmentScores:

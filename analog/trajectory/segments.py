@@ -9,10 +9,14 @@ Rules (config ``segments.rule``):
 * ``"manual"``: segments change only at ``analog.new_segment(...)``; a repeated id is an error.
 
 Either way ``analog.new_segment(lr=..., **info)`` starts one explicitly (at an epoch boundary, or every
-k steps). A segment is closed when the next one starts or at ``finalize()``: its curvature is fitted on
-its own logs, and with ``segments.checkpoint`` the watched parameters *at that moment* (the end of the
-segment) are saved with it. ``lr`` is η_s of the segment being started (the previous one's when not
-given; 1.0 for the first), used as its weight by the trajectory scores.
+k steps); it does nothing but set ``lr``/``info`` while the current segment has logged nothing.
+Starting a segment closes the previous one: its curvature is fitted on its own logs. With
+``segments.checkpoint`` the watched parameters are saved when a segment logs its first batch (just
+before that batch's forward pass): the parameters its logs start from. A logging pass over the data
+at fixed parameters (TracIn-CP's setting) is thus exactly at its checkpoint; in a loop that logs while
+it trains, segment s's checkpoint is the parameters at the start of its span. ``lr`` is η_s of the
+segment being started (the previous one's when not given; 1.0 for the first), its weight in the
+trajectory scores.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Trajectory:
         self.selected: Optional[int] = None  # the segment queries use; None = the last one
         self._ids: set = set()
         self._ids_loaded = False
+        self._batches = 0  # batches logged into the current segment by this process
 
     # -- where things are ------------------------------------------------------------------------
     @property
@@ -69,14 +74,23 @@ class Trajectory:
 
     # -- the rule --------------------------------------------------------------------------------
     def starts_new(self, ids: List[Any]) -> bool:
-        """Does this batch start a new segment? (rule ``repeat``: one of its ids is in the current one)."""
+        """Does this batch start a new segment? Rule ``repeat``: yes when one of its ids was logged in
+        the current segment; rule ``manual``: such an id is an error."""
         self._load_ids()
-        return self.rule == "repeat" and any(_key(i) in self._ids for i in ids)
+        seen = next((i for i in ids if _key(i) in self._ids), None)
+        if seen is None:
+            return False
+        if self.rule == "manual":
+            raise ValueError(f"id {seen!r} was already logged in segment {self.current.index}; ids are unique within "
+                             "a segment: call analog.new_segment() first (e.g. at each epoch), or use segments rule "
+                             "'repeat' (nothing of this batch was stored)")
+        return True
 
     def logged(self, ids: List[Any], modules: List[str]) -> None:
         """Note a logged batch of the current segment (its ids, and the modules it watches)."""
         self._load_ids()
         self._ids.update(_key(i) for i in ids)
+        self._batches += 1
         record = self.current
         if record.closed:
             raise SegmentError(f"segment {record.index} of {self.project} is closed; start a new one")
@@ -98,18 +112,28 @@ class Trajectory:
         self._ids_loaded = True
 
     def has_logs(self) -> bool:
+        """Has the current segment logged anything (here, or on disk before this process)?"""
         self._load_ids()
-        return bool(self._ids)
+        return bool(self._ids) or self._batches > 0
 
     # -- opening and closing ---------------------------------------------------------------------
-    def close(self, checkpoint: Optional[Dict[str, int]] = None) -> SegmentRecord:
-        """Mark the current segment closed (its checkpoint's size and count, if one was written)."""
+    def close(self) -> SegmentRecord:
+        """Mark the current segment closed (a later one follows it)."""
         record = self.current
         record.closed = True
-        if checkpoint is not None:
-            record.checkpoint = {"file": record.checkpoint_path(self.project).name, **checkpoint}
         self.save()
         return record
+
+    def snapshot(self, modules) -> Dict[str, int]:
+        """Save the watched parameters as the current segment's checkpoint; returns its size and count."""
+        from analog.trajectory.checkpoint import save_checkpoint
+
+        record = self.current
+        record.root(self.project).mkdir(parents=True, exist_ok=True)
+        info = save_checkpoint(record.checkpoint_path(self.project), modules, self.run, record.index)
+        record.checkpoint = {"file": record.checkpoint_path(self.project).name, **info}
+        self.save()
+        return info
 
     def open_next(self, lr: Optional[float] = None, info: Optional[Dict[str, Any]] = None) -> SegmentRecord:
         """Start segment k+1 after the closed segment k; it inherits k's lr unless ``lr`` is given."""
@@ -121,7 +145,7 @@ class Trajectory:
             raise SegmentError(f"{root} exists already and is not a segment of this run; remove it")
         self.records.append(SegmentRecord(self.run, previous.index + 1, previous.lr if lr is None else float(lr),
                                           dict(info or {})))
-        self._ids, self._ids_loaded = set(), True
+        self._ids, self._ids_loaded, self._batches = set(), True, 0
         self.save()
         return self.current
 

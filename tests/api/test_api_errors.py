@@ -66,10 +66,11 @@ def test_saving_without_data_id(tmp_path):
 
 
 def test_duplicate_ids_name_the_id_and_leave_no_trace(tmp_path):
-    model, run = make(tmp_path)
+    # segments rule "manual": a repeated id is an error (rule "repeat" would start a new segment)
+    model, run = make(tmp_path, segments={"rule": "manual"})
     run.watch(model)
     step(run, model, [0, 1, 2, 3])
-    with pytest.raises(ValueError, match="id 2 is already in store"):
+    with pytest.raises(ValueError, match="id 2 was already logged in segment 0; ids are unique within a segment"):
         step(run, model, [4, 5, 2, 6])
     with pytest.raises(ValueError, match="id 'x' appears twice"):
         step(run, model, ["x", 7, "x"])

@@ -69,13 +69,13 @@ def test_content_hash_is_the_same_in_another_process():
 def test_inputs_as_data_id_through_analog(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(36, 2))
-    run = AnaLog("p", {"root_dir": str(tmp_path), "compression": {"rank": 2}})
+    run = AnaLog("p", {"root_dir": str(tmp_path), "compression": {"rank": 2}, "segments": {"rule": "manual"}})
     run.watch(model)
     tokens = inputs()["tokens"]
     with run(data_id=tokens):
         model(tokens).sum().backward()
     assert run.get_log()[0] == to_ids(tokens)
-    with pytest.raises(ValueError, match=f"id '{to_ids(tokens)[1]}' is already in store"):
+    with pytest.raises(ValueError, match=f"id '{to_ids(tokens)[1]}' was already logged in segment 0"):
         with run(data_id=tokens[1:3]):
             model(tokens[1:3]).sum().backward()
     run.finalize()
