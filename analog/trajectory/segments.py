@@ -17,6 +17,11 @@ at fixed parameters (TracIn-CP's setting) is thus exactly at its checkpoint; in 
 it trains, segment s's checkpoint is the parameters at the start of its span. ``lr`` is η_s of the
 segment being started (the previous one's when not given; 1.0 for the first), its weight in the
 trajectory scores.
+
+Under torch.distributed every rank logs its shard of each segment into the segment's store; segment
+switches are collective (closing a segment fits its curvature across ranks), so every rank must
+start a segment at the same step — as with a ``DistributedSampler``, whose epochs start together on
+every rank. Rank 0 writes the records, the manifest and the checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from analog import distributed
 from analog.trajectory.layout import (
     SegmentError,
     SegmentRecord,
@@ -46,6 +52,8 @@ class Trajectory:
         self.records: List[SegmentRecord] = load_records(self.project)
         manifest = read_manifest(self.project)
         self.run = manifest["run"] if manifest else new_run_id()
+        if distributed.is_distributed():  # collective (watch() is): every rank takes rank 0's run id
+            self.run = distributed.all_gather_object(self.run)[0]
         if not self.records:  # a new project, or one written before segments: it is segment 0
             self.records = [SegmentRecord(self.run, 0)]
         self.selected: Optional[int] = None  # the segment queries use; None = the last one
@@ -129,6 +137,8 @@ class Trajectory:
         from analog.trajectory.checkpoint import save_checkpoint
 
         record = self.current
+        if distributed.rank() != 0:  # parameters are the same on every rank: rank 0 writes them
+            return {}
         record.root(self.project).mkdir(parents=True, exist_ok=True)
         info = save_checkpoint(record.checkpoint_path(self.project), modules, self.run, record.index)
         record.checkpoint = {"file": record.checkpoint_path(self.project).name, **info}
@@ -141,12 +151,13 @@ class Trajectory:
         if not previous.closed:
             raise SegmentError(f"segment {previous.index} is still open: close it first")
         root = SegmentRecord(self.run, previous.index + 1).root(self.project)
-        if root.exists() and any(root.iterdir()):
+        if distributed.rank() == 0 and root.exists() and any(root.iterdir()):
             raise SegmentError(f"{root} exists already and is not a segment of this run; remove it")
         self.records.append(SegmentRecord(self.run, previous.index + 1, previous.lr if lr is None else float(lr),
                                           dict(info or {})))
         self._ids, self._ids_loaded, self._batches = set(), True, 0
         self.save()
+        distributed.barrier()  # rank 0 checked and wrote the new segment before any rank logs into it
         return self.current
 
     def annotate(self, lr: Optional[float] = None, info: Optional[Dict[str, Any]] = None) -> None:
@@ -157,7 +168,9 @@ class Trajectory:
 
     def save(self) -> None:
         """Write the current segment's record, then the manifest (a crash between them is recovered
-        on reopen: a record one past the manifest's count is adopted)."""
+        on reopen: a record one past the manifest's count is adopted). Rank 0 writes them."""
+        if distributed.rank() != 0:
+            return
         self.current.save(self.project)
         write_manifest(self.project, self.run, len(self.records))
 
