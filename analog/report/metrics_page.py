@@ -30,6 +30,7 @@ ul.legend li { word-break: break-all; }
 .swatch { display: inline-block; width: .8rem; height: .8rem; margin-right: .3rem; }
 .readout { font-size: .8rem; min-height: 1rem; color: #555; }
 .controls select { margin-right: .5rem; max-width: 100%; } #analog-status { font-size: .8rem; color: #777; }
+.log-toggle { font-size: .85rem; margin-right: .8rem; }
 """
 
 
@@ -68,7 +69,10 @@ def build_metrics_page(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}. Red circles and dashed lines mark phase "
-        'transitions.</p><div id="analog-status" data-charts="0" data-errors="0">loading</div>'
+        "transitions (no series is drawn in red). Each chart has a log-scale switch; open the page with "
+        '<code>#log</code> to start with every chart on a log scale. Whole-model values (one number per '
+        'checkpoint over all selected tensors) have their own chart per metric.</p>'
+        '<div id="analog-status" data-charts="0" data-errors="0">loading</div>'
         '<div id="analog-charts"></div>'
         f'<script type="application/json" id="analog-data">{data}</script>'
         f"<script>{script}</script></body></html>\n"

@@ -13,8 +13,12 @@
   }
   window.addEventListener("error", function (e) { errors.push(String(e.message)); report(); });
 
-  var PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-    "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"];
+  /* Series colours never include the transition marker's red (MARK). */
+  var MARK = "#d62728";
+  var PALETTE = ["#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2",
+    "#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#7b4173", "#3182bd", "#31a354"];
+  statusEl.setAttribute("data-transition-color", MARK);
+  var LOG_DEFAULT = /(^|[#&])log(=1)?(&|$)/.test(window.location.hash);
   var data = JSON.parse(document.getElementById("analog-data").textContent);
 
   function el(tag, attrs, text) {
@@ -27,10 +31,12 @@
   /* metric -> ordered list of series {key, component, layer, points: [[step, value]]} */
   var byMetric = {};
   var metricOrder = [];
+  /* a chart per metric for its layers, and one for its whole-model value(s) */
+  function groupOf(metric, component) { return component === "whole_model" ? metric + " \u00b7 whole model" : metric; }
   data.rows.forEach(function (r) {
-    var metric = r[1], key = r[2] + " | " + r[3];
-    if (!byMetric[metric]) { byMetric[metric] = { list: [], index: {} }; metricOrder.push(metric); }
-    var m = byMetric[metric];
+    var metric = r[1], key = r[2] + " | " + r[3], group = groupOf(metric, r[2]);
+    if (!byMetric[group]) { byMetric[group] = { list: [], index: {}, metric: metric, whole: r[2] === "whole_model" }; metricOrder.push(group); }
+    var m = byMetric[group];
     if (!(key in m.index)) {
       m.index[key] = m.list.length;
       m.list.push({ metric: metric, key: key, component: r[2], layer: r[3], points: [] });
@@ -78,14 +84,23 @@
   }
 
   /* Draw series [{color, label, points:[[x,y]], marks:[[x,y]]}] on a canvas; returns a hover lookup. */
-  function drawChart(canvas, series, yLabel) {
+  function drawChart(canvas, series, yLabel, log) {
+    function ty(y) { return y === null || !isFinite(y) ? null : (log ? (y > 0 ? Math.log10(y) : null) : y); }
     var ratio = window.devicePixelRatio || 1, width = canvas.clientWidth || 860, height = 320;
     canvas.width = width * ratio; canvas.height = height * ratio; canvas.style.height = height + "px";
     var ctx = canvas.getContext("2d");
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, width, height);
     var xs = [], ys = [];
-    series.forEach(function (s) { s.points.forEach(function (p) { if (p[1] !== null && isFinite(p[1])) { xs.push(p[0]); ys.push(p[1]); } }); });
+    var hidden = 0;
+    series.forEach(function (s) {
+      s.points.forEach(function (p) {
+        var y = ty(p[1]);
+        if (y !== null) { xs.push(p[0]); ys.push(y); } else if (p[1] !== null && isFinite(p[1])) { hidden += 1; }
+      });
+    });
+    canvas.setAttribute("data-scale", log ? "log" : "linear");
+    canvas.setAttribute("data-hidden", String(hidden));
     var pad = { l: 72, r: 16, t: 14, b: 40 };
     ctx.font = "12px sans-serif"; ctx.fillStyle = "#333";
     if (xs.length === 0) { ctx.fillText("no finite values", pad.l, height / 2); chartsDrawn += 1; report(); return null; }
@@ -93,38 +108,43 @@
     if (x1 === x0) { x0 -= 1; x1 += 1; }
     if (y1 === y0) { y0 -= Math.abs(y0) * 0.1 || 1; y1 += Math.abs(y1) * 0.1 || 1; }
     var ym = (y1 - y0) * 0.05; y0 -= ym; y1 += ym;
+    canvas.setAttribute("data-ymin", String(y0)); canvas.setAttribute("data-ymax", String(y1));
     var W = width - pad.l - pad.r, H = height - pad.t - pad.b;
     function px(x) { return pad.l + (x - x0) / (x1 - x0) * W; }
     function py(y) { return pad.t + (1 - (y - y0) / (y1 - y0)) * H; }
     ctx.strokeStyle = "#ddd"; ctx.lineWidth = 1; ctx.textAlign = "right"; ctx.textBaseline = "middle";
     niceTicks(y0, y1, 5).forEach(function (t) {
-      ctx.beginPath(); ctx.moveTo(pad.l, py(t)); ctx.lineTo(pad.l + W, py(t)); ctx.stroke(); ctx.fillText(fmt(t), pad.l - 6, py(t));
+      ctx.beginPath(); ctx.moveTo(pad.l, py(t)); ctx.lineTo(pad.l + W, py(t)); ctx.stroke();
+      ctx.fillText(log ? fmt(Math.pow(10, t)) : fmt(t), pad.l - 6, py(t));
     });
     ctx.textAlign = "center"; ctx.textBaseline = "top";
     niceTicks(x0, x1, 6).forEach(function (t) { ctx.fillText(fmt(t), px(t), pad.t + H + 6); });
     ctx.fillText("step", pad.l + W / 2, pad.t + H + 22);
-    ctx.save(); ctx.translate(12, pad.t + H / 2); ctx.rotate(-Math.PI / 2); ctx.fillText(yLabel, 0, 0); ctx.restore();
+    var label = yLabel + (log ? " (log scale" + (hidden ? ", " + hidden + " values \u2264 0 hidden" : "") + ")" : "");
+    ctx.save(); ctx.translate(12, pad.t + H / 2); ctx.rotate(-Math.PI / 2); ctx.fillText(label, 0, 0); ctx.restore();
     ctx.strokeStyle = "#888"; ctx.strokeRect(pad.l, pad.t, W, H);
     series.forEach(function (s) {
       ctx.strokeStyle = s.color; ctx.lineWidth = 1.6; ctx.beginPath();
       var pen = false;
       s.points.forEach(function (p) {
-        if (p[1] === null || !isFinite(p[1])) { pen = false; return; }
-        if (pen) { ctx.lineTo(px(p[0]), py(p[1])); } else { ctx.moveTo(px(p[0]), py(p[1])); pen = true; }
+        var y = ty(p[1]);
+        if (y === null) { pen = false; return; }
+        if (pen) { ctx.lineTo(px(p[0]), py(y)); } else { ctx.moveTo(px(p[0]), py(y)); pen = true; }
       });
       ctx.stroke();
       ctx.fillStyle = s.color;
-      s.points.forEach(function (p) { if (p[1] !== null && isFinite(p[1])) { ctx.fillRect(px(p[0]) - 1.5, py(p[1]) - 1.5, 3, 3); } });
+      s.points.forEach(function (p) { var y = ty(p[1]); if (y !== null) { ctx.fillRect(px(p[0]) - 1.5, py(y) - 1.5, 3, 3); } });
       (s.marks || []).forEach(function (m) {
-        ctx.save(); ctx.strokeStyle = "rgba(214,39,40,0.35)"; ctx.setLineDash([4, 3]);
+        ctx.save(); ctx.strokeStyle = MARK; ctx.globalAlpha = 0.35; ctx.setLineDash([4, 3]);
         ctx.beginPath(); ctx.moveTo(px(m[0]), pad.t); ctx.lineTo(px(m[0]), pad.t + H); ctx.stroke(); ctx.restore();
-        if (m[1] !== null && isFinite(m[1])) {
-          ctx.strokeStyle = "#d62728"; ctx.lineWidth = 2; ctx.beginPath(); ctx.arc(px(m[0]), py(m[1]), 6, 0, 2 * Math.PI); ctx.stroke();
+        var y = ty(m[1]);
+        if (y !== null) {
+          ctx.strokeStyle = MARK; ctx.lineWidth = 2; ctx.beginPath(); ctx.arc(px(m[0]), py(y), 6, 0, 2 * Math.PI); ctx.stroke();
         }
       });
     });
     chartsDrawn += 1; report();
-    return { px: px, py: py, series: series };
+    return { px: px, py: function (y) { var t = ty(y); return t === null ? NaN : py(t); }, series: series };
   }
 
   function attachHover(canvas, readout, getView) {
@@ -134,7 +154,7 @@
       var rect = canvas.getBoundingClientRect(), mx = ev.clientX - rect.left, my = ev.clientY - rect.top, best = null;
       view.series.forEach(function (s) {
         s.points.forEach(function (p) {
-          if (p[1] === null || !isFinite(p[1])) { return; }
+          if (p[1] === null || !isFinite(p[1]) || isNaN(view.py(p[1]))) { return; }
           var d = Math.pow(view.px(p[0]) - mx, 2) + Math.pow(view.py(p[1]) - my, 2);
           if (!best || d < best.d) { best = { d: d, s: s, p: p }; }
         });
@@ -188,30 +208,54 @@
     });
   }
 
-  function metricSection(container, metric) {
-    var list = byMetric[metric].list;
-    var sec = el("section", { "class": "chart" });
-    sec.appendChild(el("h2", {}, metric));
+  function hasPositive(series) {
+    return series.some(function (s) { return s.points.some(function (p) { return p[1] !== null && p[1] > 0; }); });
+  }
+
+  /* A "log scale" checkbox; disabled when no value is positive. */
+  function logToggle(parent, series, onChange) {
+    var box = el("label", { "class": "log-toggle" });
+    var input = el("input", { type: "checkbox" });
+    input.disabled = !hasPositive(series);
+    input.checked = LOG_DEFAULT && !input.disabled;
+    if (input.disabled) { box.title = "no positive values"; }
+    input.addEventListener("change", onChange);
+    box.appendChild(input); box.appendChild(document.createTextNode(" log scale"));
+    parent.appendChild(box);
+    return input;
+  }
+
+  function transitionList(sec, hits) {
+    if (!hits.length) { return; }
+    var tl = el("details", { "class": "transitions" });
+    tl.appendChild(el("summary", {}, hits.length + " transition(s)"));
+    var ul = el("ul");
+    hits.slice(0, 200).forEach(function (t) {
+      ul.appendChild(el("li", {}, "step " + t.previous_step + " \u2192 " + t.step + ": " + t.component + " | " + t.layer +
+        " (" + t.rule + ", score " + (t.score === null ? "inf" : fmt(t.score)) + ")"));
+    });
+    tl.appendChild(ul); sec.appendChild(tl);
+  }
+
+  function metricSection(container, group) {
+    var info = byMetric[group], metric = info.metric, whole = info.whole;
+    var sec = el("section", { "class": "chart" + (whole ? " whole-model" : "") });
+    sec.appendChild(el("h2", {}, group));
     var canvas = el("canvas", { "class": "plot" });
+    var series = chartSeries(info.list);
+    var toggle = logToggle(sec, series, function () { view = drawChart(canvas, series, metric, toggle.checked); });
     sec.appendChild(canvas);
     var readout = el("div", { "class": "readout" }); sec.appendChild(readout);
     container.appendChild(sec);
-    var series = chartSeries(list);
-    var view = drawChart(canvas, series, metric);
+    var view = drawChart(canvas, series, metric, toggle.checked);
     attachHover(canvas, readout, function () { return view; });
-    buttons(sec, canvas, metric, function () { return data.rows.filter(function (r) { return r[1] === metric; }); });
+    buttons(sec, canvas, group, function () {
+      return data.rows.filter(function (r) { return r[1] === metric && (r[2] === "whole_model") === whole; });
+    });
     legend(sec, series);
-    var hits = data.transitions.filter(function (t) { return t.metric === metric; });
-    if (hits.length) {
-      var tl = el("details", { "class": "transitions" });
-      tl.appendChild(el("summary", {}, hits.length + " transition(s)"));
-      var ul = el("ul");
-      hits.slice(0, 200).forEach(function (t) {
-        ul.appendChild(el("li", {}, "step " + t.previous_step + " \u2192 " + t.step + ": " + t.component + " | " + t.layer +
-          " (" + t.rule + ", score " + (t.score === null ? "inf" : fmt(t.score)) + ")"));
-      });
-      tl.appendChild(ul); sec.appendChild(tl);
-    }
+    transitionList(sec, data.transitions.filter(function (t) {
+      return t.metric === metric && (t.component === "whole_model") === whole;
+    }));
   }
 
   function overlaySection(container) {
@@ -234,6 +278,9 @@
       mode.appendChild(el("option", { value: o[0] }, o[1]));
     });
     controls.appendChild(select); controls.appendChild(mode); sec.appendChild(controls);
+    var allSeries = [];
+    metricOrder.forEach(function (g) { allSeries = allSeries.concat(byMetric[g].list); });
+    var toggle = logToggle(controls, allSeries, function () { redraw(); });
     var canvas = el("canvas", { "class": "plot" }); sec.appendChild(canvas);
     var readout = el("div", { "class": "readout" }); sec.appendChild(readout);
     var legendBox = el("div"); var view = null;
@@ -243,7 +290,7 @@
     function redraw() {
       var picked = chosen().map(function (s, i) { return Object.assign({}, s, { color: PALETTE[i % PALETTE.length] }); });
       var series = chartSeries(picked, mode.value);
-      view = drawChart(canvas, series, mode.value === "none" ? "value" : "normalised value");
+      view = drawChart(canvas, series, mode.value === "none" ? "value" : "normalised value", toggle.checked);
       legendBox.textContent = ""; legend(legendBox, series);
     }
     container.appendChild(sec);
