@@ -70,8 +70,8 @@ def build_metrics_page(
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}. Red circles and dashed lines mark phase "
         "transitions (no series is drawn in red). Each chart has a log-scale switch; open the page with "
-        '<code>#log</code> to start with every chart on a log scale. Whole-model values (one number per '
-        'checkpoint over all selected tensors) have their own chart per metric.</p>'
+        "<code>#log</code> to start with every chart on a log scale. Whole-model values (one number per "
+        "checkpoint over all selected tensors) have their own chart per metric.</p>"
         '<div id="analog-status" data-charts="0" data-errors="0">loading</div>'
         '<div id="analog-charts"></div>'
         f'<script type="application/json" id="analog-data">{data}</script>'
