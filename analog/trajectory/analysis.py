@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from analog.analysis.results import InfluenceScores
 from analog.trajectory.scores import segment_scores, weighted_sum
@@ -49,7 +50,7 @@ class TrajectoryInfluence:
         damping = analog.config.damping if damping is None else damping
         parts: List[Any] = []
         query_ids = None
-        for s in indices:
+        for s in tqdm(indices, desc="segments", disable=not analog.progress, leave=False):
             ids, grads = self.query_gradients(query_fn, s)
             if query_ids is not None and list(ids) != list(query_ids):
                 raise ValueError(f"the query step gave ids {list(ids)[:5]}... at segment {s} but {query_ids[:5]}... "
