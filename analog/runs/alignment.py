@@ -53,6 +53,8 @@ def settle(metrics: "TrainingMetrics", before: Mark, line_number: int) -> None:
     naming the line and the series when values cannot be tied to a step."""
     for (steps, series), lengths in zip(_groups(metrics), before):
         n0, n = lengths[""], len(steps)
+        if all(len(values) == n for values in series.values()):
+            continue  # every series got exactly one value per new step (or nothing): the rule's result
         for name, values in series.items():
             if name not in lengths and len(values) == n:
                 continue  # created on this line already aligned (add_step of a new extra)
