@@ -1,0 +1,72 @@
+"""Method lists: each analog method is a plain analog config dict (see ``harness.py``), each peer a dict.
+
+``--methods NAME`` picks a list below; ``--methods-file FILE.json`` reads ``{"analog": [...], "peers": [...]}``
+(or a list of analog methods), so a new compression init, curvature or option is benchmarked by writing
+its config, with no change to the code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+NONE = {"type": "none"}
+
+
+def logra(rank: int, init: str = "random") -> Dict[str, Any]:
+    return {"type": "logra", "rank": rank, "init": init, "seed": 0}
+
+
+def method(name: str, compression: Dict[str, Any], hessian: str, **extra) -> Dict[str, Any]:
+    return {"name": name, "config": {"compression": compression, "hessian": hessian}, **extra}
+
+
+def baseline(ranks=(16, 64)) -> List[Dict[str, Any]]:
+    """Today's methods: the uncompressed reference and LoGra at ``ranks``, random/pca, ekfac/kfac/raw."""
+    out = [
+        method("none-ekfac", NONE, "ekfac", dampings=[None, "task"]),
+        method("none-kfac", NONE, "kfac"),
+        method("none-identity", NONE, "none"),
+    ]
+    for rank in ranks:
+        for init in ("random", "pca"):
+            for hessian in ("ekfac", "kfac", "raw"):
+                out.append(method(f"logra-r{rank}-{init}-{hessian}", logra(rank, init), hessian,
+                                  dampings=[None, "task"] if (rank, hessian) == (16, "raw") else [None]))
+        out.append(method(f"logra-r{rank}-random-identity", logra(rank), "none"))
+    return out
+
+
+def sweep(ranks=(8, 16, 32, 64)) -> List[Dict[str, Any]]:
+    """Every rank and curvature today offers, dense projections (256 and 1024 numbers per module) included."""
+    out = baseline(ranks)
+    for dim in (256, 1024):
+        out.append(method(f"dense-d{dim}-raw", {"type": "dense", "rank": dim, "seed": 0}, "raw"))
+    return out
+
+
+def smoke(ranks=None) -> List[Dict[str, Any]]:
+    return [method("none-ekfac", NONE, "ekfac"), method("logra-r16-random-raw", logra(16), "raw"),
+            method("logra-r16-pca-ekfac", logra(16, "pca"), "ekfac")]
+
+
+PEERS = [{"name": "kronfluence-ekfac", "strategy": "ekfac"},
+         {"name": "kronfluence-ekfac-empirical", "strategy": "ekfac", "empirical": True}]
+
+LISTS = {"baseline": baseline, "sweep": sweep, "smoke": smoke}
+
+
+def load(name: str = "baseline", path: str = None, ranks=(16, 64)) -> Dict[str, List[Dict[str, Any]]]:
+    """{"analog": [...], "peers": [...]} from a named list (at the preset's ``ranks``) or a JSON file."""
+    if path is None:
+        if name not in LISTS:
+            raise KeyError(f"unknown method list {name!r}; known: {sorted(LISTS)}")
+        return {"analog": LISTS[name](ranks), "peers": list(PEERS)}
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, list):
+        data = {"analog": data, "peers": list(PEERS)}
+    for m in data.get("analog", []):
+        if "name" not in m or "config" not in m:
+            raise ValueError(f"{path}: every analog method needs 'name' and 'config', got {m}")
+    return {"analog": data.get("analog", []), "peers": data.get("peers", list(PEERS))}
