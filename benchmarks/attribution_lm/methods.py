@@ -46,6 +46,17 @@ def sweep(ranks=(8, 16, 32, 64)) -> List[Dict[str, Any]]:
     return out
 
 
+def whiten(ranks=(16, 64)) -> List[Dict[str, Any]]:
+    """The baseline plus LoGra ``init: whiten`` / ``whiten_pca`` (K-FAC whitening folded into the projections)
+    with no curvature, ``raw`` and ``ekfac`` in the compressed space."""
+    out = baseline(ranks)
+    for rank in ranks:
+        for init in ("whiten", "whiten_pca"):
+            for hessian, label in (("none", "identity"), ("raw", "raw"), ("ekfac", "ekfac")):
+                out.append(method(f"logra-r{rank}-{init}-{label}", logra(rank, init), hessian))
+    return out
+
+
 def smoke(ranks=None) -> List[Dict[str, Any]]:
     return [method("none-ekfac", NONE, "ekfac"), method("logra-r16-random-raw", logra(16), "raw"),
             method("logra-r16-pca-ekfac", logra(16, "pca"), "ekfac")]
@@ -54,7 +65,7 @@ def smoke(ranks=None) -> List[Dict[str, Any]]:
 PEERS = [{"name": "kronfluence-ekfac", "strategy": "ekfac"},
          {"name": "kronfluence-ekfac-empirical", "strategy": "ekfac", "empirical": True}]
 
-LISTS = {"baseline": baseline, "sweep": sweep, "smoke": smoke}
+LISTS = {"baseline": baseline, "sweep": sweep, "whiten": whiten, "smoke": smoke}
 
 
 def load(name: str = "baseline", path: str = None, ranks=(16, 64)) -> Dict[str, List[Dict[str, Any]]]:
