@@ -27,6 +27,11 @@ class AnalysisContext:
     optimizer: Any = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def attention_mask(self) -> Any:
+        """``inputs["attention_mask"]`` when the inputs are a mapping holding one (GRAIL's field), else None."""
+        return self.inputs.get("attention_mask") if isinstance(self.inputs, Mapping) else None
+
 
 class MetricComputer(ABC):
     """A stateless metric: ``compute(delta=..., snapshot=..., context=...) -> {name: float}``.

@@ -102,6 +102,8 @@ def _summary(args) -> int:
             status = _error(str(error))
             continue
         print(f"{run_name(log)} ({log}, {metrics.format})")
+        for key, value in metrics.config.items():
+            print(f"  {'config.' + key:18s} {value}")
         for key, value in metrics.summary().items():
             shown = "-" if value is None else (f"{value:.6g}" if isinstance(value, float) else value)
             print(f"  {key:18s} {shown}")

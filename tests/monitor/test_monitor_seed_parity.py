@@ -158,6 +158,24 @@ def test_sgd_momentum_buffer_and_missing_optimizer_are_reported():
     assert "optimizer=" in manager.last_errors["MomentumMetrics"]
 
 
+def test_context_carries_optimizer_metadata_and_attention_mask():
+    seen = {}
+
+    class Probe(MetricComputer):
+        def compute(self, delta, snapshot, context, **kwargs):
+            seen.update(optimizer=context.optimizer, metadata=dict(context.metadata), mask=context.attention_mask)
+            return {}
+
+    model, mask = nn.Linear(2, 2), torch.ones(1, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    manager = ModelAnalysisManager(MonitorConfig(interval=1)).add_metric(Probe())
+    manager.start(model)
+    manager.on_optimizer_step(model, inputs={"attention_mask": mask}, optimizer=optimizer, epoch=3)
+    assert seen["optimizer"] is optimizer and seen["metadata"] == {"epoch": 3} and seen["mask"] is mask
+    manager.on_optimizer_step(model, inputs=torch.ones(1, 2))
+    assert seen["mask"] is None and seen["optimizer"] is None
+
+
 def test_config_flags_build_the_computers():
     manager = ModelAnalysisManager.create(
         MonitorConfig(

@@ -123,13 +123,17 @@ def test_resume_in_json_lines(tmp_path):
     assert metrics.val_steps == [3] and metrics.val_loss == [1.75]
 
 
-def test_config_and_mode_lines_as_the_seed_reads_them(tmp_path):
+def test_config_and_mode_lines_as_the_seed_reads_them(tmp_path, capsys):
     lines = ["Config: dim=512, layers=6, heads=8", "Mode: ATTENTION-ONLY (ablation)", SEED_TRAIN]
     metrics = parse_training_log(_write(tmp_path, "c.log", lines))
     assert metrics.config == {"dim": 512, "layers": 6, "heads": 8, "mode": "ATTENTION-ONLY (ablation)"}
     assert metrics.steps == [100]
     other = parse_training_log(_write(tmp_path, "d.log", ["Config: lr=1e-3, optimizer=adamw", SEED_TRAIN]))
     assert other.config == {"lr": 0.001, "optimizer": "adamw"}
+    capsys.readouterr()
+    assert main(["runs", "summary", str(tmp_path / "c.log")]) == 0
+    out = capsys.readouterr().out
+    assert "config.dim         512" in out and "config.mode        ATTENTION-ONLY (ablation)" in out
 
 
 def _run_lines(run, mode, dim, losses, tok, grad, val_ppl):
