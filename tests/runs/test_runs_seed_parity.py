@@ -192,10 +192,26 @@ def test_smooth_cli_and_seed_plot_signature(tmp_path, capsys):
     assert "smooth_window must be an integer >= 1" in capsys.readouterr().err
 
 
-def test_plots_without_matplotlib_are_a_clear_error(tmp_path):
+def test_setup_makes_matplotlib_an_extra_and_drops_einops():
+    import ast
+    from pathlib import Path
+
+    setup = Path(__file__).resolve().parents[2] / "setup.py"
+    call = next(n for n in ast.walk(ast.parse(setup.read_text())) if isinstance(n, ast.Call) and n.keywords)
+    wanted = ("install_requires", "extras_require")
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in wanted}
+    assert not {"matplotlib", "einops"} & set(kwargs["install_requires"])
+    assert kwargs["extras_require"]["plot"] == ["matplotlib"] and "matplotlib" in kwargs["extras_require"]["test"]
+
+
+def test_every_package_imports_without_matplotlib_and_plots_say_what_is_missing(tmp_path):
     log = _write(tmp_path, "a.log", [SEED_TRAIN])
     code = (
-        "import sys; sys.modules['matplotlib'] = None\n"
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['einops'] = None\n"
+        "import importlib, pkgutil, analog\n"
+        "names = [m.name for m in pkgutil.walk_packages(analog.__path__, 'analog.') if m.ispkg]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "assert len(names) >= 9, names\n"
         "from analog.runs import parse_training_log, plot_loss_comparison\n"
         f"m = parse_training_log({str(log)!r}); assert m.steps == [100]\n"
         "try:\n    plot_loss_comparison({'a': m})\nexcept ImportError as e:\n    print('ERR', e)\n"
