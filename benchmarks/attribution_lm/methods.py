@@ -62,10 +62,26 @@ def smoke(ranks=None) -> List[Dict[str, Any]]:
             method("logra-r16-pca-ekfac", logra(16, "pca"), "ekfac")]
 
 
+def trajectory(ranks=(16, 64), segments=(4,)) -> List[Dict[str, Any]]:
+    """Final-model methods against the same configs through the training trajectory (``trajectory.py``):
+    segment-wise curvature (one per segment) and TracIn-CP (no curvature), K checkpoints each."""
+    rank = 16 if 16 in ranks else ranks[0]
+    configs = [("none", NONE), (f"logra-r{rank}-random", logra(rank))]
+    out = []
+    for label, compression in configs:
+        out += [method(f"{label}-ekfac", compression, "ekfac"), method(f"{label}-identity", compression, "none")]
+        for k in segments:
+            out.append(method(f"traj{k}-{label}-ekfac", compression, "ekfac",
+                              trajectory={"segments": k, "score": "segment_wise"}))
+            out.append(method(f"traj{k}-{label}-tracin", compression, "none",
+                              trajectory={"segments": k, "score": "tracin_cp"}))
+    return out
+
+
 PEERS = [{"name": "kronfluence-ekfac", "strategy": "ekfac"},
          {"name": "kronfluence-ekfac-empirical", "strategy": "ekfac", "empirical": True}]
 
-LISTS = {"baseline": baseline, "sweep": sweep, "whiten": whiten, "smoke": smoke}
+LISTS = {"baseline": baseline, "sweep": sweep, "whiten": whiten, "smoke": smoke, "trajectory": trajectory}
 
 
 def load(name: str = "baseline", path: str = None, ranks=(16, 64)) -> Dict[str, List[Dict[str, Any]]]:

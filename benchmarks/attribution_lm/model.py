@@ -110,8 +110,11 @@ def init_model(cfg: ModelConfig, seed: int) -> TinyLM:
 
 
 def train_models(cfg: ModelConfig, tokens: torch.Tensor, subsets: Sequence[torch.Tensor], seeds: Sequence[int],
-                 device="cpu", order_seed: int = 0, progress: bool = False) -> List[TinyLM]:
-    """Train len(subsets) copies (copy e: init seed ``seeds[e]``, rows ``subsets[e]``); returns them on ``device``."""
+                 device="cpu", order_seed: int = 0, progress: bool = False, on_epoch=None) -> List[TinyLM]:
+    """Train len(subsets) copies (copy e: init seed ``seeds[e]``, rows ``subsets[e]``); returns them on ``device``.
+    ``on_epoch(epoch, params, lr)``, when given, is called after each epoch (1-based) with the stacked
+    parameters (name -> (E, ...)) and the learning rate of the epoch's last step (the trajectory benchmark
+    takes its checkpoints there)."""
     if len({len(s) for s in subsets}) != 1 or len(subsets) != len(seeds):
         raise ValueError("train_models needs one seed per subset and subsets of equal size")
     models = [init_model(cfg, s).to(device) for s in seeds]
@@ -138,7 +141,7 @@ def train_models(cfg: ModelConfig, tokens: torch.Tensor, subsets: Sequence[torch
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        _epochs(cfg, loss_all, params, buffers, opt, sched, tokens, subsets, batch, gen, bar)
+        _epochs(cfg, loss_all, params, buffers, opt, sched, tokens, subsets, batch, gen, bar, on_epoch)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     bar.close()
@@ -150,10 +153,10 @@ def train_models(cfg: ModelConfig, tokens: torch.Tensor, subsets: Sequence[torch
     return out
 
 
-def _epochs(cfg, loss_all, params, buffers, opt, sched, tokens, subsets, batch, gen, bar) -> None:
+def _epochs(cfg, loss_all, params, buffers, opt, sched, tokens, subsets, batch, gen, bar, on_epoch=None) -> None:
     n_copies, n = subsets.shape
     steps_per_epoch = n // batch
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         perm = torch.argsort(torch.rand(n_copies, n, generator=gen), 1).to(subsets.device)
         rows = torch.gather(subsets, 1, perm)
         for s in range(steps_per_epoch):
@@ -161,6 +164,9 @@ def _epochs(cfg, loss_all, params, buffers, opt, sched, tokens, subsets, batch, 
             loss = loss_all(params, buffers, x).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
             bar.update()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, params, lr)

@@ -102,13 +102,19 @@ def _trained(corpus, cfg, p, preset, device, cache: Path, progress):
 
 def run_task(task, method_lists, root) -> list:
     from benchmarks.attribution_lm.peers import run_peer
+    from benchmarks.attribution_lm.trajectory import run_trajectory
 
     rows = []
     jobs = [("analog", m) for m in method_lists["analog"]] + [("peer", p) for p in method_lists["peers"]]
     for family, spec in jobs:
         start = time.perf_counter()
         try:
-            new = run_analog(task, spec, root) if family == "analog" else [run_peer(task, spec)]
+            if family == "peer":
+                new = [run_peer(task, spec)]
+            elif "trajectory" in spec:  # segments through training (benchmarks/attribution_lm/trajectory.py)
+                new = run_trajectory(task, spec, root)
+            else:
+                new = run_analog(task, spec, root)
         except Exception as err:  # one broken method must not cost the others' numbers
             traceback.print_exc()
             new = [{"method": spec["name"], "family": family, "error": f"{type(err).__name__}: {err}"}]
