@@ -61,6 +61,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--target-step", type=int, help="quick form: target checkpoint of comparative metrics")
     p.add_argument("--output-dir", help="override monitoring.output_dir")
     p.add_argument(
+        "--no-whole-model",
+        dest="whole_model",
+        action="store_false",
+        help="quick form: per-layer values only (no value over all selected tensors at once)",
+    )
+    p.add_argument(
         "--custom-metrics",
         action="append",
         default=[],
@@ -102,6 +108,8 @@ def quick_config(args: argparse.Namespace, custom: List[str]) -> Dict[str, Any]:
     for name in names:
         metric_name, settings = ALIASES.get(name, (name, {}))
         entry: Dict[str, Any] = {"metric_name": metric_name, "data_split": args.data_split, "name": name, **settings}
+        if not getattr(args, "whole_model", True):
+            entry["whole_model"] = False
         if metric_name in METRICS and METRICS.get(metric_name).kind == "comparative":
             if args.target_step is None:
                 raise ValueError(f"metric '{name}' compares checkpoints: pass --target-step N")

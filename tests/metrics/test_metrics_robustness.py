@@ -126,3 +126,24 @@ def test_dir_alone_runs_the_default_metric_set(tmp_path, capsys):
     assert {r["metric"] for r in rows} == set(DEFAULT_METRICS)
     assert len(DEFAULT_METRICS) == 6
     assert {int(r["step"]) for r in rows} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..\\x", "/abs", "x y"])
+def test_entry_name_cannot_leave_the_output_directory(name):
+    from analog.metrics import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"metrics\[0\]\.name: expected a file-name-safe label"):
+        parse_config({"analysis_name": "a", "metrics": [{"metric_name": "gini", "name": name}]})
+    assert parse_config({"analysis_name": "a", "metrics": [{"metric_name": "gini", "name": "g.v=1+2"}]})
+
+
+def test_quick_form_without_whole_model(tmp_path, capsys):
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    torch.save(tiny_state(1), ckpts / "step_1.pt")
+    code, err = _cli(
+        capsys, "--dir", ckpts, "--metrics", "variance", "--no-whole-model", "--output-dir", tmp_path / "o"
+    )
+    assert code == 0, err
+    text = (tmp_path / "o" / "checkpoint_metrics" / "metrics.csv").read_text()
+    assert "whole_model" not in text and text.count("variance") == 4
