@@ -129,7 +129,8 @@ class AnaLog:
 
     def _setup_state(self) -> None:
         c = self.config.compression
-        self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init, damping=c.damping)
+        self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init, damping=c.damping,
+                                         allocate=c.allocate)
         self.projector.setup(self.dims)
         saved = self.state.load_projection()
         if saved is not None:

@@ -12,7 +12,9 @@ damping        λ added to the curvature: a float, or ``None`` for 0.1 × mean e
 compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: rank},
                init: random|pca|whiten|whiten_pca, seed: int, damping: float|None}`` (default LoGra,
                rank 64, random, seed 0); ``pca``/``whiten``/``whiten_pca`` need a statistics pass
-               (AnaLogScheduler); ``damping`` is the whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A)
+               (AnaLogScheduler); ``damping`` is the whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A);
+               ``allocate: spectrum`` re-divides the configured ranks' budget Σ r_out·r_in among
+               modules and sides by the whitened spectra (uniform: as configured)
 storage        ``{dtype: float32|float16|bfloat16, flush_bytes: int}``
 segments       ``{rule: repeat|manual, checkpoint: bool}``: when a new segment starts (``repeat``: a batch
                with an id already logged in the current segment; ``manual``: only at
@@ -44,6 +46,7 @@ class CompressionConfig:
     init: str = "random"
     seed: int = 0
     damping: Optional[float] = None
+    allocate: str = "uniform"
 
 
 @dataclass
@@ -142,6 +145,11 @@ class Config:
         c = self.compression
         if c.init not in INITS:
             raise ValueError(f"config 'compression.init': unknown {c.init!r}; choose from {list(INITS)}")
+        if c.allocate not in ("uniform", "spectrum"):
+            raise ValueError(f"config 'compression.allocate' must be 'uniform' or 'spectrum', got {c.allocate!r}")
+        if c.allocate == "spectrum" and (c.type != "logra" or c.init == "random"):
+            raise ValueError("config 'compression.allocate: spectrum' chooses LoGra ranks from a statistics pass: "
+                             "use it with type 'logra' and init 'pca', 'whiten' or 'whiten_pca'")
         if c.damping is not None and (isinstance(c.damping, bool) or not isinstance(c.damping, (int, float))
                                       or not c.damping > 0):
             raise ValueError(f"config 'compression.damping' must be a number > 0 or None, got {c.damping!r}")

@@ -56,8 +56,8 @@ class Projector:
             cls.kind = kind
             _PROJECTORS[kind] = cls
 
-    def __init__(self, rank=64, seed: int = 0, init: str = "random", damping=None):
-        self.rank, self.seed, self.init, self.damping = rank, int(seed), init, damping
+    def __init__(self, rank=64, seed: int = 0, init: str = "random", damping=None, allocate: str = "uniform"):
+        self.rank, self.seed, self.init, self.damping, self.allocate = rank, int(seed), init, damping, allocate
         self.tensors: Dict[str, torch.Tensor] = {}
         self._device_cache: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 
@@ -81,6 +81,8 @@ class Projector:
         out = {"kind": self.kind, "rank": self.rank, "seed": self.seed, "init": self.init, "crc32": digest}
         if self.damping is not None:
             out["damping"] = self.damping
+        if self.allocate != "uniform":
+            out["allocate"] = self.allocate
         return out
 
     def _on(self, key: str, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from analog.compression.allocate import allocate, whitened_energy
 from analog.compression.base import Projector, module_seed, rank_for
 from analog.compression.whiten import whitening
 
@@ -52,7 +53,7 @@ class LoGraProjector(Projector, kind="logra"):
         """{name/side: (G, d, r)} Gaussian N(0, 1/r) matrices for every side with r < d."""
         tensors = {}
         for name, (groups, d_out, d_in) in self.dims.items():
-            r_out, r_in = rank_for(name, self.rank)
+            r_out, r_in = self._rank(name)
             for side, d, r in (("out", d_out, r_out), ("in", d_in, r_in)):
                 if r < d:
                     p = gaussian(d, r, module_seed(self.seed, f"{name}/{side}"))
@@ -68,6 +69,8 @@ class LoGraProjector(Projector, kind="logra"):
         if missing:
             raise ValueError(f"the statistics pass has no factors for module(s) {missing}: no gradient reached "
                              "them inside `with analog(...)`")
+        if self.allocate == "spectrum":
+            self.ranks = self._allocated(factors)
         if self.init == "pca":
             self.fit_pca(factors)
         elif self.init in ("whiten", "whiten_pca"):
@@ -82,7 +85,7 @@ class LoGraProjector(Projector, kind="logra"):
         random = self._random() if self.init == "whiten" else {}
         tensors = {}
         for name, (_, d_out, d_in) in self.dims.items():
-            r_out, r_in = rank_for(name, self.rank)
+            r_out, r_in = self._rank(name)
             root_a, root_s, _, _ = whitening(name, factors[name]["in"], factors[name]["out"], self.damping)
             for side, root, d, r in (("out", root_s, d_out, r_out), ("in", root_a, d_in, r_in)):
                 if r >= d:
@@ -94,11 +97,26 @@ class LoGraProjector(Projector, kind="logra"):
                 tensors[f"{name}/{side}"] = p.float().contiguous()
         self.load_tensors(tensors)
 
+    def _rank(self, name: str):
+        """(r_out, r_in): allocated from the spectra (``allocate: spectrum``, after the fit) or configured."""
+        ranks = getattr(self, "ranks", None)
+        return ranks[name] if ranks else rank_for(name, self.rank)
+
+    def _allocated(self, factors) -> Dict[str, tuple]:
+        """Ranks under the configured budget Σ G r_out r_in (see analog.compression.allocate)."""
+        budget, energies, groups = 0, {}, {}
+        for name, (g, d_out, d_in) in self.dims.items():
+            r_out, r_in = rank_for(name, self.rank)
+            budget += g * min(r_out, d_out) * min(r_in, d_in)
+            energies[name] = whitened_energy(name, factors[name]["in"], factors[name]["out"], self.damping)
+            groups[name] = g
+        return allocate(energies, groups, budget)
+
     def fit_pca(self, covariances: Dict[str, Dict[str, torch.Tensor]]) -> None:
         """Projections from ``{name: {"in": (G, d_in, d_in), "out": (G, d_out, d_out)}}`` covariances."""
         tensors = {}
         for name, (_, d_out, d_in) in self.dims.items():
-            r_out, r_in = rank_for(name, self.rank)
+            r_out, r_in = self._rank(name)
             for side, d, r in (("out", d_out, r_out), ("in", d_in, r_in)):
                 if r < d:
                     _, vecs = torch.linalg.eigh(covariances[name][side].double())
@@ -106,9 +124,14 @@ class LoGraProjector(Projector, kind="logra"):
         self.load_tensors(tensors)
 
     def grad_shape(self, name, dims):
+        """(G, r_out, r_in): from the fitted tensors where there are any (allocated ranks), else the config."""
         groups, d_out, d_in = dims
-        r_out, r_in = rank_for(name, self.rank)
-        return (groups, min(r_out, d_out), min(r_in, d_in))
+        r_out, r_in = self._rank(name)
+        sides = {"out": min(r_out, d_out), "in": min(r_in, d_in)}
+        for side in sides:
+            if f"{name}/{side}" in self.tensors:
+                sides[side] = self.tensors[f"{name}/{side}"].shape[-1]
+        return (groups, sides["out"], sides["in"])
 
     def project_activations(self, name, module, rule, x):
         key = f"{name}/in"

@@ -208,3 +208,54 @@ def test_zero_factor_and_zero_damping_are_refused():
     assert torch.isfinite(p.tensors["fc/in"]).all() and p.tensors["fc/in"].shape == (1, 4, 2)
     with pytest.raises(ValueError, match="compression.damping"):
         AnaLog("z", {"compression": {"init": "whiten", "damping": 0.0}})
+
+
+def _objective(energies, ranks):
+    return sum(float(energies[m][0][r[0]] * energies[m][1][r[1]]) for m, r in ranks.items())
+
+
+def test_spectrum_allocation_against_exhaustive_search():
+    """Greedy ranks stay within budget and dimensions and reach ≥ 95 % of the exhaustive optimum."""
+    from itertools import product
+
+    from analog.compression.allocate import allocate
+
+    gen = torch.Generator().manual_seed(0)
+    compared = 0
+    for trial in range(6):
+        energies, groups = {}, {"a": 1, "b": 2}
+        for m, (d_out, d_in) in {"a": (5, 7), "b": (4, 6)}.items():
+            sides = []
+            for d in (d_out, d_in):
+                w = torch.rand(d, generator=gen, dtype=torch.float64) ** (1 + 3 * trial / 5)
+                sides.append(torch.cat([torch.zeros(1, dtype=torch.float64), w.sort(descending=True).values.cumsum(0)]))
+            energies[m] = tuple(sides)
+        budget = 30
+        got = allocate(energies, groups, budget)
+        assert sum(groups[m] * r[0] * r[1] for m, r in got.items()) <= budget
+        best = max(_objective(energies, {"a": (ao, ai), "b": (bo, bi)})
+                   for ao, ai, bo, bi in product(range(1, 6), range(1, 8), range(1, 5), range(1, 7))
+                   if ao * ai + 2 * bo * bi <= budget)
+        assert _objective(energies, got) >= 0.95 * best
+        compared += 1
+    assert compared == 6
+
+
+def test_spectrum_allocation_end_to_end(tmp_path, setup):
+    """allocate: spectrum moves rank to the flatter side, logs at the allocated shapes, reopens."""
+    model, x, y, xq, yq, _ = setup
+    comp = {"type": "logra", "rank": 3, "init": "whiten_pca", "allocate": "spectrum"}
+    run = whitened_run(tmp_path, model, x, y, comp, hessian="kfac")
+    ranks = run.projector.ranks
+    assert sum(r_out * r_in for r_out, r_in in ranks.values()) <= 2 * 9  # the budget of rank 3 everywhere
+    assert ranks != {"0": (3, 3), "2": (3, 3)}
+    store = run.open_store()
+    shapes = {f["module"]: tuple(f["shape"]) for f in store.fields}
+    assert shapes == {m: (1, r_out, r_in) for m, (r_out, r_in) in ranks.items()}
+    scores = run.influence.compute_influence_all(query_log(run, model, xq, yq)).scores
+    again = AnaLog("w", {"root_dir": str(tmp_path), "compression": comp, "hessian": "kfac"}).watch(model)
+    assert again.projector.grad_shape("0", again.dims["0"]) == (1, *ranks["0"])
+    again.eval().add_analysis({"influence": InfluenceFunction})
+    torch.testing.assert_close(again.influence.compute_influence_all(query_log(again, model, xq, yq)).scores, scores)
+    with pytest.raises(ValueError, match="allocate"):
+        AnaLog("bad", {"compression": {"init": "random", "allocate": "spectrum"}})
