@@ -66,6 +66,8 @@ class AnaLog:
         self.phase = "log"
         self._pca_stats: Optional[Curvature] = None
         self._writer: Optional[LogWriter] = None
+        self._logged = 0  # examples logged by this process
+        self._stored = None  # the store as is_logged() first saw it (before this process wrote)
         self._pending: Dict[str, Any] = {}
         self._capture: Optional[Capture] = None
         self._last: Optional[Tuple[List[Any], Dict[str, Dict[str, torch.Tensor]]]] = None
@@ -103,7 +105,7 @@ class AnaLog:
         before logging starts, and on a reopened project only to the values it was logged with."""
         new = self.config.update(values)
         fixed = sorted(set(flatten(values)) - QUERY_TIME_KEYS)
-        started = self._writer is not None or (self.curvature is not None and self.curvature.meta["n_samples"])
+        started = self._writer is not None or self._logged
         if started and fixed:
             raise RuntimeError(f"update() of {fixed} after logging started would mix settings within one store; "
                                f"only {sorted(QUERY_TIME_KEYS)} can change now")
@@ -236,12 +238,15 @@ class AnaLog:
         if self.phase == "pca" and self.mode == "log":
             self._pca_stats.add_samples(len(ids))
         elif self.mode == "log" and logs:
+            # what the curvature needs from this pass goes with the rows into the store (committed with
+            # their chunk), or into the in-memory curvature when logs are not saved
+            stats = self.curvature.batch_stats(self._observed)
             if self.config.save:
-                self._write(ids, logs)
+                self._write(ids, logs, stats)
+            else:
+                self.curvature.absorb(stats, len(ids))
             self.segments.logged(ids, list(self.modules))
-            self.curvature.add_samples(len(ids))
-            for factors in self._observed:
-                self.curvature.observe(*factors)
+            self._logged += len(ids)
 
     def _check_finite(self, ids, logs) -> None:
         if self.config.nonfinite != "error" or not logs:
@@ -260,13 +265,13 @@ class AnaLog:
                             f"non-finite {kind} log in module {name!r} for ids {[ids[i] for i in bad][:10]}; "
                             "nothing of this batch was stored (set nonfinite='allow' to store it anyway)")
 
-    def _write(self, ids, logs) -> None:
+    def _write(self, ids, logs, stats) -> None:
         if self._writer is None:  # the project's lock is held from the first write through fitting
             self._writer = LogWriter(self.log_path, fields_of(logs), self.config.storage.dtype,
                                      self.projector.fingerprint(), self.config.storage.flush_bytes,
                                      lock=self.state.acquire())
             self._save_state()
-        self._writer.write_logs(ids, logs)
+        self._writer.write_logs(ids, logs, stats)
 
     def flush(self) -> None:
         """Wait until every logged batch is on disk (chunks complete); logging may go on afterwards."""
@@ -297,22 +302,74 @@ class AnaLog:
 
     # -- end of logging ---------------------------------------------------------------------
     def finalize(self) -> None:
-        """Flush logs, fit the curvature (once), save state, release the project's lock.
-        Calling it again changes nothing; a project fitted elsewhere is only read."""
+        """Flush logs, fit the curvature, save state, release the project's lock. With saved logs the
+        curvature is fitted from the store alone (so after a crash, logging what is missing and calling
+        finalize() gives the uninterrupted result); a curvature fitted on another content of the store
+        is fitted again, with a warning. Calling it again changes nothing."""
         if self._writer is not None:
             self._writer.close()
         distributed.barrier()  # every rank's chunks are on disk before the curvature reads the store
         try:
-            fit = self.curvature is not None and not self.curvature.meta["finalized"] \
-                and self.curvature.meta["n_samples"]
-            if fit:
-                self.state.acquire()
-                store = self.open_store() if self.curvature.needs_store else None
-                self.curvature.finalize(store, progress=self.progress)
-            if fit or self._writer is not None:
+            if self.curvature is None:
+                return
+            store = self._store_if_any() if self.config.save else None
+            if store is not None and self.curvature.meta["finalized"] and self._stale(store):
+                warnings.warn(f"project {self.project!r}: the store changed since its {self.curvature.kind} "
+                              "curvature was fitted; fitting it again from the store", stacklevel=2)
+                self._fit(store)
+            elif not self.curvature.meta["finalized"] and (len(store) if store is not None
+                                                           else self.curvature.meta["n_samples"]):
+                self._fit(store)
+            elif self._writer is not None:
                 self._save_state()
         finally:
             self.state.release()
+
+    def refit(self) -> None:
+        """Fit the curvature again from the store (e.g. after ``analog store repair`` dropped chunks)."""
+        if not self.config.save:
+            raise CurvatureError("refit() fits from the stored logs, and this project has save=False")
+        if self._writer is not None:
+            self._writer.close()
+        distributed.barrier()
+        try:
+            store = self._store_if_any()
+            if store is None or not len(store):
+                raise CurvatureError(f"project {self.project!r} has no stored logs at {self.log_path} to fit")
+            self._fit(store)
+        finally:
+            self.state.release()
+
+    def _fit(self, store: Optional[LogStore]) -> None:
+        """Under the project's lock: fit (from the store when there is one) and save the state."""
+        self.state.acquire()
+        if store is not None:
+            store = self.open_store()  # as it is now that nobody else can write it
+            self.curvature = build_curvature(self.config.hessian)
+        self.curvature.finalize(store, progress=self.progress)
+        self._save_state()
+
+    def _store_if_any(self) -> Optional[LogStore]:
+        return self.open_store() if (self.log_path / "store.json").exists() else None
+
+    def _stale(self, store: LogStore) -> bool:
+        fitted_on = self.curvature.meta.get("fitted_on")
+        return fitted_on is not None and fitted_on != store.digest()
+
+    def is_logged(self, data_id) -> bool:
+        """True when every example of ``data_id`` (ids or inputs, as for ``with analog(data_id=...)``) is in
+        the store, False when none is: resume a killed run by skipping batches that are logged."""
+        ids = to_ids(data_id)
+        if self._writer is not None:
+            present = [self._writer.holds(i) for i in ids]
+        else:
+            if self._stored is None:
+                self._stored = self._store_if_any() or False
+            present = [bool(self._stored) and self._stored.holds(i) for i in ids]
+        if any(present) and not all(present):
+            raise ValueError(f"ids {[i for i, p in zip(ids, present) if not p][:10]} of this batch are not in the "
+                             "store but the others are: log the missing ones in a batch of their own")
+        return bool(present) and all(present)
 
     def eval(self) -> "AnaLog":
         """Analysis mode: finalize, then `with` blocks capture queries without storing them."""
@@ -341,7 +398,7 @@ class AnaLog:
         self.finalize()
         segments.close()
         segments.open_next(lr, info)
-        self._writer, self.curvature = None, build_curvature(self.config.hessian)
+        self._writer, self.curvature, self._stored = None, build_curvature(self.config.hessian), None
         return segments.current.index
 
     def _segment_step(self, ids) -> None:

@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": "analog.demo",
     "metrics": "analog.metrics.cli",
     "runs": "analog.runs.cli",
+    "store": "analog.storage.cli",
 }
 
 

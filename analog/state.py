@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -167,10 +169,12 @@ class ProjectState:
         if curvature is not None and curvature.meta["finalized"]:
             directory = self.state_path if curvature_dir is None else Path(curvature_dir)
             directory.mkdir(parents=True, exist_ok=True)
-            tensors = {k: v.detach().cpu().contiguous() for k, v in curvature.state.items()}
-            write_bytes_atomic(directory / "curvature.safetensors", save(tensors))
-            write_bytes_atomic(directory / "curvature.json",
-                               json.dumps({"kind": curvature.kind, **curvature.meta}).encode())
+            # tensors first, then the record naming their checksum: a run killed in between leaves a
+            # record that does not match, which reads as "not fitted" and is fitted again
+            blob = save({k: v.detach().cpu().contiguous() for k, v in curvature.state.items()})
+            write_bytes_atomic(directory / "curvature.safetensors", blob)
+            record = {"kind": curvature.kind, **curvature.meta, "crc32": zlib.crc32(blob) & 0xFFFFFFFF}
+            write_bytes_atomic(directory / "curvature.json", json.dumps(record).encode())
 
     # -- lock -------------------------------------------------------------------------------
     def acquire(self) -> StoreLock:
@@ -205,13 +209,23 @@ def read_curvature(directory: Path):
             raise ValueError("expected {'kind': str, 'n_samples': int, 'finalized': bool, ...}")
         curvature = build_curvature(meta.pop("kind"))
     except ValueError as e:
-        raise ProjectError(f"corrupt curvature metadata {meta_file}: {e}; the curvature must be fitted again") from None
-    if not tensor_file.exists():
-        raise ProjectError(f"missing {tensor_file} (its metadata {meta_file.name} exists); "
-                           "the curvature must be fitted again")
+        raise ProjectError(f"corrupt curvature metadata {meta_file}: {e}; delete {meta_file.name} and "
+                           "finalize() fits the curvature again from the store") from None
+    crc = meta.pop("crc32", None)
+    if not tensor_file.exists() or (crc is not None and _file_crc(tensor_file) != crc):
+        warnings.warn(f"{tensor_file} is missing or does not match its record {meta_file.name} (a run killed "
+                      "while saving it, or a changed file): the curvature counts as not fitted, and finalize() "
+                      "fits it again from the store", stacklevel=3)
+        return None
     curvature.meta = meta
     curvature.state = _load_tensors(tensor_file, "curvature")
     return curvature
+
+
+def _file_crc(file: Path) -> int:
+    if file.is_symlink():
+        raise ProjectError(f"{file} is a symbolic link; analog never writes links, so it refuses to read it")
+    return zlib.crc32(file.read_bytes()) & 0xFFFFFFFF
 
 
 def _read_regular(file: Path) -> str:
@@ -231,5 +245,6 @@ def _load_tensors(file: Path, what: str) -> Dict[str, torch.Tensor]:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
         raise ProjectError(f"corrupt or truncated {what} file {file}: {e}; "
-                           + ("the curvature must be fitted again" if what == "curvature" else
+                           + ("delete it and finalize() fits the curvature again from the store"
+                              if what == "curvature" else
                               "the logs cannot be matched to queries without it")) from None

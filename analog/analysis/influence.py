@@ -68,9 +68,17 @@ class InfluenceFunction:
         return store
 
     def _loader(self, log_loader):
+        """``log_loader``, or one over the whole store after checking the curvature was fitted on it."""
         from analog.storage import build_log_dataloader
 
-        return log_loader if log_loader is not None else build_log_dataloader(self._store())
+        if log_loader is not None:
+            return log_loader
+        store = self._store()
+        fitted_on = self.curvature.meta.get("fitted_on")
+        if fitted_on is not None and fitted_on != store.digest():
+            raise CurvatureError(f"the store {store.path} changed since the {self.curvature.kind} curvature was fitted "
+                                 "on it: call analog.refit() (or finalize()) before scoring against it")
+        return build_log_dataloader(store)
 
     def _check_ready(self) -> None:
         """Queries need a fitted curvature: refuse them before ``finalize()`` (the store may also miss rows)."""

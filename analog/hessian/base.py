@@ -7,9 +7,11 @@ Conventions (per module, gradients G of shape (G_groups, d_out, d_in) flattened 
 * λ is explicit, or ``None`` for the heuristic 0.1 × mean eigenvalue of F̂ for that module;
 * damping is applied to a copy at query time: fitted state is never changed by a query.
 
-Statistics are collected in two places: Kronecker factors from the hooks while logging
-(``observe``), and gradient statistics by one streaming read of the store (``fit_store``).
-``finalize`` normalises once; calling it again changes nothing.
+Statistics are collected in two places: Kronecker factor sums from the hooks while logging
+(``batch_stats``: committed with each chunk of the store when logs are saved, ``absorb``-ed in
+memory otherwise), and gradient statistics by one streaming read of the store. With a store, N and
+every sum come from the store alone, so a run resumed after a crash fits what an uninterrupted one
+would. ``finalize`` normalises once; calling it again changes nothing.
 """
 
 from __future__ import annotations
@@ -56,16 +58,36 @@ class Curvature:
     def observe(self, name: str, a: torch.Tensor, d: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         """Factors of one forward/backward call: a (B, T, G, r_in), d (B, T, G, r_out)."""
 
-    def add_samples(self, n: int) -> None:
+    def batch_stats(self, observed) -> Dict[str, torch.Tensor]:
+        """Sums over one batch's observed calls ``[(name, a, d, mask), ...]`` that this kind needs from
+        the logging pass (K-FAC: factor sums); a stored batch commits them with its rows."""
+        return {}
+
+    def absorb(self, stats: Dict[str, torch.Tensor], n: int) -> None:
+        """Add a batch's ``stats`` and its ``n`` examples in memory (logs not saved: no store to hold them)."""
         if self.meta["finalized"]:
             raise CurvatureError("curvature is already finalized; start a new project to log more")
+        for key, value in stats.items():
+            self.state[key] = value if key not in self.state else self.state[key] + value
         self.meta["n_samples"] += int(n)
 
+    def add_samples(self, n: int) -> None:
+        self.absorb({}, n)
+
     def finalize(self, store=None, progress: bool = False) -> None:
-        """Sum over ranks, normalise once, then fit what needs the store. Idempotent."""
+        """Fit once. With a store (logs saved), the store is the one source: N = len(store), and
+        statistics from the logging pass are the sums committed with its chunks (over every rank);
+        ``meta["fitted_on"]`` records the store's digest. Without one, this process's in-memory
+        statistics and count, summed over ranks. Idempotent."""
         if self.meta["finalized"]:
             return
-        self.meta["n_samples"] = int(all_reduce_sum(torch.tensor(float(self.meta["n_samples"]))))
+        if store is not None:
+            self.meta["n_samples"] = len(store)
+            self.meta["fitted_on"] = store.digest()
+            if self.needs_factors:
+                self.state = store.stat_sums()
+        else:
+            self.meta["n_samples"] = int(all_reduce_sum(torch.tensor(float(self.meta["n_samples"]))))
         self._finalize(store, progress)
         self.meta["finalized"] = True
 

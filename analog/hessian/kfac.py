@@ -27,26 +27,28 @@ class KFAC(Curvature, kind="kfac"):
     needs_factors = True
 
     def observe(self, name, a, d, mask):
-        """Add one call's Σ a aᵀ and Σ δ δᵀ: float32 products, float64 running sums on the logging device."""
-        a_sum = torch.einsum("btgi,btgj->gij", a, a).double()
-        s_sum = torch.einsum("btgo,btgp->gop", d, d).double()
-        if mask is not None and a.shape[1] > 1:
-            tokens = mask.to(a.device).sum().double()
-        else:
-            tokens = torch.tensor(float(a.shape[0] * a.shape[1]), dtype=torch.float64, device=a.device)
-        for key, value in (("A_sum", a_sum), ("S_sum", s_sum), ("tokens", tokens)):
-            full = f"{name}/{key}"
-            self.state[full] = value if full not in self.state else self.state[full] + value
+        """Add one call's factor sums (see ``factor_sums``) to the running state."""
+        add_sums(self.state, factor_sums(name, a, d, mask))
+
+    def batch_stats(self, observed):
+        """Σ over one batch's calls of their factor sums: what the store commits with the batch's rows."""
+        stats = {}
+        for name, a, d, mask in observed:
+            add_sums(stats, factor_sums(name, a, d, mask))
+        return stats
 
     def _finalize(self, store, progress):
+        """Factors from the sums: from the store's chunks (already over every rank) when there is a
+        store, else this process's running sums, reduced over ranks."""
         n = self.meta["n_samples"]
         if n == 0:
             raise CurvatureError(f"{self.kind}: no examples were logged; nothing to fit")
+        reduce = all_reduce_sum if store is None else (lambda t: t)
         for name, (a_shape, s_shape) in self._factor_shapes().items():
             zeros = lambda shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731  (a rank that saw none)
-            tokens = all_reduce_sum(self.state.pop(f"{name}/tokens", zeros(()))).cpu()
-            a = all_reduce_sum(self.state.pop(f"{name}/A_sum", zeros(a_shape))).cpu() / tokens.clamp_min(1)
-            s = all_reduce_sum(self.state.pop(f"{name}/S_sum", zeros(s_shape))).cpu() / n
+            tokens = reduce(self.state.pop(f"{name}/tokens", zeros(()))).cpu()
+            a = reduce(self.state.pop(f"{name}/A_sum", zeros(a_shape))).cpu() / tokens.clamp_min(1)
+            s = reduce(self.state.pop(f"{name}/S_sum", zeros(s_shape))).cpu() / n
             alpha, q_a = torch.linalg.eigh(a)
             sigma, q_s = torch.linalg.eigh(s)
             self.state.update({f"{name}/A": a, f"{name}/S": s, f"{name}/QA": q_a, f"{name}/QS": q_s,
@@ -73,6 +75,23 @@ class KFAC(Curvature, kind="kfac"):
         q_s, q_a, evals = q_s.to(g.device), q_a.to(g.device), evals.to(g.device)
         rotated = q_s.transpose(-1, -2) @ g64 @ q_a
         return (q_s @ (rotated / (evals + lam)) @ q_a.transpose(-1, -2)).reshape(g.shape)
+
+
+def factor_sums(name, a, d, mask):
+    """One call's Σ a aᵀ, Σ δ δᵀ and number of positions: float32 products, float64 sums, on the
+    logging device. a (B, T, G, r_in), d (B, T, G, r_out); masked positions are zero in both."""
+    a_sum = torch.einsum("btgi,btgj->gij", a, a).double()
+    s_sum = torch.einsum("btgo,btgp->gop", d, d).double()
+    if mask is not None and a.shape[1] > 1:
+        tokens = mask.to(a.device).sum().double()
+    else:
+        tokens = torch.tensor(float(a.shape[0] * a.shape[1]), dtype=torch.float64, device=a.device)
+    return {f"{name}/A_sum": a_sum, f"{name}/S_sum": s_sum, f"{name}/tokens": tokens}
+
+
+def add_sums(total, sums) -> None:
+    for key, value in sums.items():
+        total[key] = value if key not in total else total[key] + value
 
 
 class EKFAC(KFAC, kind="ekfac"):

@@ -4,7 +4,9 @@ A store is a directory::
 
     store.json              fields (module, kind, per-example shape), dtype, compression fingerprint
     chunk_000000.bin        rows of one chunk: n × row_elems values, C order, in the store dtype
-    chunk_000000.json       {"n": n, "ids": [...], "nbytes": n·row_bytes}; written last, atomically
+    chunk_000000.stats      optional: curvature statistics of the chunk's rows (safetensors, float64 sums)
+    chunk_000000.json       {"n", "ids", "nbytes", "crc32", "stats": {"crc32"}}; written last, atomically
+    repair.json             chunks dropped by `analog store repair` (their gap is expected)
 
     writer.lock             held (flock) by the one process appending to the store
 
@@ -18,7 +20,10 @@ log disjoint ids (e.g. through a ``DistributedSampler``): a writer refuses ids a
 it opens and ids it logged itself, and a reader refuses a store holding an id twice, naming it.
 
 A chunk exists for readers only once its ``.json`` is in place, and that file is written after its
-``.bin`` is complete and synced. A process killed mid-write therefore leaves at most one ``.bin``
+``.bin`` (and its ``.stats``: the curvature statistics of its rows, e.g. K-FAC factor sums, as
+safetensors) is complete and synced; the ``.json`` records ``crc32`` of both, so the rows, their
+statistics and their ids are committed together (see analog.storage.integrity). A process killed
+mid-write therefore leaves at most one ``.bin`` (and ``.stats``)
 with no ``.json`` (and perhaps a ``*.tmp``), which readers ignore and the next writer removes.
 """
 
@@ -37,7 +42,7 @@ from analog.storage.rows import row_elems
 
 FORMAT_VERSION = 1
 STORE_FILE = "store.json"
-CHUNK_RE = re.compile(r"chunk_(?:r(\d{3,})_)?(\d{6})\.(bin|json)$")
+CHUNK_RE = re.compile(r"chunk_(?:r(\d{3,})_)?(\d{6})\.(bin|json|stats)$")
 LOCK_FILE = "writer.lock"
 
 #: store dtype name -> (torch dtype, numpy dtype used for the raw bytes)
@@ -59,15 +64,28 @@ def write_json_atomic(path: Path, payload: Any, tmp_suffix: str = ".tmp") -> Non
 
 def write_bytes_atomic(path: Path, data: bytes, tmp_suffix: str = ".tmp") -> None:
     """Write ``data`` to ``path`` through a synced temporary file (``path`` + ``tmp_suffix``; give
-    processes writing the same file different suffixes) and an atomic rename."""
+    processes writing the same file different suffixes) and an atomic rename. The temporary file
+    is created exclusively and never through a link (a stale one, or a link placed there, is
+    removed first — the link itself, never its target)."""
     path = Path(path)
     tmp = path.with_name(path.name + tmp_suffix)
-    with open(tmp, "wb") as f:
+    with open_exclusive(tmp) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def open_exclusive(path: Path):
+    """A new file at ``path`` opened for binary writing with O_CREAT | O_EXCL | O_NOFOLLOW: whatever
+    was at ``path`` (a crashed run's leftover, or a symbolic link) is unlinked first, and if
+    something appears there again meanwhile the open fails instead of writing through it."""
+    path = Path(path)
+    if os.path.lexists(path):
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -85,6 +103,9 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def read_json(path: Path) -> Any:
+    if os.path.islink(path):
+        raise StoreError(f"{path} is a symbolic link; analog writes no links into a store, so it refuses to "
+                         "follow one (`analog store repair` removes it)")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -112,7 +133,7 @@ def rank_tmp_suffix(rank: int = 0) -> str:
 
 def chunk_keys(root: Path) -> Dict[str, List[Tuple[int, int]]]:
     """(rank, index) of the chunk files present, by extension, in reading order."""
-    found: Dict[str, List[Tuple[int, int]]] = {"bin": [], "json": []}
+    found: Dict[str, List[Tuple[int, int]]] = {"bin": [], "json": [], "stats": []}
     for entry in os.listdir(root):
         m = CHUNK_RE.match(entry)
         if m:
@@ -167,7 +188,8 @@ def _field_ok(field: Any) -> bool:
 
 
 def read_chunk_meta(path: Path, index: int, row_bytes: int, rank: int = 0) -> Dict[str, Any]:
-    """The validated metadata of chunk ``index`` of ``rank``, after checking its ``.bin`` holds exactly its rows."""
+    """The validated metadata of chunk ``index`` of ``rank``, after checking its ``.bin`` holds exactly
+    its rows (size; the checksum is checked when rows are read, see analog.storage.integrity)."""
     meta_path, bin_path = path / chunk_name(index, "json", rank), path / chunk_name(index, "bin", rank)
     meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("n"), int) or meta["n"] < 0 \
@@ -176,6 +198,14 @@ def read_chunk_meta(path: Path, index: int, row_bytes: int, rank: int = 0) -> Di
     n = meta["n"]
     if len(meta["ids"]) != n:
         raise StoreError(f"corrupt chunk metadata {meta_path}: {len(meta['ids'])} ids for n={n}")
+    crc, stats = meta.get("crc32"), meta.get("stats")
+    if crc is not None and (not isinstance(crc, int) or isinstance(crc, bool)):
+        raise StoreError(f"corrupt chunk metadata {meta_path}: 'crc32' must be an integer, found {crc!r}")
+    if stats is not None and not (isinstance(stats, dict) and isinstance(stats.get("crc32"), int)):
+        raise StoreError(f"corrupt chunk metadata {meta_path}: 'stats' must be {{'crc32': int}}, found {stats!r}")
+    if os.path.islink(bin_path):
+        raise StoreError(f"chunk data file {bin_path} is a symbolic link; analog writes no links into a store, so "
+                         "it refuses to read one as gradients (`analog store repair` drops the chunk)")
     if not bin_path.exists():
         raise StoreError(f"missing chunk data file {bin_path} (its metadata {meta_path.name} says {n} examples)")
     size, expected = bin_path.stat().st_size, n * row_bytes

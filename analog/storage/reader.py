@@ -2,17 +2,27 @@
 
 Rows are memory-mapped copy-on-write (``mode="c"``): reading a contiguous range of one chunk is
 a view on the page cache, never a copy; writes to the returned tensors never reach the file.
+
+Integrity (analog.storage.integrity): opening checks the chunk sequence (gaps, data whose metadata
+is missing) and refuses links; with ``verify=True`` (the default) each chunk's CRC-32 is checked
+the first time a row of it is read — one pass over its bytes, once per LogStore. ``verify=False``
+is the fast path for stores you trust (e.g. just verified with ``analog store verify``).
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
 
+from analog.storage.integrity import crc32, read_dropped, sequence_problems, symlinks
 from analog.storage.layout import (
     DTYPES,
     STORE_FILE,
@@ -43,8 +53,10 @@ class LogStore:
         expect_fields: Optional[list] = None,
         expect_compression: Optional[dict] = None,
         expect_modules: Optional[Sequence[str]] = None,
+        verify: bool = True,
     ):
         self.path = Path(path)
+        self.verify = bool(verify)
         self._expect = (expect_fields, expect_compression, expect_modules)
         if not (self.path / STORE_FILE).exists():
             raise StoreError(f"no log store at {self.path} (missing {self.path / STORE_FILE}); "
@@ -61,10 +73,10 @@ class LogStore:
 
     def __getstate__(self):
         """Pickle as the path (e.g. for DataLoader workers started with spawn), not the mapped data."""
-        return {"path": str(self.path), "expect": self._expect}
+        return {"path": str(self.path), "expect": self._expect, "verify": self.verify}
 
     def __setstate__(self, state) -> None:
-        self.__init__(state["path"], *state["expect"])
+        self.__init__(state["path"], *state["expect"], verify=state.get("verify", True))
 
     def _check(self, what: str, stored, expected) -> None:
         if expected is not None and stored != expected:
@@ -86,10 +98,18 @@ class LogStore:
         self.ids: List[Any] = []
         self._maps: List[np.ndarray] = []
         self._starts: List[int] = []
+        self._metas: List[Dict[str, Any]] = []
+        self._verified: set = set()
         row_bytes = self.row_elems * np.dtype(self.np_dtype).itemsize
         world = stored_world_size(self.header)
         self._chunks: List[Tuple[int, int]] = []
-        for rank, index in chunk_keys(self.path)["json"]:  # (rank, index) order: the shards read as one
+        keys = chunk_keys(self.path)
+        problems = [p for _, p in sequence_problems(self.path, keys, read_dropped(self.path))]
+        problems += [f"{self.path / e} is a symbolic link (analog writes none; refused)" for e in symlinks(self.path)]
+        if problems:
+            raise StoreError(f"store {self.path} cannot be trusted as it is: {'; '.join(problems)}. "
+                             f"`analog store repair {self.path}` drops what cannot be trusted and says what")
+        for rank, index in keys["json"]:  # (rank, index) order: the shards read as one
             if rank >= world:
                 raise StoreError(
                     f"store {self.path} was written with world size {world} but holds chunk "
@@ -98,6 +118,7 @@ class LogStore:
             n = meta["n"]
             self._starts.append(len(self.ids))
             self._chunks.append((rank, index))
+            self._metas.append({k: v for k, v in meta.items() if k != "ids"})
             self.ids.extend(meta["ids"])
             if n and self.row_elems:
                 bin_path = self.path / chunk_name(index, "bin", rank)
@@ -107,6 +128,45 @@ class LogStore:
         self._index = {(tuple(i) if isinstance(i, list) else i): k for k, i in enumerate(self.ids)}
         if len(self._index) != len(self.ids):
             self._raise_duplicate()
+
+    def _check_chunk(self, c: int) -> None:
+        """Chunk ``c``'s bytes against the CRC-32 its metadata recorded (once; when ``verify``)."""
+        if not self.verify or c in self._verified:
+            return
+        expected = self._metas[c].get("crc32")
+        if expected is not None and self._maps[c].size and crc32(self._maps[c]) != expected:
+            rank, index = self._chunks[c]
+            raise StoreError(f"chunk data file {self.path / chunk_name(index, 'bin', rank)} does not match the "
+                             f"checksum in {chunk_name(index, 'json', rank)}: its bytes changed after they were "
+                             f"written. `analog store repair {self.path}` drops the chunk")
+        self._verified.add(c)
+
+    def digest(self) -> str:
+        """A short fingerprint of the store's content: (rank, index, n, crc32) of every chunk."""
+        listing = [[r, i, m["n"], m.get("crc32")] for (r, i), m in zip(self._chunks, self._metas)]
+        return hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:16]
+
+    def stat_sums(self) -> Dict[str, torch.Tensor]:
+        """Σ over chunks of the curvature statistics committed with each chunk (float64), checked
+        against their CRC-32; a chunk holding rows but no statistics is an error naming it."""
+        total: Dict[str, torch.Tensor] = {}
+        for (rank, index), meta in zip(self._chunks, self._metas):
+            if not meta["n"]:
+                continue
+            file = self.path / chunk_name(index, "stats", rank)
+            if meta.get("stats") is None:
+                raise StoreError(f"chunk {chunk_name(index, 'json', rank)} of {self.path} has no curvature "
+                                 "statistics (written by an analog from before they were stored with the rows): "
+                                 "log again into a new project")
+            if os.path.islink(file) or not file.exists():
+                raise StoreError(f"missing or linked statistics file {file} of chunk {chunk_name(index, 'json', rank)}")
+            blob = file.read_bytes()
+            if crc32(blob) != meta["stats"]["crc32"]:
+                raise StoreError(f"statistics file {file} does not match the checksum in "
+                                 f"{chunk_name(index, 'json', rank)}: its bytes changed after they were written")
+            for key, value in load_tensors(blob).items():
+                total[key] = value if key not in total else total[key] + value
+        return total
 
     def _raise_duplicate(self) -> None:
         """A store holding an id twice (e.g. two ranks logged the same example) cannot be read by id."""
@@ -132,6 +192,9 @@ class LogStore:
     def modules(self) -> List[str]:
         return list(dict.fromkeys(f["module"] for f in self.fields))
 
+    def holds(self, data_id: Any) -> bool:
+        return (tuple(data_id) if isinstance(data_id, list) else data_id) in self._index
+
     def position(self, data_id: Any) -> int:
         try:
             return self._index[data_id]
@@ -149,6 +212,7 @@ class LogStore:
             c = bisect.bisect_right(self._starts, pos) - 1
             local = pos - self._starts[c]
             take = min(stop - pos, self._maps[c].shape[0] - local)
+            self._check_chunk(c)
             parts.append(self._tensor(self._maps[c][local : local + take]))
             pos += take
         if not parts:

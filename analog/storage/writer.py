@@ -28,12 +28,15 @@ import queue
 import threading
 import warnings
 import weakref
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_tensors
 
+from analog.storage.integrity import read_dropped, sequence_problems, symlinks
 from analog.storage.layout import (
     CHUNK_RE,
     DTYPES,
@@ -43,6 +46,7 @@ from analog.storage.layout import (
     chunk_keys,
     chunk_name,
     lock_name,
+    open_exclusive,
     rank_tmp_suffix,
     read_chunk_meta,
     read_header,
@@ -108,6 +112,7 @@ class LogWriter:
         self._buffer: List[torch.Tensor] = []
         self._buffer_ids: List[Any] = []
         self._buffer_bytes = 0
+        self._buffer_stats: Dict[str, torch.Tensor] = {}
         self._error: Optional[BaseException] = None
         self._queue: "queue.Queue" = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="analog-log-writer", daemon=True)
@@ -134,11 +139,16 @@ class LogWriter:
         else:  # every rank writes the same header, each through its own temporary file
             write_json_atomic(self.path / STORE_FILE, self.header, rank_tmp_suffix(self.rank))
         found = chunk_keys(self.path)
+        problems = [p for _, p in sequence_problems(self.path, found, read_dropped(self.path))]
+        problems += [f"{self.path / e} is a symbolic link" for e in symlinks(self.path)]
+        if problems:
+            raise StoreError(f"store {self.path} cannot be appended to: {'; '.join(problems)}; "
+                             f"run `analog store repair {self.path}` to drop what cannot be trusted")
         ids = set()
         for r, index in found["json"]:  # every rank's complete chunks: ids already on disk are refused
             ids.update(_hashable(i) for i in read_chunk_meta(self.path, index, self.row_bytes, r)["ids"])
         self._next = max((i for r, i in found["json"] if r == self.rank), default=-1) + 1
-        self._remove_leftovers([i for r, i in found["bin"] if r == self.rank])
+        self._remove_leftovers([i for r, i in found["bin"] + found["stats"] if r == self.rank])
         return ids
 
     def _remove_leftovers(self, bins: List[int]) -> None:
@@ -146,15 +156,17 @@ class LogWriter:
         temporary files (other ranks' files are theirs: they may be writing them right now)."""
         for index in bins:
             if index >= self._next:
-                (self.path / chunk_name(index, "bin", self.rank)).unlink(missing_ok=True)
+                for ext in ("bin", "stats"):
+                    (self.path / chunk_name(index, ext, self.rank)).unlink(missing_ok=True)
         own_tmp = STORE_FILE + rank_tmp_suffix(self.rank)
         for entry in os.listdir(self.path):
             if entry == own_tmp or (entry.endswith(".json.tmp") and _chunk_rank(entry) == self.rank):
                 (self.path / entry).unlink(missing_ok=True)
 
     # -- caller side ------------------------------------------------------------------------
-    def write(self, ids: Sequence[Any], rows: torch.Tensor) -> None:
-        """Append ``rows`` (len(ids) × row_elems, any float dtype, CPU) for ``ids``."""
+    def write(self, ids: Sequence[Any], rows: torch.Tensor, stats: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Append ``rows`` (len(ids) × row_elems, any float dtype, CPU) for ``ids``. ``stats``: sums over
+        these rows (e.g. K-FAC's Σ a aᵀ) added up per chunk and committed with it, in float64."""
         self._raise_pending()
         if self.closed:
             raise StoreError(f"writer for {self.path} is closed")
@@ -168,12 +180,19 @@ class LogWriter:
         self._buffer.append(rows)
         self._buffer_ids.extend(ids)
         self._buffer_bytes += rows.numel() * rows.element_size()
+        for key, value in (stats or {}).items():
+            value = value.detach().double()
+            self._buffer_stats[key] = value if key not in self._buffer_stats else self._buffer_stats[key] + value
         if self._buffer_bytes >= self.flush_bytes:
             self._submit()
 
-    def write_logs(self, ids: Sequence[Any], logs) -> None:
+    def write_logs(self, ids: Sequence[Any], logs, stats: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Append a batch's logs ``{module: {kind: (B, *shape)}}``, packed by analog.storage.rows.pack."""
-        self.write(ids, pack(logs, self.header["fields"], self.torch_dtype))
+        self.write(ids, pack(logs, self.header["fields"], self.torch_dtype), stats)
+
+    def holds(self, data_id: Any) -> bool:
+        """Whether ``data_id`` is on disk or handed to this writer."""
+        return _hashable(data_id) in self.ids
 
     def _check_new(self, ids: List[Any]) -> None:
         """Refuse a batch (as a whole) holding an id twice or an id already logged."""
@@ -215,9 +234,10 @@ class LogWriter:
             return
         self._queue.join()
         self._raise_pending()
-        self._queue.put((self._next, self._buffer_ids, self._buffer))
+        stats = {k: v.cpu().contiguous() for k, v in self._buffer_stats.items()}
+        self._queue.put((self._next, self._buffer_ids, self._buffer, stats))
         self._next += 1
-        self._buffer, self._buffer_ids, self._buffer_bytes = [], [], 0
+        self._buffer, self._buffer_ids, self._buffer_bytes, self._buffer_stats = [], [], 0, {}
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -238,19 +258,28 @@ class LogWriter:
             finally:
                 self._queue.task_done()
 
-    def _write_chunk(self, index: int, ids: List[Any], parts: List[torch.Tensor]) -> None:
-        """The rows, synced, then the chunk's metadata, atomically: a chunk is complete or absent."""
-        bin_path = self.path / chunk_name(index, "bin", self.rank)
-        nbytes = 0
-        with open(bin_path, "wb") as f:
+    def _write_chunk(self, index: int, ids: List[Any], parts: List[torch.Tensor],
+                     stats: Dict[str, torch.Tensor]) -> None:
+        """The rows and their statistics, synced, then the chunk's metadata with both checksums,
+        atomically: a chunk (rows, statistics, ids) is complete or absent."""
+        nbytes, crc = 0, 0
+        with open_exclusive(self.path / chunk_name(index, "bin", self.rank)) as f:
             for rows in parts:
-                data = rows.reshape(-1).view(torch.uint8).numpy()
-                f.write(memoryview(data))
+                data = memoryview(rows.reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                crc = zlib.crc32(data, crc)
                 nbytes += data.nbytes
             f.flush()
             os.fsync(f.fileno())
-        write_json_atomic(self.path / chunk_name(index, "json", self.rank),
-                          {"n": len(ids), "ids": ids, "nbytes": nbytes})
+        meta = {"n": len(ids), "ids": ids, "nbytes": nbytes, "crc32": crc & 0xFFFFFFFF}
+        if stats:
+            blob = save_tensors(stats)
+            with open_exclusive(self.path / chunk_name(index, "stats", self.rank)) as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            meta["stats"] = {"crc32": zlib.crc32(blob) & 0xFFFFFFFF}
+        write_json_atomic(self.path / chunk_name(index, "json", self.rank), meta)
 
 
 class StoreLock:

@@ -76,11 +76,20 @@ def test_garbage_curvature_metadata_names_the_file(tmp_path):
         AnaLog("p", {"root_dir": str(tmp_path)}).watch(_model())
 
 
-def test_truncated_curvature_tensors_name_the_file(tmp_path):
+def test_truncated_curvature_tensors_are_named_and_fitted_again(tmp_path):
     run, _ = _logged(tmp_path)
+    fitted = {k: v.clone() for k, v in run.curvature.state.items()}
     tensors = run.state_path / "curvature.safetensors"
     tensors.write_bytes(tensors.read_bytes()[:100])
-    with pytest.raises(ProjectError, match=f"corrupt or truncated curvature file {tensors}"):
+    with pytest.warns(UserWarning, match=f"{tensors} is missing or does not match its record"):
+        again = AnaLog("p", {"root_dir": str(tmp_path)}).watch(_model())
+    assert not again.curvature.meta["finalized"]
+    again.eval()  # fitted again from the store: the same curvature
+    assert again.curvature.state.keys() == fitted.keys() and len(fitted) == 12
+    for key, value in fitted.items():
+        torch.testing.assert_close(again.curvature.state[key], value, rtol=1e-12, atol=0)
+    tensors.write_bytes(b"garbage")  # written by hand: no record matches it either
+    with pytest.warns(UserWarning, match="does not match its record"):
         AnaLog("p", {"root_dir": str(tmp_path)}).watch(_model())
 
 

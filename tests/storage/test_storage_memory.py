@@ -28,14 +28,14 @@ class SlowWriter(LogWriter):
             self.in_flight += self._buffer_bytes
         super()._submit()
 
-    def _write_chunk(self, index, ids, parts):
+    def _write_chunk(self, index, ids, parts, stats):
         time.sleep(self.delay)
-        super()._write_chunk(index, ids, parts)
+        super()._write_chunk(index, ids, parts, stats)
         with self.lock_:
             self.in_flight -= sum(p.numel() * p.element_size() for p in parts)
 
-    def write(self, ids, rows):
-        super().write(ids, rows)
+    def write(self, ids, rows, stats=None):
+        super().write(ids, rows, stats)
         with self.lock_:
             self.peaks.append((self._buffer_bytes, self.in_flight))
 
