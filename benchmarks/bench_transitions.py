@@ -55,11 +55,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--checkpoints", type=int, default=20)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "transitions.md"))
     args = parser.parse_args()
     lines = [
         "# Phase-transition rules on synthetic series",
         "",
-        f"Command: `python benchmarks/bench_transitions.py --trials {args.trials} --checkpoints {args.checkpoints}`",
+        f"Command: `python benchmarks/bench_transitions.py --trials {args.trials} --checkpoints {args.checkpoints}"
+        + (f" --out {Path(args.out).name}`" if Path(args.out).name != "transitions.md" else "`"),
         "",
         f"Machine: {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"numpy {np.__version__}. Series: {', '.join(FAMILIES)}; {args.trials} draws each; jump 0.3.",
@@ -71,8 +73,7 @@ def main() -> None:
         for rule, (alarms, found) in measure(args.trials, args.checkpoints, sigma).items():
             lines.append(f"| {sigma} | {rule} | {alarms:.3f} | {found:.2f} |")
     text = "\n".join(lines) + "\n"
-    out = Path(__file__).parent / "results" / "transitions.md"
-    out.write_text(text)
+    Path(args.out).write_text(text)
     sys.stdout.write(text)
 
 
