@@ -30,6 +30,8 @@ class TrajectoryInfluence:
 
     def query_gradients(self, query_fn: Callable[[], torch.Tensor], segment: int):
         """(ids, {module: grad (B, *shape)}) of ``query_fn``'s loss at segment ``segment``'s parameters."""
+        if self.analog.mode != "eval":
+            raise RuntimeError("trajectory queries run in analysis mode: call analog.eval() after logging")
         with self.analog.at_segment(segment):
             with self.analog():
                 query_fn().backward()

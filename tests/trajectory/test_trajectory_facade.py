@@ -175,6 +175,11 @@ def test_bad_input_is_a_clear_error(tmp_path):
         with run.at_segment(5):
             pass
 
+    run.mode = "log"  # as before eval(): trajectory queries need analysis mode
+    with pytest.raises(RuntimeError, match=r"analysis mode: call analog.eval\(\)"):
+        run.trajectory.tracin_cp(lambda: loss_fn(model(x[:2]), y[:2]))
+    run.mode = "eval"
+
     # a segment of another run copied into the project
     other_run = trajectory_project(tmp_path, make_mlp(), x, y, thetas, [1.0, 1.0], "none", name="other")
     shutil.rmtree(run.segments.records[1].root(run.path))
@@ -201,3 +206,25 @@ def test_manual_rule_and_new_segment_before_logging(tmp_path):
         {"index": 0, "lr": 0.3, "info": {"epoch": 0}, "closed": True, "checkpoint_bytes": None},
         {"index": 1, "lr": 0.3, "info": {"epoch": 1}, "closed": False, "checkpoint_bytes": None}]
     assert reopened.log_path == reopened.segments.records[1].logs(reopened.path)
+
+
+def test_a_reopened_project_continues_with_a_new_segment(tmp_path):
+    model, (x, y) = make_mlp(), make_data()
+    config = {"root_dir": str(tmp_path), "compression": {"type": "none"}, "hessian": "kfac", "progress": False}
+    first = AnaLog("resume", config)
+    first.watch(model)
+    for _ in range(2):  # epochs 0 and 1: segments 0 and 1
+        log_pass(first, model, x, y, list(range(len(x))))
+    first.finalize()
+
+    again = AnaLog("resume", config)  # a new process: the last segment (1) is current, its ids come from disk
+    again.watch(model)
+    assert len(again.segments) == 2 and again.log_path == again.segments.records[1].logs(again.path)
+    with pytest.raises(Exception, match=r"already fitted.*analog.new_segment\(\)"):
+        log_pass(again, model, x[:8], y[:8], [100 + i for i in range(8)])  # new ids into the fitted segment 1
+    log_pass(again, model, x, y, list(range(len(x))))  # the same ids again: segment 2
+    again.finalize()
+    assert len(again.segments) == 3
+    for record in again.segments.records:
+        assert sorted(LogStore(record.logs(again.path)).ids) == list(range(len(x)))
+        assert (record.state(again.path) / "curvature.json").exists()
