@@ -123,6 +123,10 @@ class AnaLog:
         """Choose the modules of ``model`` to log (see analog.watch.select_modules). The model is untouched;
         a DistributedDataParallel wrapper is looked through (its module's names, no ``module.`` prefix)."""
         self.modules = select_modules(distributed.unwrap(model), type_filter, name_filter)
+        meta = [n for n, m in self.modules.items() if any(p.is_meta for p in m.parameters(recurse=False))]
+        if meta:
+            raise ValueError(f"module(s) {meta[:5]} have parameters on the meta device (no values): materialise "
+                             "the model (e.g. model.to_empty(device=...) and load its weights) before watch()")
         self.rules = {name: get_rule(m, name) for name, m in self.modules.items()}
         self.dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(self.modules.items(),
                                                                                         self.rules.values())}
@@ -200,6 +204,8 @@ class AnaLog:
         if self.mode == "log":
             self._check_ranks()
         ids = to_ids(data_id) if data_id is not None else None
+        if ids is not None and not ids:
+            raise ValueError("data_id holds no ids (an empty batch): there is nothing to log; skip empty batches")
         if self.mode == "log" and self.phase == "log":
             self._segment_step(ids)
         batch_size = len(ids) if ids is not None else None

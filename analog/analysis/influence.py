@@ -124,7 +124,12 @@ class InfluenceFunction:
         damping = self.damping if damping is None else check_damping(damping)
         out = {}
         for m, g in grads.items():
-            pre = self.curvature.precondition(m, g.float(), damping)
+            try:
+                pre = self.curvature.precondition(m, g.float(), damping)
+            except RuntimeError as e:  # a shape that does not fit the fitted blocks
+                raise ValueError(f"module {m!r}: gradients of shape {tuple(g.shape[1:])} do not fit the "
+                                 f"{self.curvature.kind} curvature fitted on the logs ({e}); were they logged with "
+                                 "another model, module set or projection?") from None
             out[m] = pre.reshape(g.shape[0], -1).float()
         return out
 

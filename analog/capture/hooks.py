@@ -135,6 +135,9 @@ class Capture:
         slot[kind] = value if kind not in slot else slot[kind] + value
 
     def _check_batch(self, name: str, b: int) -> None:
+        if b == 0:
+            raise ValueError(f"module {name!r} received an empty batch (0 examples): there is nothing to log; "
+                             "skip empty batches before `with analog(...)`")
         if self.batch_size is not None and b != self.batch_size:
             raise ValueError(
                 f"data_id has {self.batch_size} ids but module {name!r} received a batch of {b} examples; "

@@ -174,10 +174,11 @@ def _entry(raw: Any, where: str) -> MetricEntry:
         raise ConfigError(f"{where}.components: expected a non-empty list")
     components = tuple(_component(c, f"{where}.components[{i}]") for i, c in enumerate(comps or [{}]))
     split = raw.get("data_split", "val")
-    if not isinstance(split, str) or not split:
-        raise ConfigError(f"{where}.data_split: expected a non-empty string, got {split!r}")
+    if not isinstance(split, str) or not _file_safe(split):
+        raise ConfigError(f"{where}.data_split: expected a non-empty file-name-safe name (it names output files), "
+                          f"got {split!r}")
     label = raw.get("name") or ""
-    if not isinstance(label, str) or _safe(label) != label:
+    if not isinstance(label, str) or (label and not _file_safe(label)):
         raise ConfigError(
             f"{where}.name: expected a file-name-safe label of letters, digits, '_', '.', '=', '+', '-' "
             f"(it names output files), got {label!r}"
@@ -192,6 +193,11 @@ def _entry(raw: Any, where: str) -> MetricEntry:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text).strip("-")
+
+
+def _file_safe(text: str) -> bool:
+    """A name that stays one file name under its directory: safe characters only, not '.' or '..'."""
+    return bool(text) and _safe(text) == text and text.strip(".") != ""
 
 
 def _differing_parts(entry: MetricEntry, same: List[MetricEntry]) -> List[str]:
@@ -237,8 +243,9 @@ def parse_config(raw: Any) -> MetricsConfig:
     """Validate a config mapping (as loaded from YAML)."""
     raw = _check_keys(raw, ("analysis_name", "steps", "metrics", "monitoring", "transitions"), "config")
     name = raw.get("analysis_name")
-    if not isinstance(name, str) or not name or _safe(name) != name:
-        raise ConfigError(f"analysis_name: expected a non-empty name of letters, digits, '_', '.', '-', got {name!r}")
+    if not isinstance(name, str) or not _file_safe(name):
+        raise ConfigError("analysis_name (the output directory's name): expected a non-empty name of letters, "
+                          f"digits, '_', '.', '-' other than '.' and '..', got {name!r}")
     metrics = raw.get("metrics")
     if not isinstance(metrics, list) or not metrics:
         raise ConfigError("metrics: expected a non-empty list of metric entries")

@@ -2,8 +2,9 @@
 
 Every chunk's metadata records ``crc32`` of its ``.bin`` (and of its ``.stats`` file when it has
 one), computed by the writer from the bytes it wrote. Readers check a chunk's checksum the first
-time they read a row of it (``LogStore(verify=True)``, the default; see README for the cost), so a
-flipped byte or overwritten bytes are an error naming the file, never gradients.
+time they read a row of it (``LogStore(verify=True)``, the default), once per file version and
+process (``VERIFIED``), so a flipped byte or overwritten bytes are an error naming the file, never
+gradients. Cost: benchmarks/results/integrity.md.
 
 Structure checks (``sequence_problems``), made whenever a store is opened:
 
@@ -51,6 +52,17 @@ def crc32(data) -> int:
     if isinstance(data, np.ndarray):
         data = memoryview(np.ascontiguousarray(data)).cast("B")
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+#: file versions (see ``file_version``) whose CRC-32 this process has checked: a store read again
+#: (e.g. one query batch after another) is not checksummed again until its files change
+VERIFIED: set = set()
+
+
+def file_version(path: Path, crc: int) -> tuple:
+    """(path, inode, size, mtime in ns, recorded crc): changes whenever the file is rewritten."""
+    st = os.stat(path)
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns, crc
 
 
 def file_crc32(path: Path, block: int = 16 * 2**20) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 
-from analog.storage.integrity import crc32, read_dropped, sequence_problems, symlinks
+from analog.storage.integrity import VERIFIED, crc32, file_version, read_dropped, sequence_problems, symlinks
 from analog.storage.layout import (
     DTYPES,
     STORE_FILE,
@@ -130,15 +130,19 @@ class LogStore:
             self._raise_duplicate()
 
     def _check_chunk(self, c: int) -> None:
-        """Chunk ``c``'s bytes against the CRC-32 its metadata recorded (once; when ``verify``)."""
+        """Chunk ``c``'s bytes against the CRC-32 its metadata recorded, when ``verify``: once per file
+        version (path, inode, size, mtime) and process, so repeated passes over a store pay once."""
         if not self.verify or c in self._verified:
             return
         expected = self._metas[c].get("crc32")
-        if expected is not None and self._maps[c].size and crc32(self._maps[c]) != expected:
-            rank, index = self._chunks[c]
-            raise StoreError(f"chunk data file {self.path / chunk_name(index, 'bin', rank)} does not match the "
-                             f"checksum in {chunk_name(index, 'json', rank)}: its bytes changed after they were "
-                             f"written. `analog store repair {self.path}` drops the chunk")
+        rank, index = self._chunks[c]
+        if expected is not None and self._maps[c].size:
+            key = file_version(self.path / chunk_name(index, "bin", rank), expected)
+            if key not in VERIFIED and crc32(self._maps[c]) != expected:
+                raise StoreError(f"chunk data file {self.path / chunk_name(index, 'bin', rank)} does not match the "
+                                 f"checksum in {chunk_name(index, 'json', rank)}: its bytes changed after they were "
+                                 f"written. `analog store repair {self.path}` drops the chunk")
+            VERIFIED.add(key)
         self._verified.add(c)
 
     def digest(self) -> str:
