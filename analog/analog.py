@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from analog import distributed
-from analog.capture import get_rule
 from analog.capture.hooks import Capture
 from analog.compression import build_projector
 from analog.compression.base import NoProjector
@@ -42,7 +41,7 @@ from analog.storage import LogStore, LogWriter, build_log_dataloader
 from analog.storage.layout import DTYPES
 from analog.storage.rows import fields_of
 from analog.trajectory import SegmentError, Trajectory, load_checkpoint, parameters_of
-from analog.watch import select_modules
+from analog.watch import watch_model
 
 #: keys that may change once logging started in this process (they affect checks and queries only)
 QUERY_TIME_KEYS = frozenset({"damping", "progress", "nonfinite"})
@@ -119,15 +118,17 @@ class AnaLog:
 
     setup = update
 
-    def watch(self, model: nn.Module, type_filter=None, name_filter=None) -> "AnaLog":
-        """Choose the modules of ``model`` to log (see analog.watch.select_modules). The model is untouched;
-        a DistributedDataParallel wrapper is looked through (its module's names, no ``module.`` prefix)."""
-        self.modules = select_modules(distributed.unwrap(model), type_filter, name_filter)
-        meta = [n for n, m in self.modules.items() if any(p.is_meta for p in m.parameters(recurse=False))]
+    def watch(self, model: nn.Module, type_filter=None, name_filter=None, exclude=None) -> "AnaLog":
+        """Choose the modules of ``model`` to log (see analog.watch); ``analog.coverage`` reports what that covers
+        (a warning when trainable parameters are left out). The model is untouched; a DistributedDataParallel
+        wrapper is looked through (its module's names, no ``module.`` prefix)."""
+        watched = watch_model(distributed.unwrap(model), type_filter, name_filter, exclude)
+        meta = [n for n, m in watched.modules.items() if any(p.is_meta for p in m.parameters(recurse=False))]
         if meta:
             raise ValueError(f"module(s) {meta[:5]} have parameters on the meta device (no values): materialise "
                              "the model (e.g. model.to_empty(device=...) and load its weights) before watch()")
-        self.rules = {name: get_rule(m, name) for name, m in self.modules.items()}
+        self.modules, self.rules, self.coverage = watched.modules, watched.rules, watched.coverage
+        self._root = watched.root
         self.dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(self.modules.items(),
                                                                                         self.rules.values())}
         self._setup_state()
@@ -213,7 +214,7 @@ class AnaLog:
         if self.mode == "log" and self.phase == "pca":
             self._pca_stats = self._pca_stats or build_curvature("kfac")
             self._capture = Capture(self.modules, self.rules, NoProjector(), (), batch_size=batch_size,
-                                    mask=mask, observer=self._pca_stats.observe)
+                                    mask=mask, observer=self._pca_stats.observe, root=self._root)
         else:
             training = self.mode == "log"
             if training and self.curvature.meta["finalized"] and self.curvature.kind != "none":
@@ -227,7 +228,7 @@ class AnaLog:
             observer = (lambda *f: self._observed.append(f)) if training and self.curvature.needs_factors else None
             kinds = (*self.config.log, "token_grad") if per_token else self.config.log
             self._capture = Capture(self.modules, self.rules, self.projector, kinds,
-                                    batch_size=batch_size, mask=mask, observer=observer)
+                                    batch_size=batch_size, mask=mask, observer=observer, root=self._root)
         self._ids = ids
         self._capture.__enter__()
         return self
@@ -237,6 +238,7 @@ class AnaLog:
         capture.__exit__(exc_type, exc, tb)
         if exc_type is not None:
             return
+        capture.finish(self._ids)
         logs = capture.logs
         ids = self._ids if self._ids is not None else list(range(_batch_size(logs)))
         self._check_finite(ids, logs)

@@ -1,50 +1,122 @@
-"""Choosing which modules to log."""
+"""Choosing which modules to log, and saying what that covers.
+
+``watch_model`` picks every module that has a per-sample rule (``analog.capture``), minus
+
+* what ``type_filter`` / ``name_filter`` leave out and what ``exclude`` names (substrings or globs),
+* frozen modules (no parameter with ``requires_grad``): nothing to log; named in the coverage,
+* configurations a rule cannot log (``LayerRule.unsupported``, e.g. BatchNorm without running stats),
+* modules whose per-sample gradients are not recoverable at their boundary (analog.capture.broadcast),
+* layers whose parameters an enclosing layer's rule already covers (``nn.MultiheadAttention.out_proj``
+  is used by weight inside its parent's call, never called itself),
+
+and builds the coverage report (analog.capture.coverage). A module the user *names exactly* in
+``name_filter`` (or selects by ``type_filter``) that cannot be logged is an error with the reason;
+what the default selection leaves out is a warning when it holds trainable parameters.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
 from torch import nn
 
 from analog.capture import find_rule, registered_types
+from analog.capture.broadcast import unrecoverable_reason
+from analog.capture.coverage import Coverage, build_coverage
+from analog.capture.rules import LayerRule
 
 
-def select_modules(
+@dataclass
+class Watched:
+    """The result of ``watch_model``: modules and rules by name, the model, and the coverage report."""
+
+    modules: Dict[str, nn.Module]
+    rules: Dict[str, LayerRule]
+    root: nn.Module
+    coverage: Coverage
+
+
+def watch_model(
     model: nn.Module,
     type_filter: Optional[Sequence[Union[type, str]]] = None,
     name_filter: Optional[Sequence[str]] = None,
-) -> Dict[str, nn.Module]:
-    """Modules of ``model`` to watch, by qualified name.
-
-    ``type_filter``: module classes (or class names) to keep; a listed type with no rule is an
-    error. ``name_filter``: substrings or glob patterns of module names. With neither, every
-    module that has a rule is watched. Selecting nothing is an error.
-    """
-    if type_filter is not None:
-        for t in type_filter:
-            if isinstance(t, type) and find_rule(t) is None:
-                raise TypeError(f"type_filter names {t.__name__}, which analog cannot log; "
-                                f"registered: {', '.join(registered_types())}")
+    exclude: Optional[Sequence[str]] = None,
+    warn: bool = True,
+) -> Watched:
+    """Select the modules of ``model`` to log (see the module docstring); warn when coverage is incomplete."""
+    _check_type_filter(type_filter)
     chosen: Dict[str, nn.Module] = {}
+    reasons: Dict[str, str] = {}
+    frozen, user_excluded, claimed = [], [], set()
     for name, module in model.named_modules():
-        if not name or not _type_ok(module, type_filter) or not _name_ok(name, name_filter):
+        if not name:
             continue
-        if find_rule(module) is None:
-            if type_filter is not None or (name_filter is not None and _name_explicit(name, name_filter)):
+        if any(name.startswith(c + ".") for c in claimed):
+            continue  # used by weight inside an enclosing layer's call (covered by that layer's rule)
+        rule = find_rule(module)
+        if rule is not None and _claims_children(rule, module):
+            claimed.add(name)
+        if not _type_ok(module, type_filter) or not _name_ok(name, name_filter) or _excluded(name, exclude):
+            if rule is not None:
+                reasons[name] = "left out by name_filter/type_filter/exclude"
+            user_excluded.append(name)
+            continue
+        explicit = type_filter is not None or (name_filter is not None and _name_explicit(name, name_filter))
+        if rule is None:
+            if explicit:
                 raise TypeError(f"module {name!r} ({type(module).__name__}) was selected but analog has no "
                                 f"rule for it; registered: {', '.join(registered_types())}")
             continue
+        reason = rule.unsupported(module) or unrecoverable_reason(name, module)
+        if reason:
+            if explicit and _name_explicit(name, name_filter or ()):
+                raise ValueError(f"module {name!r} ({type(module).__name__}) cannot be logged: {reason}")
+            reasons[name] = reason
+            continue
+        params = rule.covered_params(module)
+        if not any(p.requires_grad for p in params.values()):
+            if params:
+                frozen.append(name)
+            continue
         chosen[name] = module
     if not chosen:
-        hint = ""
-        if find_rule(model) is not None and not any(True for _ in model.children()):
-            hint = (f"; the model itself is a bare {type(model).__name__} and analog watches named submodules: "
-                    "wrap it, e.g. nn.Sequential(model)")
-        raise ValueError(f"watch() selected no module of {type(model).__name__} "
-                         f"(type_filter={type_filter}, name_filter={name_filter}); loggable types: "
-                         f"{', '.join(registered_types())}{hint}")
-    return chosen
+        _nothing_selected(model, type_filter, name_filter)
+    rules = {name: find_rule(m) for name, m in chosen.items()}
+    coverage = build_coverage(model, chosen, rules, reasons, frozen, user_excluded)
+    message = coverage.warning()
+    if warn and message:
+        warnings.warn(message, stacklevel=3)
+    return Watched(chosen, rules, model, coverage)
+
+
+def select_modules(model, type_filter=None, name_filter=None, exclude=None) -> Dict[str, nn.Module]:
+    """{name: module} that ``watch_model`` selects (without the coverage warning)."""
+    return watch_model(model, type_filter, name_filter, exclude, warn=False).modules
+
+
+def _claims_children(rule: LayerRule, module: nn.Module) -> bool:
+    own = {id(p) for p in module.parameters(recurse=False)}
+    return any(id(p) not in own for p in rule.covered_params(module).values())
+
+
+def _check_type_filter(type_filter) -> None:
+    for t in type_filter or ():
+        if isinstance(t, type) and find_rule(t) is None:
+            raise TypeError(f"type_filter names {t.__name__}, which analog cannot log; "
+                            f"registered: {', '.join(registered_types())}")
+
+
+def _nothing_selected(model, type_filter, name_filter) -> None:
+    hint = ""
+    if find_rule(model) is not None and not any(True for _ in model.children()):
+        hint = (f"; the model itself is a bare {type(model).__name__} and analog watches named submodules: "
+                "wrap it, e.g. nn.Sequential(model)")
+    raise ValueError(f"watch() selected no module of {type(model).__name__} "
+                     f"(type_filter={type_filter}, name_filter={name_filter}); loggable types: "
+                     f"{', '.join(registered_types())}{hint}")
 
 
 def _type_ok(module, type_filter) -> bool:
@@ -57,6 +129,10 @@ def _name_ok(name: str, name_filter) -> bool:
     if name_filter is None:
         return True
     return any(p in name or fnmatch.fnmatchcase(name, p) for p in name_filter)
+
+
+def _excluded(name: str, exclude) -> bool:
+    return bool(exclude) and any(p in name or fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
 def _name_explicit(name: str, name_filter) -> bool:

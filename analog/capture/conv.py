@@ -4,6 +4,11 @@ A convolution is a Linear applied at every output position to the unfolded input
 ``unfold`` giving patches of shape (B, C_in·k, L), group g sees a_{t,g} = its C_in/groups·k slice of
 patch t (plus a one for the bias) and δ_{t,g} = the gradient of its C_out/groups output channels at
 position t. ∂L/∂W for group g is Σ_t δ_{t,g} a_{t,g}ᵀ, reshaped to (C_out/groups, C_in/groups, *k).
+
+``padding='same'`` and the padding modes ``reflect``, ``replicate`` and ``circular`` are read as the
+layer computes them: the input is first padded with ``F.pad`` by the layer's own
+``_reversed_padding_repeated_twice`` (left/right amounts per spatial dimension, the extra one on the
+right for an odd total) in the layer's mode, then unfolded without padding.
 """
 
 from __future__ import annotations
@@ -17,12 +22,18 @@ from torch import nn
 from analog.capture.rules import LayerRule, append_ones, has_bias
 
 
+def _prepadded(module) -> bool:
+    """True when the input is padded explicitly before unfolding ('same'/'valid' or a non-zero mode)."""
+    return isinstance(module.padding, str) or module.padding_mode != "zeros"
+
+
 def _as_2d(module) -> tuple:
     """(kernel, dilation, padding, stride) as 2-D tuples (a Conv1d is a 1 × k Conv2d: no padding on height)."""
+    padding = (0,) * len(module.kernel_size) if _prepadded(module) else module.padding
     if isinstance(module, nn.Conv1d):
-        (k,), (d,), (p,), (s,) = module.kernel_size, module.dilation, module.padding, module.stride
+        (k,), (d,), (p,), (s,) = module.kernel_size, module.dilation, padding, module.stride
         return (1, k), (1, d), (0, p), (1, s)
-    return module.kernel_size, module.dilation, module.padding, module.stride
+    return module.kernel_size, module.dilation, padding, module.stride
 
 
 class _ConvRule(LayerRule):
@@ -39,14 +50,11 @@ class _ConvRule(LayerRule):
         return module.out_channels // module.groups
 
     def activations(self, module, x):
-        if isinstance(module.padding, str):
-            raise NotImplementedError(
-                f"padding={module.padding!r} is not supported by analog's conv rule; use integer padding"
-            )
+        if _prepadded(module):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
         if isinstance(module, nn.Conv1d):
             x = x.unsqueeze(-2)
-        if module.padding_mode != "zeros":
-            raise NotImplementedError(f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')")
         kernel, dilation, padding, stride = _as_2d(module)
         patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C·k, L)
         b, _, length = patches.shape

@@ -5,8 +5,11 @@ removes every handle when it is left (also on an exception), so passes outside t
 nothing; tensor hooks already placed on outputs are disarmed too, so a backward run after the
 block through a graph built inside it leaves the logs as they were.
 
-For each forward call whose output needs a gradient, the forward hook keeps the (projected)
-activations ã and registers a hook on that call's output tensor; when the gradient arrives, the
+One hook function serves every watched module (it finds the module's name in a dict), so
+``torch.compile`` traces one function rather than one closure per module. For each forward call
+whose output needs a gradient, the forward hook keeps the (projected) activations ã and registers a
+hook on that call's output tensor (for a batch-1 input broadcast over the batch, on the output
+expanded to the batch: see analog.capture.broadcast); when the gradient arrives, the
 backward side forms δ̃ and the per-sample gradient Σ_t δ̃_t ã_tᵀ of that call, passed through
 the projector's ``compress_grad`` (the dense projection; the identity for LoGra).
 A module called several times in one step (weight sharing) adds up its calls, as autograd does.
@@ -24,12 +27,16 @@ reset once (a one-time recompile) so every compiled graph from then on sees anal
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections import Counter
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
+from analog.capture.completeness import check_complete
+from analog.capture.masks import MaskArg, is_encoder_decoder, mask_for_factors, resolve_masks
 from analog.capture.rules import LayerRule
 
 #: observer(name, a, d, mask) is called with each call's factors (B, T, G, r_in), (B, T, G, r_out)
@@ -39,7 +46,11 @@ FactorObserver = Callable[[str, torch.Tensor, torch.Tensor, Optional[torch.Tenso
 class Capture:
     """Per-batch capture of ``kinds`` ⊆ {"grad", "token_grad", "forward", "backward"} from watched modules.
 
-    ``token_grad`` keeps one gradient per position (for per-token influence of queries).
+    ``grad``: Σ_t δ̃_t ã_tᵀ per example (compressed); ``token_grad`` keeps one gradient per position (for
+    per-token influence of queries); ``forward``: the layer's input as it saw it, (B, *input_shape[1:]),
+    float32, uncompressed (no bias column: that lives only inside the gradient maths); ``backward``: δ̃,
+    (B, T, G, r_out). ``mask`` (see analog.capture.masks) reaches only the observer (statistics); it never
+    changes a logged value. ``root`` (the watched model) tells the batch size when no ids are given.
     """
 
     def __init__(
@@ -49,14 +60,24 @@ class Capture:
         projector,
         kinds: Sequence[str],
         batch_size: Optional[int] = None,
-        mask: Optional[torch.Tensor] = None,
+        mask: MaskArg = None,
         observer: Optional[FactorObserver] = None,
+        root: Optional[nn.Module] = None,
     ):
         self.modules, self.rules, self.projector = modules, rules, projector
         self.kinds = tuple(kinds)
-        self.batch_size, self.mask, self.observer = batch_size, mask, observer
+        self.batch_size, self.observer, self.root = batch_size, observer, root
+        encoder_decoder = root is not None and is_encoder_decoder(root)
+        self.masks = resolve_masks(mask, modules, encoder_decoder)
+        self._mask_given, self._mask_used = mask is not None, False
         self.needs_backward = bool({"grad", "token_grad", "backward"} & set(self.kinds)) or observer is not None
         self.logs: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.calls: Counter = Counter()  # forward calls whose output needs a gradient, per module
+        self.grad_calls: Counter = Counter()  # gradients received, per module
+        self.called: set = set()
+        self.broadcast: Dict[str, int] = {}  # module -> batch size its batch-1 output was expanded to
+        self._root_batch: Optional[int] = None
+        self._names = {id(m): n for n, m in modules.items()}
         self._handles = []
         self._open = False
 
@@ -64,9 +85,11 @@ class Capture:
         guard_compiled_hooks()
         self._open = True
         try:
-            for name, module in self.modules.items():
-                hook = self._make_forward_hook(name)
-                self._handles.append(module.register_forward_hook(hook))
+            hook = self._forward_hook  # one hook object for every module (no per-module closures)
+            for module in self.modules.values():
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            if self.root is not None and self.batch_size is None:
+                self._handles.append(self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
@@ -83,42 +106,85 @@ class Capture:
         self._handles.clear()
 
     # -- hooks ------------------------------------------------------------------------------
-    def _make_forward_hook(self, name: str):
-        def hook(module, inputs, output):
-            self._forward(name, module, inputs, output)
+    def _root_hook(self, module, args, kwargs) -> None:
+        if self._root_batch is None:
+            first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+            self._root_batch = None if first is None else first.shape[0]
 
-        return hook
-
-    def _forward(self, name, module, inputs, output) -> None:
+    def _forward_hook(self, module, args, kwargs, output):
+        name = self._names[id(module)]
+        rule = self.rules[name]
+        rule.check_call(module, name)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"module {name!r} returned {type(output).__name__}; analog expects a tensor")
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if x is None:
+            raise TypeError(f"module {name!r} was called without a tensor input")
+        expand = self._expand_to(name, x)
+        self.called.add(name)
         # projections run in float32 even inside the user's autocast region
-        with torch.no_grad(), torch.autocast(inputs[0].device.type, enabled=False):
-            x = inputs[0].detach()
-            self._check_batch(name, x.shape[0])
-            a = self.projector.project_activations(name, module, self.rules[name], _float(x))
-            a = self._masked(name, a)
-        if self.needs_backward:
-            if output.requires_grad:
-                output.register_hook(lambda grad: self._backward(name, module, a, grad))
-        elif "forward" in self.kinds:
-            self._add(name, "forward", a)
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x = _float(x.detach())
+            a = self.projector.project_activations(name, module, rule, x)
+            if expand:
+                a, x = a.expand(expand, *a.shape[1:]), x.expand(expand, *x.shape[1:])
+            mask = mask_for_factors(self.masks.get(name), name, a)
+            self._mask_used |= mask is not None
+        if expand:
+            if output.shape[0] != 1:
+                raise ValueError(f"module {name!r} received a batch-1 input but returned a leading dimension of "
+                                 f"{output.shape[0]}; analog cannot expand it to the batch of {expand}")
+            output = output.expand(expand, *output.shape[1:])
+        x = x if "forward" in self.kinds else None
+        if not self.needs_backward:
+            if x is not None:
+                self._add(name, "forward", x)
+        elif output.requires_grad:
+            self.calls[name] += 1
+            output.register_hook(functools.partial(self._backward, name, module, a, mask, x))
+        return output if expand else None
 
-    def _backward(self, name, module, a, grad) -> None:
+    def _expand_to(self, name: str, x: torch.Tensor) -> int:
+        """The batch size to expand a batch-1 (broadcast) input to, or 0 when the input has the batch."""
+        if x.dim() == 0:
+            raise ValueError(f"module {name!r} received a 0-d input; analog needs a leading batch dimension")
+        lead = x.shape[0]
+        if lead == 0:
+            raise ValueError(f"module {name!r} received an empty batch (0 examples): there is nothing to log; "
+                             "skip empty batches before `with analog(...)`")
+        batch = self.batch_size if self.batch_size is not None else self._root_batch
+        if batch is None or lead == batch:
+            return 0
+        if lead == 1:
+            self.broadcast[name] = batch
+            return batch
+        source = f"data_id has {batch} ids" if self.batch_size is not None else \
+            f"the model was called with a batch of {batch} (pass data_id to state it)"
+        raise ValueError(
+            f"{source} but module {name!r} received a batch of {lead} (the leading dimension of its input): pass "
+            "one id per example; if this module's input has no batch dimension in front, its per-sample gradients "
+            f"cannot be recovered at its boundary: leave it out with watch(..., exclude=[{name!r}])")
+
+    def _backward(self, name, module, a, mask, x, grad) -> None:
         if not self._open:
             return  # a backward run after the block (through a graph built inside it) changes nothing
+        self.grad_calls[name] += 1
         with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
             d = self.rules[name].output_grads(module, _float(grad))
-            d = self._masked(name, self.projector.project_output_grads(name, d))
+            d = self.projector.project_output_grads(name, d)
             if self.observer is not None:
-                self.observer(name, a, d, self.mask)
+                if mask is None:
+                    self.observer(name, a, d, None)
+                else:
+                    m = mask[:, :, None, None]
+                    self.observer(name, a * m, d * m, mask)
             if "grad" in self.kinds:
                 g = torch.einsum("btgo,btgi->bgoi", d, a)
                 self._add(name, "grad", self.projector.compress_grad(name, g))  # linear: Σ_calls commutes
             if "token_grad" in self.kinds:
                 self._add(name, "token_grad", self._token_grads(name, d, a))
-            if "forward" in self.kinds:
-                self._add(name, "forward", a)
+            if x is not None:
+                self._add(name, "forward", x)
             if "backward" in self.kinds:
                 self._add(name, "backward", d)
 
@@ -129,30 +195,18 @@ class Capture:
         g = self.projector.compress_grad(name, g)
         return g.reshape(b, t, *g.shape[1:])
 
+    # -- end of the block -------------------------------------------------------------------
+    def finish(self, ids: Optional[list]) -> None:
+        """Checks once the block is left: see analog.capture.completeness."""
+        check_complete(self, ids)
+
     # -- helpers ----------------------------------------------------------------------------
     def _add(self, name: str, kind: str, value: torch.Tensor) -> None:
         slot = self.logs.setdefault(name, {})
+        if kind == "forward" and kind in slot:
+            raise ValueError(f"module {name!r} was called more than once in this block; 'forward' logs keep the "
+                             "input of one call (log 'grad' for modules used several times)")
         slot[kind] = value if kind not in slot else slot[kind] + value
-
-    def _check_batch(self, name: str, b: int) -> None:
-        if b == 0:
-            raise ValueError(f"module {name!r} received an empty batch (0 examples): there is nothing to log; "
-                             "skip empty batches before `with analog(...)`")
-        if self.batch_size is not None and b != self.batch_size:
-            raise ValueError(
-                f"data_id has {self.batch_size} ids but module {name!r} received a batch of {b} examples; "
-                "pass one id per example"
-            )
-
-    def _masked(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.mask is None or x.shape[1] == 1:
-            return x
-        if self.mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"mask of shape {tuple(self.mask.shape)} does not fit module {name!r}, whose inputs have "
-                f"{x.shape[1]} positions for {x.shape[0]} examples"
-            )
-        return x * self.mask.to(device=x.device, dtype=x.dtype)[:, :, None, None]
 
 
 def guard_compiled_hooks() -> None:

@@ -42,6 +42,18 @@ class LayerRule:
         key = module_type if isinstance(module_type, str) else _qualname(module_type)
         _REGISTRY[key] = cls()
 
+    # -- what the rule covers ----------------------------------------------------------------
+    def covered_params(self, module: nn.Module) -> Dict[str, nn.Parameter]:
+        """The parameters whose per-sample gradients this rule yields (default: the module's own)."""
+        return dict(module.named_parameters(recurse=False))
+
+    def unsupported(self, module: nn.Module) -> Optional[str]:
+        """Why this module's configuration cannot be logged (checked at ``watch``), or None."""
+        return None
+
+    def check_call(self, module: nn.Module, name: str) -> None:
+        """Raise a clear error when this call cannot give per-sample gradients (e.g. BatchNorm training)."""
+
     # -- shapes -----------------------------------------------------------------------------
     def groups(self, module: nn.Module) -> int:
         return 1

@@ -112,3 +112,16 @@ def assert_grads_match(got: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor
 def sum_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A per-example loss summed over the batch (``reduction='sum'``), any output shape."""
     return ((out - target) ** 2).sum()
+
+
+def tied_sums(model: nn.Module, got: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Per-use gradients of tied parameters summed under the parameter's first name (as autograd sums them)."""
+    canonical = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical.setdefault(id(p), name)
+    by_name = {name: canonical[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    out: Dict[str, torch.Tensor] = {}
+    for key, g in got.items():
+        target = by_name[key]
+        out[target] = g if target not in out else out[target] + g
+    return out

@@ -1,10 +1,8 @@
 """Masks, weight sharing, gradient checkpointing and torch.compile against torch.func / a batch-1 loop.
 
-What a mask means: ``with analog(mask=m)`` with m of shape (B, T) multiplies both factors of every
-watched module whose input has T positions, so the logged gradient of example b is
-Σ_{t: m_bt = 1} δ_bt a_btᵀ — the positions with m_bt = 0 are left out of the per-sample sum. For a
-position-wise model (no mixing across t) and a loss Σ_t ℓ_t, δ_bt depends only on ℓ_bt, so this is
-exactly the gradient of the *masked loss* Σ_t m_bt ℓ_bt, whatever loss the user backpropagates.
+What a mask means (analog.capture.masks): it never changes a logged gradient — the logged gradient of
+example b is the gradient of the loss the user backpropagates, mask or not. It reaches only the
+statistics (the factors handed to the curvature observer are zero at masked positions).
 """
 
 import pytest
@@ -18,6 +16,10 @@ from capture_reference import (
     make_analog,
 )
 from torch import nn
+
+from analog.capture import find_rule
+from analog.capture.hooks import Capture
+from analog.compression.base import NoProjector
 
 B, T = 4, 5
 
@@ -39,33 +41,53 @@ def full_loss(out, target):
     return ((out - target) ** 2).sum()
 
 
-def test_mask_excludes_positions(tmp_path):
+def test_mask_never_changes_the_gradient(tmp_path):
     torch.manual_seed(0)
     model, x, y = PositionWise(), torch.randn(B, T, 6), torch.randn(B, T, 3)
     mask = torch.ones(B, T)
     mask[0, 3:] = 0
     mask[2, 1] = 0
-    mask[3, :] = 0  # an example with nothing left: gradient exactly zero
+    mask[3, :] = 0
     analog = make_analog(tmp_path)
     analog.watch(model)
-    # the user backpropagates the *unmasked* loss; the mask alone removes positions from the sums
-    got = analog_per_sample(analog, lambda: full_loss(model(x), y), B, mask=mask)
-    n = assert_grads_match(got, func_per_sample(model, masked_loss, (x,), (y, mask)))
-    n += assert_grads_match(got, loop_per_sample(model, masked_loss, (x,), (y, mask)))
-    assert n == 8
+    for loss, ref_args in ((full_loss, (y,)), (masked_loss, (y, mask))):
+        got = analog_per_sample(analog, lambda: loss(model(x), *ref_args), B, mask=mask)  # noqa: B023
+        n = assert_grads_match(got, func_per_sample(model, loss, (x,), ref_args))
+        n += assert_grads_match(got, loop_per_sample(model, loss, (x,), ref_args))
+        assert n == 8
+    # the masked loss gives example 3 no gradient, the unmasked one does: the mask alone removed nothing
     assert all(g[3].abs().max() == 0 for g in got.values())
-    unmasked = func_per_sample(model, full_loss, (x,), (y,))
-    assert not torch.allclose(got["fc1.weight"][0], unmasked["fc1.weight"][0], atol=1e-3)  # the mask mattered
+
+
+def test_mask_reaches_only_the_statistics():
+    """The observer (curvature statistics) gets factors zeroed at masked positions, nothing else changes."""
+    torch.manual_seed(0)
+    model, x, y = PositionWise(), torch.randn(B, T, 6), torch.randn(B, T, 3)
+    mask = (torch.rand(B, T) > 0.4).float()
+    seen = {}
+    rules = {"fc1": find_rule(model.fc1), "fc2": find_rule(model.fc2)}
+    modules = {"fc1": model.fc1, "fc2": model.fc2}
+    with Capture(modules, rules, NoProjector(), ("grad",), batch_size=B, mask=mask,
+                 observer=lambda n, a, d, m: seen.setdefault(n, (a, d, m))) as cap:
+        h = torch.tanh(model.fc1(x))
+        full_loss(model.fc2(h), y).backward()
+    cap.finish(list(range(B)))
+    a1, d1, m1 = seen["fc1"]
+    expected_a = torch.cat([x, torch.ones(B, T, 1)], -1) * mask[..., None]
+    torch.testing.assert_close(a1[:, :, 0], expected_a)
+    assert torch.equal(m1, mask)
+    assert d1[mask == 0].abs().max() == 0 and d1[mask == 1].abs().max() > 0
+    assert len(seen) == 2
 
 
 def test_bool_mask_equals_float_mask(tmp_path):
     torch.manual_seed(0)
     model, x, y = PositionWise(), torch.randn(B, T, 6), torch.randn(B, T, 3)
     mask = torch.rand(B, T) > 0.4
-    analog = make_analog(tmp_path)
+    analog = make_analog(tmp_path, hessian="kfac")
     analog.watch(model)
     got = analog_per_sample(analog, lambda: full_loss(model(x), y), B, mask=mask)
-    assert assert_grads_match(got, func_per_sample(model, masked_loss, (x,), (y, mask.float()))) == 4
+    assert assert_grads_match(got, func_per_sample(model, full_loss, (x,), (y,))) == 4
 
 
 def test_mask_of_wrong_shape_is_an_error(tmp_path):
@@ -75,6 +97,34 @@ def test_mask_of_wrong_shape_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="mask of shape"):
         with analog(data_id=list(range(B)), mask=torch.ones(B, T + 1)):
             model(x).sum().backward()
+
+
+def test_mask_that_fits_no_module_is_an_error(tmp_path):
+    """A model without positions (one vector per example): a mask cannot apply and is refused."""
+    model, x = PositionWise(), torch.randn(B, 6)
+    analog = make_analog(tmp_path)
+    analog.watch(model)
+    with pytest.raises(ValueError, match="no watched module has positions"):
+        with analog(data_id=list(range(B)), mask=torch.ones(B, T)):
+            model(x).sum().backward()
+
+
+def test_masks_per_side(tmp_path):
+    """A dict of name patterns gives each side its own mask; a pattern matching nothing is an error."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"encoder": nn.Linear(6, 6), "decoder": nn.Linear(6, 6)})
+    xe, xd = torch.randn(B, T, 6), torch.randn(B, T + 2, 6)
+    me, md = torch.ones(B, T), torch.ones(B, T + 2)
+    md[0, -2:] = 0
+    seen = {}
+    rules = {n: find_rule(m) for n, m in model.items()}
+    with Capture(dict(model.items()), rules, NoProjector(), ("grad",), batch_size=B,
+                 mask={"encoder": me, "decoder": md}, observer=lambda n, a, d, m: seen.setdefault(n, m)) as cap:
+        (model["encoder"](xe).sum() + model["decoder"](xd).sum()).backward()
+    cap.finish(None)
+    assert seen["encoder"] is me and seen["decoder"] is md
+    with pytest.raises(ValueError, match=r"\['cross'\] match no watched module"):
+        Capture(dict(model.items()), rules, NoProjector(), ("grad",), mask={"encoder": me, "cross": md})
 
 
 class Shared(nn.Module):
@@ -139,7 +189,7 @@ def test_gradient_checkpointing(tmp_path, use_reentrant):
     n = assert_grads_match(got, func_per_sample(plain, full_loss, (x.detach(),), (y,)))
     n += assert_grads_match(got, loop_per_sample(model, full_loss, (x,), (y,)))
     assert n == 2 * 6
-    got = analog_per_sample(analog, lambda: full_loss(model(x), y), B, mask=mask)
+    got = analog_per_sample(analog, lambda: masked_loss(model(x), y, mask), B, mask=mask)
     assert assert_grads_match(got, func_per_sample(plain, masked_loss, (x.detach(),), (y, mask))) == 6
 
 
@@ -163,6 +213,6 @@ def test_torch_compile(tmp_path):
         assert assert_grads_match(analog_per_sample(analog, lambda: full_loss(compiled(x), y), B), ref) == 4
         full_loss(compiled(x), y).backward()  # outside: no hooks, no new log
         model.zero_grad()
-    got = analog_per_sample(analog, lambda: full_loss(compiled(x), y), B, mask=mask)
+    got = analog_per_sample(analog, lambda: masked_loss(compiled(x), y, mask), B, mask=mask)
     assert assert_grads_match(got, func_per_sample(model, masked_loss, (x,), (y, mask))) == 4
     assert not model.fc1._forward_hooks and not model.fc2._forward_hooks

@@ -2,10 +2,11 @@
 
 What is watched and why:
 
-* position embeddings (GPT-2 ``wpe``, BERT ``position_embeddings``) are *not* watched: their input is
-  ``position_ids`` of shape (1, T), shared by the whole batch, so their output gradient is already summed
-  over examples before any hook sees it — no per-sample gradient can be recovered from it. Watching one
-  is a clear batch-size error (tested below).
+* position embeddings (GPT-2 ``wpe``, BERT ``position_embeddings``) are watched by default: their input
+  is ``position_ids`` of shape (1, T), shared by the whole batch; analog expands their output to the
+  batch and hooks the expanded tensor (analog.capture.broadcast), so their per-sample gradients are exact.
+* T5's ``relative_attention_bias`` (no batch dimension at all) is left out with a warning and refused
+  when named, even when the batch size equals the sequence length.
 * GPT-2's ``lm_head`` is tied to ``wte``: both modules are watched and each logs *its own use* of the
   shared matrix. The reference separates the two uses with ``functional_call(..., tie_weights=False)``;
   the gradient of the tied parameter is their sum (lm_head's G plus wte's transposed), also checked.
@@ -22,6 +23,7 @@ from capture_reference import (
     func_per_sample,
     loop_per_sample,
     make_analog,
+    tied_sums,
 )
 from torch import nn
 
@@ -54,6 +56,7 @@ def lm_loss(logits, ids, mask):
 
 
 def test_gpt2(tmp_path):
+    """Default watch: every Conv1D, LayerNorm, both embeddings and lm_head; 100 % coverage; all exact."""
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32,
                                      attn_implementation="eager")
     torch.manual_seed(0)
@@ -61,25 +64,94 @@ def test_gpt2(tmp_path):
     assert model.m.lm_head.weight is model.m.transformer.wte.weight
     ids, mask = torch.randint(0, V, (B, T)), padding_mask()
     analog = make_analog(tmp_path)
-    analog.watch(model, name_filter=["m.transformer.h.*", "m.transformer.wte", "m.lm_head"])
-    assert len(analog.modules) == 2 * 4 + 2  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block; wte; lm_head
+    analog.watch(model)
+    # per block: ln_1, c_attn, c_proj, ln_2, c_fc, c_proj; wte, wpe, ln_f, lm_head
+    assert len(analog.modules) == 2 * 6 + 4 and "m.transformer.wpe" in analog.modules
+    assert analog.coverage.complete and analog.coverage.uncovered == []
     got = analog_per_sample(analog, lambda: lm_loss(model(ids, mask), ids, mask), B, mask=mask)
     ref = func_per_sample(model, lm_loss, (ids, mask), (ids, mask), tie_weights=False)
-    assert assert_grads_match(got, ref) == 2 * 4 * 2 + 1 + 1  # Conv1D weight+bias, wte, lm_head (no bias)
+    assert assert_grads_match(got, ref) == 2 * (4 * 2 + 2 * 2) + 5  # per block 4 Conv1D, 2 LN; wte wpe ln_f lm_head
     tied = func_per_sample(model, lm_loss, (ids, mask), (ids, mask))["m.transformer.wte.weight"]
     total = got["m.lm_head.weight"] + got["m.transformer.wte.weight"]
     torch.testing.assert_close(total, tied, atol=1e-5, rtol=1e-4)
 
 
-def test_gpt2_position_embedding_cannot_be_per_sample(tmp_path):
+def test_gpt2_position_embedding_batch_equals_one_at_a_time(tmp_path):
+    """The issue's symptom: a batch of queries must score like the same queries one at a time (no ids)."""
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=32)
-    model = LM(transformers.GPT2LMHeadModel(config))
+    torch.manual_seed(0)
+    model = LM(transformers.GPT2LMHeadModel(config).eval())
     ids, mask = torch.randint(0, V, (B, T)), torch.ones(B, T, dtype=torch.long)
     analog = make_analog(tmp_path)
     analog.watch(model, name_filter=["m.transformer.wpe"])
-    with pytest.raises(ValueError, match="m.transformer.wpe"):
-        with analog(data_id=list(range(B))):
-            lm_loss(model(ids, mask), ids, mask).backward()
+    analog.eval()
+    with analog():
+        lm_loss(model(ids, mask), ids, mask).backward()
+    batch = analog.get_log()[1]["m.transformer.wpe"]["grad"]
+    singles = []
+    for i in range(B):
+        with analog():
+            lm_loss(model(ids[i:i + 1], mask[i:i + 1]), ids[i:i + 1], mask[i:i + 1]).backward()
+        singles.append(analog.get_log()[1]["m.transformer.wpe"]["grad"])
+    assert batch.shape[0] == B
+    torch.testing.assert_close(batch, torch.cat(singles), atol=1e-5, rtol=1e-4)
+
+
+def t5_model(d_model=16):
+    config = transformers.T5Config(vocab_size=V, d_model=d_model, d_kv=8, d_ff=24, num_layers=1,
+                                   num_decoder_layers=1, num_heads=2, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def test_t5_relative_bias_left_out_and_refused(tmp_path):
+    model = t5_model()
+    analog = make_analog(tmp_path)
+    with pytest.warns(UserWarning, match="relative_attention_bias"):
+        analog.watch(model)
+    assert not any("relative_attention_bias" in n for n in analog.modules)
+    reasons = {u.module: u.reason for u in analog.coverage.uncovered}
+    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias" in reasons
+    assert "not recoverable" in reasons["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"]
+    name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+    with pytest.raises(ValueError, match=f"{name}.*not recoverable"):
+        make_analog(tmp_path).watch(model, name_filter=[name])
+
+
+def test_t5_batch_equal_to_sequence_length_is_exact(tmp_path):
+    """B == T == q_len: no shape check could tell the relative bias apart; the default watch never
+    selects it, and everything it does log equals the batch-size-1 reference (per-side masks)."""
+    model = t5_model()
+    n = 4
+    ids, dec = torch.randint(1, V, (n, n)), torch.randint(1, V, (n, n))
+    enc_mask = torch.ones(n, n, dtype=torch.long)
+    enc_mask[1, 3:] = 0
+
+    def loss(logits, labels):
+        return nn.functional.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="sum")
+
+    class Seq2Seq(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask, dec):
+            return self.m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+
+    wrapped = Seq2Seq(model)
+    analog = make_analog(tmp_path)
+    with pytest.warns(UserWarning, match="relative_attention_bias"):
+        analog.watch(wrapped)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        with analog(data_id=list(range(n)), mask=enc_mask):
+            pass
+    masks = {"m.encoder": enc_mask, "m.decoder": torch.ones(n, n), "m.lm_head": torch.ones(n, n)}
+    got = analog_per_sample(analog, lambda: loss(wrapped(ids, enc_mask, dec), dec), n, mask=masks)
+    ref = loop_per_sample(wrapped, loss, (ids, enc_mask, dec), (dec,))
+    # shared, encoder.embed_tokens, decoder.embed_tokens and lm_head are one tied matrix: their uses add up
+    summed = tied_sums(wrapped, got)
+    assert len(got) - len(summed) == 2  # three logged uses (shared itself never runs) became one
+    assert assert_grads_match(summed, ref) == len(summed)
 
 
 class Classifier(nn.Module):

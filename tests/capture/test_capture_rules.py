@@ -119,9 +119,80 @@ def test_hf_conv1d(tmp_path, shape):
     check_layer(tmp_path, layer, torch.randn(*shape), 2)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", ["same", 2], ids=["same", "int"])
+def test_conv_padding_modes(tmp_path, padding_mode, padding):
+    torch.manual_seed(0)
+    # even kernel with 'same': the extra padding goes on the right (as torch pads it)
+    layer = nn.Conv2d(4, 6, kernel_size=(4, 3), padding=padding, padding_mode=padding_mode, groups=2)
+    check_layer(tmp_path, layer, torch.randn(B, 4, 7, 6), 2)
+    layer = nn.Conv1d(4, 6, kernel_size=4, padding=padding, padding_mode=padding_mode, dilation=2, bias=False)
+    check_layer(tmp_path, layer, torch.randn(B, 4, 11), 1)
+
+
+@pytest.mark.parametrize("shape,normalized", [((B, 6), 6), ((B, 4, 6), 6), ((B, 3, 4, 6), (4, 6))],
+                         ids=["2d", "3d", "2-dim-normalized"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm(tmp_path, shape, normalized, bias):
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(normalized, bias=bias, eps=1e-3)
+    nn.init.normal_(layer.weight)
+    check_layer(tmp_path, layer, torch.randn(*shape) * 2 + 1, 1 + bias)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-4])
+def test_rms_norm(tmp_path, eps):
+    torch.manual_seed(0)
+    layer = nn.RMSNorm(6, eps=eps)
+    nn.init.normal_(layer.weight)
+    check_layer(tmp_path, layer, torch.randn(B, 4, 6), 1)
+
+
+@pytest.mark.parametrize("path", __import__("analog.capture.norm", fromlist=["HF_RMS_NORMS"]).HF_RMS_NORMS)
+def test_hf_rms_norms(tmp_path, path):
+    """Every listed Hugging Face RMSNorm class reuses the RMSNorm rule (the ones this transformers has)."""
+    import importlib
+
+    module_path, cls_name = path.rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module_path), cls_name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"{path} is not in this transformers version")
+    torch.manual_seed(0)
+    layer = cls(6, eps=1e-5)
+    nn.init.normal_(layer.weight)
+    check_layer(tmp_path, layer, torch.randn(B, 4, 6), 1)
+
+
+@pytest.mark.parametrize("cls,shape", [(nn.BatchNorm1d, (B, 5)), (nn.BatchNorm1d, (B, 5, 7)),
+                                       (nn.BatchNorm2d, (B, 5, 4, 3))], ids=["1d", "1d-seq", "2d"])
+def test_batch_norm_eval(tmp_path, cls, shape):
+    torch.manual_seed(0)
+    layer = cls(5)
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2)
+        nn.init.normal_(layer.weight)
+        nn.init.normal_(layer.bias)
+    check_layer(tmp_path, layer.eval(), torch.randn(*shape), 2)
+
+
+def test_batch_norm_training_is_an_error(tmp_path):
+    model = Head(nn.BatchNorm1d(5))
+    analog = make_analog(tmp_path)
+    analog.watch(model)
+    with pytest.raises(RuntimeError, match="'layer'.*training mode"):
+        with analog(data_id=list(range(B))):
+            model(torch.randn(B, 5)).sum().backward()
+    no_stats = Head(nn.BatchNorm1d(5, track_running_stats=False))
+    with pytest.raises(ValueError, match="'layer'.*running statistics"):
+        make_analog(tmp_path).watch(no_stats, name_filter=["layer"])
+
+
 def test_all_rules_are_tested():
     """A new rule must get a test here: the registry holds exactly the rules exercised above."""
     from analog.capture import registered_types
+    from analog.capture.norm import HF_RMS_NORMS
 
     assert set(registered_types()) == {
         "torch.nn.modules.linear.Linear",
@@ -129,4 +200,8 @@ def test_all_rules_are_tested():
         "torch.nn.modules.conv.Conv2d",
         "torch.nn.modules.sparse.Embedding",
         "transformers.pytorch_utils.Conv1D",
+        "torch.nn.modules.normalization.LayerNorm",
+        "torch.nn.modules.normalization.RMSNorm",
+        "torch.nn.modules.batchnorm._BatchNorm",
+        *HF_RMS_NORMS,
     }

@@ -1,0 +1,89 @@
+"""What ``with analog(mask=...)`` means, and which mask each watched module gets.
+
+A mask never changes a logged gradient: the ``grad`` (and ``token_grad``) logs are always the
+per-sample gradients of the loss the user backpropagates, whatever the mask says. With Hugging Face
+labels (−100 on padding) that loss already leaves out what padding must not contribute, and with left
+padding the last pad position *does* contribute (its logits predict the first real token), so masking
+gradients would make them differ from the loss.
+
+The mask (1 = a real position, 0 = padding) is used for what is *about positions*:
+
+* statistics — the K-FAC/EK-FAC factors A = E[a aᵀ] and S, and LoGra's PCA covariances, are taken over
+  real positions only (the token count T_total = Σ mask);
+* per-token positions — ``analog(per_token=True)`` keeps every position's share δ̃_t ã_tᵀ (they sum to
+  the logged gradient); the mask tells the caller which positions are real.
+
+A module gets the mask only when its input has positions: one with a single position per example (a
+classifier head on pooled features) has nothing to mask. A module with T > 1 positions must match the
+mask's (B, T) exactly, otherwise it is an error naming the module. A mask that fits no watched module
+at all is an error too (nothing silent).
+
+Encoder-decoder models have two position axes, so one mask cannot describe both: pass a dict of
+name patterns to masks, e.g. ``mask={"encoder": attention_mask, "decoder": decoder_attention_mask}``;
+a module takes the first pattern that is a substring of its name or glob-matches it. Modules that match
+no pattern get no mask. For a model whose config says ``is_encoder_decoder``, a single tensor is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Dict, Iterable, Mapping, Optional, Union
+
+import torch
+
+MaskArg = Union[None, torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return pattern in name or fnmatch.fnmatchcase(name, pattern)
+
+
+def resolve_masks(mask: MaskArg, names: Iterable[str], encoder_decoder: bool = False) -> Dict[str, torch.Tensor]:
+    """{module name: (B, T) mask} for the watched modules ``names``; modules without a mask are absent."""
+    names = list(names)
+    if mask is None:
+        return {}
+    if isinstance(mask, torch.Tensor):
+        if encoder_decoder:
+            raise ValueError(
+                "the watched model is an encoder-decoder: one mask cannot describe both the encoder's and the "
+                "decoder's positions; pass mask={'encoder': attention_mask, 'decoder': decoder_attention_mask} "
+                "(keys are substrings or glob patterns of module names)")
+        if mask.dim() != 2:
+            raise ValueError(f"mask must have shape (batch, positions); got {tuple(mask.shape)}")
+        return dict.fromkeys(names, mask)
+    if not isinstance(mask, Mapping):
+        raise TypeError(f"mask must be a tensor or a dict of name pattern -> tensor; got {type(mask).__name__}")
+    out: Dict[str, torch.Tensor] = {}
+    used = set()
+    for name in names:
+        for pattern, value in mask.items():
+            if _matches(name, pattern):
+                out[name] = value
+                used.add(pattern)
+                break
+    unused = [p for p in mask if p not in used]
+    if unused:
+        raise ValueError(f"mask patterns {unused} match no watched module; watched: {names[:8]}"
+                         f"{' …' if len(names) > 8 else ''}")
+    return out
+
+
+def is_encoder_decoder(model) -> bool:
+    """True for a Hugging Face model (or a wrapper holding one) whose config says ``is_encoder_decoder``."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "is_encoder_decoder", False):
+            return True
+    return False
+
+
+def mask_for_factors(mask: Optional[torch.Tensor], name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (B, T) mask that applies to factors ``x`` (B, T, ...) of module ``name``; None when it has no positions."""
+    if mask is None or x.shape[1] == 1:
+        return None
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not fit module {name!r}, whose inputs have "
+            f"{x.shape[1]} positions for {x.shape[0]} examples")
+    return mask.to(device=x.device, dtype=x.dtype)
