@@ -1,6 +1,6 @@
 """Hooks and per-layer rules that capture per-sample gradients and activations."""
 
-from analog.capture import conv, embedding, linear, norm  # noqa: F401  (register the built-in rules)
+from analog.capture import attention, conv, embedding, linear, norm  # noqa: F401  (register the built-in rules)
 from analog.capture.rules import LayerRule, find_rule, get_rule, registered_types
 
 __all__ = ["LayerRule", "find_rule", "get_rule", "registered_types"]

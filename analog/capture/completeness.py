@@ -41,6 +41,8 @@ def check_complete(capture, ids: Optional[list]) -> None:
             stacklevel=4)
     elif got and "grad" in capture.kinds:
         _fill_zero_grads(capture, [n for n in called if n not in got])
+    # one layout for every batch: logs in the watched modules' order (not the order gradients arrived)
+    capture.logs = {n: capture.logs[n] for n in capture.modules if n in capture.logs}
     missing = [n for n in capture.modules if n not in capture.called and not _aliased(capture, n)]
     if missing and capture.called:
         warnings.warn(

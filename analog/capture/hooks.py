@@ -37,7 +37,7 @@ from torch import nn
 
 from analog.capture.completeness import check_complete
 from analog.capture.masks import MaskArg, is_encoder_decoder, mask_for_factors, resolve_masks
-from analog.capture.rules import LayerRule
+from analog.capture.rules import Call, LayerRule
 
 #: observer(name, a, d, mask) is called with each call's factors (B, T, G, r_in), (B, T, G, r_out)
 FactorObserver = Callable[[str, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None]
@@ -115,34 +115,42 @@ class Capture:
         name = self._names[id(module)]
         rule = self.rules[name]
         rule.check_call(module, name)
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"module {name!r} returned {type(output).__name__}; analog expects a tensor")
-        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-        if x is None:
-            raise TypeError(f"module {name!r} was called without a tensor input")
-        expand = self._expand_to(name, x)
+        call = rule.intercept(module, args, kwargs, output, name)
+        expand = self._expand_to(name, call.x)
         self.called.add(name)
         # projections run in float32 even inside the user's autocast region
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            x = _float(x.detach())
+        with torch.no_grad(), torch.autocast(call.x.device.type, enabled=False):
+            x = _float(call.x.detach())
             a = self.projector.project_activations(name, module, rule, x)
             if expand:
                 a, x = a.expand(expand, *a.shape[1:]), x.expand(expand, *x.shape[1:])
             mask = mask_for_factors(self.masks.get(name), name, a)
             self._mask_used |= mask is not None
+        sites = call.sites
         if expand:
-            if output.shape[0] != 1:
-                raise ValueError(f"module {name!r} received a batch-1 input but returned a leading dimension of "
-                                 f"{output.shape[0]}; analog cannot expand it to the batch of {expand}")
-            output = output.expand(expand, *output.shape[1:])
+            call = self._expanded(name, call, expand)
+            sites = call.sites
         x = x if "forward" in self.kinds else None
         if not self.needs_backward:
             if x is not None:
                 self._add(name, "forward", x)
-        elif output.requires_grad:
+        elif any(t.requires_grad for t in sites):
             self.calls[name] += 1
-            output.register_hook(functools.partial(self._backward, name, module, a, mask, x))
-        return output if expand else None
+            pending = _Pending(functools.partial(self._backward, name, module, a, mask, x), sites)
+            for i, t in enumerate(sites):
+                if t.requires_grad:
+                    t.register_hook(functools.partial(pending.receive, i))
+        return call.output if call.replaced else None
+
+    @staticmethod
+    def _expanded(name, call: Call, batch: int) -> Call:
+        """A batch-1 output handed to the model expanded to the batch (see analog.capture.broadcast)."""
+        out = call.output
+        if call.replaced or call.sites != (out,) or out.shape[0] != 1:
+            raise ValueError(f"module {name!r} received a batch-1 input but its output cannot be expanded to the "
+                             f"batch of {batch}; leave it out with watch(..., exclude=[{name!r}])")
+        out = out.expand(batch, *out.shape[1:])
+        return Call(out, call.x, (out,), replaced=True)
 
     def _expand_to(self, name: str, x: torch.Tensor) -> int:
         """The batch size to expand a batch-1 (broadcast) input to, or 0 when the input has the batch."""
@@ -165,12 +173,13 @@ class Capture:
             "one id per example; if this module's input has no batch dimension in front, its per-sample gradients "
             f"cannot be recovered at its boundary: leave it out with watch(..., exclude=[{name!r}])")
 
-    def _backward(self, name, module, a, mask, x, grad) -> None:
+    def _backward(self, name, module, a, mask, x, grads) -> None:
         if not self._open:
             return  # a backward run after the block (through a graph built inside it) changes nothing
         self.grad_calls[name] += 1
-        with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
-            d = self.rules[name].output_grads(module, _float(grad))
+        grad = _float(grads[0]) if len(grads) == 1 else tuple(_float(g) for g in grads)
+        with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+            d = self.rules[name].output_grads(module, grad)
             d = self.projector.project_output_grads(name, d)
             if self.observer is not None:
                 if mask is None:
@@ -207,6 +216,23 @@ class Capture:
             raise ValueError(f"module {name!r} was called more than once in this block; 'forward' logs keep the "
                              "input of one call (log 'grad' for modules used several times)")
         slot[kind] = value if kind not in slot else slot[kind] + value
+
+
+class _Pending:
+    """Collects the gradients of one call's sites; calls ``done(grads)`` once all have arrived. A site
+    that needs no gradient counts as a zero gradient (exact: nothing flows through it)."""
+
+    def __init__(self, done, sites):
+        self.done = done
+        self.grads = [None if t.requires_grad else torch.zeros_like(t) for t in sites]
+        self.missing = sum(g is None for g in self.grads)
+
+    def receive(self, index: int, grad: torch.Tensor) -> None:
+        if self.grads[index] is None:
+            self.missing -= 1
+        self.grads[index] = grad
+        if self.missing == 0:
+            self.done(tuple(self.grads))
 
 
 def guard_compiled_hooks() -> None:

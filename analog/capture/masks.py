@@ -22,6 +22,8 @@ Encoder-decoder models have two position axes, so one mask cannot describe both:
 name patterns to masks, e.g. ``mask={"encoder": attention_mask, "decoder": decoder_attention_mask}``;
 a module takes the first pattern that is a substring of its name or glob-matches it. Modules that match
 no pattern get no mask. For a model whose config says ``is_encoder_decoder``, a single tensor is refused.
+A decoder's cross-attention keys and values read the *encoder's* positions: ``seq2seq_masks(enc, dec)``
+builds the dict for Hugging Face encoder-decoders (T5, BART-style names) with those listed first.
 """
 
 from __future__ import annotations
@@ -63,9 +65,25 @@ def resolve_masks(mask: MaskArg, names: Iterable[str], encoder_decoder: bool = F
                 used.add(pattern)
                 break
     unused = [p for p in mask if p not in used]
-    if unused:
+    if unused and not isinstance(mask, SideMasks):
         raise ValueError(f"mask patterns {unused} match no watched module; watched: {names[:8]}"
                          f"{' …' if len(names) > 8 else ''}")
+    return out
+
+
+class SideMasks(dict):
+    """A dict of name pattern -> mask whose patterns may match no module (built by ``seq2seq_masks``)."""
+
+
+#: cross-attention projections that read encoder positions (T5, BART/Whisper/Marian/Pegasus-style names)
+CROSS_ATTENTION_KV = ("*EncDecAttention.k", "*EncDecAttention.v", "*encoder_attn.k_proj", "*encoder_attn.v_proj")
+
+
+def seq2seq_masks(attention_mask: torch.Tensor, decoder_attention_mask: torch.Tensor) -> SideMasks:
+    """Masks for a Hugging Face encoder-decoder: encoder positions for the encoder and for the decoder's
+    cross-attention keys/values, decoder positions for the rest of the decoder and the LM head."""
+    out = SideMasks({p: attention_mask for p in CROSS_ATTENTION_KV})
+    out.update({"encoder": attention_mask, "decoder": decoder_attention_mask, "lm_head": decoder_attention_mask})
     return out
 
 

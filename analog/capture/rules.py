@@ -17,7 +17,8 @@ class or a dotted import path (for optional dependencies such as Hugging Face ``
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Optional, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -27,6 +28,21 @@ _REGISTRY: Dict[str, "LayerRule"] = {}
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass
+class Call:
+    """One forward call as the capture sees it.
+
+    ``output``: what the module returns to the model; ``x``: the input that ``activations`` reads
+    (batch first); ``sites``: the tensors whose gradients ``output_grads`` turns into δ (by default the
+    output alone); ``replaced``: True when ``output`` is not the module's own (the hook returns it).
+    """
+
+    output: Any
+    x: torch.Tensor
+    sites: Tuple[torch.Tensor, ...]
+    replaced: bool = False
 
 
 class LayerRule:
@@ -54,6 +70,19 @@ class LayerRule:
     def check_call(self, module: nn.Module, name: str) -> None:
         """Raise a clear error when this call cannot give per-sample gradients (e.g. BatchNorm training)."""
 
+    def intercept(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, name: str) -> Call:
+        """The call as the capture sees it: by default the first tensor input and the output.
+
+        A rule whose layer uses its weights inside one call several times (``nn.MultiheadAttention``)
+        recomputes the call here from the same inputs and weights and returns several gradient sites.
+        """
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"module {name!r} returned {type(output).__name__}; analog expects a tensor")
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if x is None:
+            raise TypeError(f"module {name!r} was called without a tensor input")
+        return Call(output, x, (output,))
+
     # -- shapes -----------------------------------------------------------------------------
     def groups(self, module: nn.Module) -> int:
         return 1
@@ -76,7 +105,8 @@ class LayerRule:
         return self.activations(module, x) @ p_in
 
     def output_grads(self, module: nn.Module, grad_out: torch.Tensor) -> torch.Tensor:
-        """Gradient of the forward output -> δ of shape (B, T, groups, d_out)."""
+        """Gradient of the forward output -> δ of shape (B, T, groups, d_out) (for a rule with several
+        gradient sites, ``grad_out`` is the tuple of their gradients)."""
         raise NotImplementedError
 
     # -- back to parameters -----------------------------------------------------------------

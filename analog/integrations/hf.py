@@ -3,8 +3,10 @@
 
 Per-sequence loss (what ``log_causal_lm`` backpropagates): the sum over the sequence's predicted
 tokens of the next-token cross-entropy, ℓ_i = Σ_{t: label_{i,t+1} ≠ −100} CE(logits_{i,t}, label_{i,t+1}),
-so the logged gradient of sequence i is ∇θ ℓ_i. Padding positions get label −100 and are also
-excluded from the logged factors through the attention mask.
+so the logged gradient of sequence i is exactly ∇θ ℓ_i, for right and for left padding: padding gets
+label −100, and the attention mask passed to ``analog(mask=...)`` never changes a logged gradient (it
+only keeps padding out of the curvature statistics, see analog.capture.masks). With left padding the
+last pad position's logits predict the first real token, a term of ℓ_i that is logged as it should be.
 
 ``AnaLogTrainer`` wraps each training step in ``with analog(...)``. The Trainer's loss is the mean
 over the batch's tokens, so the logged gradients are ∇θ ℓ_i / (number of tokens in the batch):
@@ -20,6 +22,8 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from analog.capture.masks import CROSS_ATTENTION_KV, SideMasks, seq2seq_masks
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -54,6 +58,18 @@ def query_causal_lm(analog, model, input_ids: torch.Tensor, attention_mask: Opti
     return analog.get_log()
 
 
+def trainer_mask(model, inputs: dict):
+    """The statistics mask of a Trainer batch: per side for an encoder-decoder (analog.capture.masks)."""
+    mask = inputs.get("attention_mask")
+    config = getattr(getattr(model, "module", model), "config", None)
+    if mask is None or not getattr(config, "is_encoder_decoder", False):
+        return mask
+    decoder = inputs.get("decoder_attention_mask")
+    if decoder is None:
+        return SideMasks({p: mask for p in ("encoder", *CROSS_ATTENTION_KV)})
+    return seq2seq_masks(mask, decoder)
+
+
 def make_trainer_class():
     """``AnaLogTrainer``: a ``transformers.Trainer`` whose training steps run inside ``with analog(...)``.
 
@@ -75,7 +91,7 @@ def make_trainer_class():
                 raise KeyError(f"batch has no {self.id_key!r} key; keep it with remove_unused_columns=False "
                                "and a collator that passes it through")
             ids = inputs.pop(self.id_key)
-            with self.analog(data_id=ids, mask=inputs.get("attention_mask")):
+            with self.analog(data_id=ids, mask=trainer_mask(model, inputs)):
                 return super().training_step(model, inputs, *args, **kwargs)
 
     return AnaLogTrainer

@@ -27,6 +27,8 @@ from capture_reference import (
 )
 from torch import nn
 
+from analog.capture.masks import seq2seq_masks
+
 transformers = pytest.importorskip("transformers")
 
 B, T, V = 3, 7, 64
@@ -145,7 +147,7 @@ def test_t5_batch_equal_to_sequence_length_is_exact(tmp_path):
     with pytest.raises(ValueError, match="encoder-decoder"):
         with analog(data_id=list(range(n)), mask=enc_mask):
             pass
-    masks = {"m.encoder": enc_mask, "m.decoder": torch.ones(n, n), "m.lm_head": torch.ones(n, n)}
+    masks = seq2seq_masks(enc_mask, torch.ones(n, n))  # cross-attention k/v read encoder positions
     got = analog_per_sample(analog, lambda: loss(wrapped(ids, enc_mask, dec), dec), n, mask=masks)
     ref = loop_per_sample(wrapped, loss, (ids, enc_mask, dec), (dec,))
     # shared, encoder.embed_tokens, decoder.embed_tokens and lm_head are one tied matrix: their uses add up

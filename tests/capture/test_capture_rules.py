@@ -203,5 +203,53 @@ def test_all_rules_are_tested():
         "torch.nn.modules.normalization.LayerNorm",
         "torch.nn.modules.normalization.RMSNorm",
         "torch.nn.modules.batchnorm._BatchNorm",
+        "torch.nn.modules.activation.MultiheadAttention",
         *HF_RMS_NORMS,
     }
+
+
+class AttentionHead(nn.Module):
+    """Self- or cross-attention followed by tanh; masks passed through."""
+
+    def __init__(self, mha, cross=False, key_padding=False, attn_mask=False):
+        super().__init__()
+        self.mha, self.cross, self.key_padding, self.attn_mask = mha, cross, key_padding, attn_mask
+
+    def forward(self, x, kv, kpm, am):
+        kv = kv if self.cross else x
+        if not self.mha.batch_first:
+            x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+        out, _ = self.mha(x, kv, kv, key_padding_mask=kpm if self.key_padding else None,
+                          attn_mask=am if self.attn_mask else None)
+        return torch.tanh(out if self.mha.batch_first else out.transpose(0, 1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("cross,key_padding,attn_mask,bias", [
+    (False, False, False, True), (False, True, True, True), (True, True, False, False), (True, False, True, True),
+], ids=["self", "self-masks", "cross-kpm-nobias", "cross-causal"])
+def test_multihead_attention(tmp_path, batch_first, cross, key_padding, attn_mask, bias):
+    """in_proj_weight/bias and out_proj.weight/bias of nn.MultiheadAttention (out_proj is never called)."""
+    torch.manual_seed(0)
+    t, s = 5, (7 if cross else 5)
+    mha = nn.MultiheadAttention(8, 2, bias=bias, batch_first=batch_first).eval()
+    model = AttentionHead(mha, cross, key_padding, attn_mask)
+    x, kv = torch.randn(B, t, 8), torch.randn(B, s, 8)
+    kpm = torch.zeros(B, s, dtype=torch.bool)
+    kpm[1, -2:] = True
+    am = torch.triu(torch.ones(t, s, dtype=torch.bool), 1)
+    target = torch.randn(B, t, 8)
+    analog = make_analog(tmp_path)
+    analog.watch(model)
+    assert list(analog.modules) == ["mha"] and analog.coverage.complete
+    got = analog_per_sample(analog, lambda: tanh_sum_loss(model(x, kv, kpm, am), target), B)
+    assert len(got) == 2 + 2 * bias
+    # the reference runs torch's own MultiheadAttention (no analog hooks), one example at a time
+    ref = {}
+    for i in range(B):
+        model.zero_grad(set_to_none=True)
+        tanh_sum_loss(model(x[i:i + 1], kv[i:i + 1], kpm[i:i + 1], am), target[i:i + 1]).backward()
+        for k, p in model.named_parameters():
+            ref.setdefault(k, []).append(p.grad.clone())
+    ref = {k: torch.stack(v) for k, v in ref.items()}
+    assert assert_grads_match(got, ref) == 2 + 2 * bias
