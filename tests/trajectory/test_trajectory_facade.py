@@ -228,3 +228,18 @@ def test_a_reopened_project_continues_with_a_new_segment(tmp_path):
     for record in again.segments.records:
         assert sorted(LogStore(record.logs(again.path)).ids) == list(range(len(x)))
         assert (record.state(again.path) / "curvature.json").exists()
+
+
+def test_is_logged_asks_the_current_segment(tmp_path):
+    model, (x, y) = make_mlp(), make_data()
+    run = AnaLog("logged", {"root_dir": str(tmp_path), "compression": {"type": "none"}, "progress": False})
+    run.watch(model)
+    log_pass(run, model, x, y, list(range(len(x))))
+    run.finalize()
+    reopened = AnaLog("logged", {"root_dir": str(tmp_path), "compression": {"type": "none"}, "progress": False})
+    reopened.watch(model)
+    assert reopened.is_logged(list(range(8)))  # segment 0 holds them (a resumed run skips them)
+    log_pass(reopened, model, x, y, list(range(len(x))))  # the next epoch: segment 1
+    assert len(reopened.segments) == 2 and reopened.is_logged(list(range(8)))
+    reopened.new_segment(epoch=2)
+    assert not reopened.is_logged(list(range(8)))  # segment 2 holds nothing yet
