@@ -1,6 +1,7 @@
 """The README's quick start runs as written (on a tiny model, in a temporary directory)."""
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +26,11 @@ def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch):
         "test_input": torch.randn(4, 5),
         "test_target": torch.randint(0, 3, (4,)),
     }
-    exec(compile(quick_start_code(), str(README), "exec"), namespace)
+    with warnings.catch_warnings():  # a user copying the block sees no warning from analog
+        warnings.filterwarnings("error", module="analog")
+        warnings.filterwarnings("error", message="analog")
+        exec(compile(quick_start_code(), str(README), "exec"), namespace)
+    assert not namespace["model"].training
     scores = namespace["scores"]
     assert scores.scores.shape == (4, 40)
     assert scores.train_ids == list(range(40))
