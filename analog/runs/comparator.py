@@ -77,7 +77,9 @@ def key_findings(rows: Sequence[Mapping[str, Any]]) -> List[str]:
     speed = present("mean_tok_per_sec")
     if len(speed) >= 2:
         (fast, fast_v), (slow, slow_v) = max(speed, key=lambda i: i[1]), min(speed, key=lambda i: i[1])
-        if slow_v > 0:
+        if fast_v == slow_v:  # max and min would name the same run ("A is 1.00x faster than A")
+            lines.append(f"  - Throughput: equal across runs ({fast_v:.0f} tok/s)")
+        elif slow_v > 0:
             lines.append(f"  - Throughput: {fast} is {fast_v / slow_v:.2f}x faster than {slow}")
     common = present("loss_at_common")
     if len(common) >= 2:

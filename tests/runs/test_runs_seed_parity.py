@@ -166,6 +166,16 @@ def test_comparison_table_has_config_mode_mean_grad_norm_and_key_findings(tmp_pa
     assert "KEY FINDINGS" not in single.format_table()
 
 
+def test_key_findings_say_equal_throughput_instead_of_a_run_faster_than_itself(tmp_path):
+    comparator = RunComparator()
+    for name in ("A", "B"):
+        comparator.add_run(name, _write(tmp_path, f"{name}.log", _run_lines(
+            name, "M", 64, losses=[4.0, 3.0], tok=[1000, 1000], grad=[1.0, 1.0], val_ppl=20.0)))
+    findings = comparator.format_table().split("KEY FINDINGS:")[1]
+    assert "Throughput: equal across runs (1000 tok/s)" in findings
+    assert "faster than" not in findings
+
+
 def test_moving_average_is_the_seeds_trailing_window():
     values = [1.0, 2.0, 4.0, 8.0, 16.0]
     window = 3
