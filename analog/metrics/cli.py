@@ -2,7 +2,7 @@
 
 analog metrics --config cfg.yaml --run-path DIR
 analog metrics --dir DIR --metrics spectral,entropy,per [--data-type weights] [--layer-suffixes mlp.up]
-analog metrics --dir DIR          # the default set: DEFAULT_METRICS
+analog metrics --dir DIR          # the default set (see --metrics); writes under analysis_results/
 analog metrics --list-metrics
 """
 
@@ -59,7 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layer-suffixes", help="quick form: comma-separated layer suffixes (default: every tensor)")
     p.add_argument("--steps", help="quick form: comma-separated steps (default: all)")
     p.add_argument("--target-step", type=int, help="quick form: target checkpoint of comparative metrics")
-    p.add_argument("--output-dir", help="override monitoring.output_dir")
+    p.add_argument("--output-dir", help="override monitoring.output_dir (default analysis_results/; "
+                   "files go to OUTPUT_DIR/NAME/)")
     p.add_argument(
         "--no-whole-model",
         dest="whole_model",
