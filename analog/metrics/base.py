@@ -42,6 +42,10 @@ __all__ = [
 ]
 
 
+#: entries per chunk when a statistic is accumulated over a long vector (bounds temporaries to ~8 MiB)
+CHUNK = 1 << 20
+
+
 class MetricInputError(ValueError):
     """A metric given data it is not defined on (a 1-D tensor for a matrix metric, too few samples)."""
 
@@ -148,12 +152,19 @@ class LayerData:
 
     @cached_property
     def central_moments(self) -> Tuple[float, float, float, float]:
-        """``(mu, m2, m3, m4)`` with ``m_k = (1/N) sum_i (w_i - mu)^k``, computed once."""
+        """``(mu, m2, m3, m4)`` with ``m_k = (1/N) sum_i (w_i - mu)^k``, computed once.
+
+        Two passes over ``flat`` in chunks of ``CHUNK`` entries, so the temporaries stay small even for
+        a pooled whole model."""
         w = self.flat
         mu = w.mean()
-        c = w - mu
-        c2 = c * c
-        return float(mu), float(c2.mean()), float((c2 * c).mean()), float((c2 * c2).mean())
+        sums = torch.zeros(3, dtype=torch.float64)
+        for chunk in w.split(CHUNK):
+            c = chunk - mu
+            c2 = c * c
+            sums += torch.stack([c2.sum(), (c2 * c).sum(), (c2 * c2).sum()])
+        m2, m3, m4 = (sums / w.numel()).tolist()
+        return float(mu), m2, m3, m4
 
     @cached_property
     def matrix(self) -> torch.Tensor:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from .base import BaseMetric, LayerData, Setting
+from .base import CHUNK, BaseMetric, LayerData, Setting
 from .registry import register_metric
 
 __all__ = [
@@ -59,7 +60,7 @@ class NormMetric(BaseMetric):
         if kind == "frobenius":
             return float(torch.linalg.vector_norm(layer.flat))
         if kind in ("max", "inf"):
-            return float(layer.flat.abs().max())
+            return float(torch.linalg.vector_norm(layer.flat, float("inf")))
         s = layer.singular_values
         return float(s.sum() if kind == "nuclear" else s[0])
 
@@ -70,14 +71,20 @@ def gini(values: torch.Tensor) -> float:
     With ``c_(1) <= ... <= c_(N)`` the sorted magnitudes,
     ``G = 1 - 2 * sum_k (c_(k) / ||c||_1) * (N - k + 1/2) / N``.
     A constant vector gives 0; a one-hot vector gives ``1 - 1/N``. All zeros: NaN.
+    Computed as ``1 - 2 ((N + 1/2) ||c||_1 - sum_k k c_(k)) / (N ||c||_1)`` with one sorted copy (sorted in
+    place) and ``sum_k k c_(k)`` accumulated in chunks, so a pooled whole model costs one extra copy.
     """
-    c = values.abs().sort().values
-    n = c.numel()
-    total = c.sum()
+    c = np.abs(values.detach().cpu().numpy().astype(np.float64))  # a new array: safe to sort in place
+    c.sort()
+    n = c.size
+    total = float(c.sum())
     if total == 0:
         return float("nan")
-    k = torch.arange(1, n + 1, dtype=c.dtype)
-    return float(1 - 2 * torch.sum((c / total) * (n - k + 0.5) / n))
+    weighted = 0.0
+    for start in range(0, n, CHUNK):
+        block = c[start : start + CHUNK]
+        weighted += float(np.dot(block, np.arange(start + 1, start + 1 + block.size, dtype=np.float64)))
+    return float(1 - 2 * ((n + 0.5) * total - weighted) / (n * total))
 
 
 def hoyer(values: torch.Tensor) -> float:
@@ -119,7 +126,9 @@ class SparsityMetric(BaseMetric):
     settings = {"threshold": Setting(float, 1e-3, "threshold >= 0", check=lambda v: v >= 0)}
 
     def compute(self, layer: LayerData) -> float:
-        return float((layer.flat.abs() < self.config["threshold"]).double().mean())
+        threshold = self.config["threshold"]
+        below = sum(int(torch.count_nonzero(chunk.abs() < threshold)) for chunk in layer.flat.split(CHUNK))
+        return below / layer.flat.numel()
 
 
 @register_metric("entropy")
@@ -211,6 +220,9 @@ class ParticipationRatioMetric(BaseMetric):
         self.needs_matrix = self.config["over"] == "spectrum"
 
     def compute(self, layer: LayerData) -> float:
-        x = layer.singular_values**2 if self.needs_matrix else layer.flat**2
-        denom = (x**2).sum()
-        return float("nan") if denom == 0 else float(x.sum() ** 2 / denom)
+        values = layer.singular_values if self.needs_matrix else layer.flat
+        s2, s4 = 0.0, 0.0
+        for chunk in values.split(CHUNK):
+            x = chunk * chunk
+            s2, s4 = s2 + float(x.sum()), s4 + float((x * x).sum())
+        return float("nan") if s4 == 0 else s2 * s2 / s4
