@@ -5,8 +5,9 @@ analog store verify PATH    every chunk: structure, sizes, CRC-32 of rows and st
 analog store repair PATH    drop every chunk verify finds a problem with (saying which), under the
                             writers' locks; the curvature is then fitted again by refit()/finalize()
 
-PATH is a project directory (holding ``logs/``) or a store directory (holding ``store.json``).
-Exit status: 0 when the store is sound (verify) or was repaired, 1 when verify found problems,
+PATH is a project directory (holding ``logs/``) or a store directory (holding ``store.json``). A
+project's every segment is checked (``logs/`` and ``segments/NNNN/logs/``), each under its own header.
+Exit status: 0 when every store is sound (verify) or was repaired, 1 when verify found problems,
 2 when PATH is not a store.
 """
 
@@ -44,6 +45,20 @@ def store_dir(path) -> Path:
     raise StoreError(f"no log store at {path}: neither {path / STORE_FILE} nor {path / 'logs' / STORE_FILE} exists")
 
 
+def store_dirs(path) -> List[Path]:
+    """Every store under ``path``: the store itself, or a project's segment 0 (``logs/``) and its later
+    segments (``segments/NNNN/logs/``, in order); a StoreError when there is none."""
+    path = Path(path)
+    segments = sorted(path.glob("segments/[0-9][0-9][0-9][0-9]/logs"))
+    found = [d for d in segments if (d / STORE_FILE).exists() or (d / STORE_FILE).is_symlink()]
+    try:
+        return [store_dir(path), *found]
+    except StoreError:
+        if found and path.name != "logs":
+            return found
+        raise
+
+
 def _curvature_line(store: Path, digest: str) -> List[str]:
     record = store.parent / "state" / "curvature.json"
     if store.name != "logs" or not record.exists():
@@ -63,35 +78,43 @@ def _verify(args) -> int:
     from analog.storage.reader import LogStore
 
     try:
-        path = store_dir(args.path)
-        report = inspect_store(path)
+        paths = store_dirs(args.path)
+        reports = [(path, inspect_store(path)) for path in paths]
     except StoreError as e:
         print(f"analog store verify: {e}")
         return 2
-    lines = report.lines()
-    if report.ok:
-        lines += _curvature_line(path, LogStore(path, verify=False).digest())
+    lines = []
+    for path, report in reports:
+        lines += report.lines()
+        if report.ok:
+            lines += _curvature_line(path, LogStore(path, verify=False).digest())
     print("\n".join(lines))
-    return 0 if report.ok else 1
+    return 0 if all(report.ok for _, report in reports) else 1
 
 
 def _repair(args) -> int:
     try:
-        path = store_dir(args.path)
-        world = stored_world_size(read_header(path))
-        locks = []
-        try:
-            for rank in range(world):  # no writer of any rank may append meanwhile
-                locks.append(StoreLock(path, rank))
-            report = repair_store(path)
-        finally:
-            for lock in locks:
-                lock.close()
+        reports = [_repair_one(path) for path in store_dirs(args.path)]
     except StoreError as e:
         print(f"analog store repair: {e}")
         return 2
-    print("\n".join(report.lines()))
-    if report.dropped:
-        print(f"dropped {len(report.dropped)} chunk(s); the project's curvature is fitted again by "
+    dropped = 0
+    for report in reports:
+        print("\n".join(report.lines()))
+        dropped += len(report.dropped)
+    if dropped:
+        print(f"dropped {dropped} chunk(s); the project's curvature is fitted again by "
               "AnaLog(...).refit() or at the next finalize()")
     return 0
+
+
+def _repair_one(path: Path):
+    world = stored_world_size(read_header(path))
+    locks = []
+    try:
+        for rank in range(world):  # no writer of any rank may append meanwhile
+            locks.append(StoreLock(path, rank))
+        return repair_store(path)
+    finally:
+        for lock in locks:
+            lock.close()

@@ -160,6 +160,27 @@ def test_verify_and_repair_then_refit_equals_a_fit_of_the_remaining_rows(tmp_pat
     assert "fitted on this store" in capsys.readouterr().out
 
 
+def test_verify_and_repair_of_a_project_cover_every_segment(tmp_path, capsys):
+    model = _model()
+    run = AnaLog("p", _config(tmp_path)).watch(model)
+    _log(run, model, range(3))
+    _log(run, model, range(3))  # the same ids again: segment 1 (rule "repeat")
+    run.finalize()
+    first, later = run.path / "logs", run.path / "segments" / "0001" / "logs"
+    assert len(list(later.glob("chunk_*.bin"))) == 3 and len(list(first.glob("chunk_*.bin"))) == 3
+    assert cli(["store", "verify", str(run.path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  ok") == 2 and str(later) in out
+    _flip(later / "chunk_000001.bin", 0)  # only the later segment is damaged
+    assert cli(["store", "verify", str(run.path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{later / 'chunk_000001.bin'} does not match its checksum" in out and out.count("  ok") == 1
+    assert cli(["store", "repair", str(run.path)]) == 0
+    assert "dropped 1 chunk(s)" in capsys.readouterr().out
+    assert not list(later.glob("chunk_000001.*")) and len(list(first.glob("chunk_*.bin"))) == 3
+    assert cli(["store", "verify", str(run.path)]) == 0
+
+
 def test_verify_of_a_path_without_a_store_says_so(tmp_path, capsys):
     assert cli(["store", "verify", str(tmp_path)]) == 2
     assert f"no log store at {tmp_path}" in capsys.readouterr().out
