@@ -141,7 +141,8 @@ class Config:
         if self.nonfinite not in ("error", "allow"):
             raise ValueError(f"config 'nonfinite' must be 'error' or 'allow', got {self.nonfinite!r}")
         if self.compression.type not in ("logra", "dense", "none"):
-            raise ValueError(f"config 'compression.type': unknown {self.compression.type!r}")
+            raise ValueError(f"config 'compression.type': unknown {self.compression.type!r}; "
+                             "choose from ['logra', 'dense', 'none']")
         c = self.compression
         if c.init not in INITS:
             raise ValueError(f"config 'compression.init': unknown {c.init!r}; choose from {list(INITS)}")
@@ -161,7 +162,8 @@ class Config:
         if not isinstance(self.segments.checkpoint, bool):
             raise TypeError(f"config 'segments.checkpoint' must be true or false, got {self.segments.checkpoint!r}")
         if self.storage.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"config 'storage.dtype': unknown {self.storage.dtype!r}")
+            raise ValueError(f"config 'storage.dtype': unknown {self.storage.dtype!r}; "
+                             "choose from ['float32', 'float16', 'bfloat16']")
         flush = self.storage.flush_bytes
         if isinstance(flush, bool) or not isinstance(flush, (int, float)) or not flush >= 1:
             raise ValueError(f"config 'storage.flush_bytes' must be a positive number of bytes, got {flush!r}")
