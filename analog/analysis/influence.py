@@ -75,7 +75,9 @@ class InfluenceFunction:
             return log_loader
         store = self._store()
         fitted_on = self.curvature.meta.get("fitted_on")
-        if fitted_on is not None and fitted_on != store.digest():
+        # the project's own store must be the one its curvature was fitted on; a store handed to
+        # from_parts may be another one on purpose (e.g. scoring an evaluation store)
+        if self.analog is not None and fitted_on is not None and fitted_on != store.digest():
             raise CurvatureError(f"the store {store.path} changed since the {self.curvature.kind} curvature was fitted "
                                  "on it: call analog.refit() (or finalize()) before scoring against it")
         return build_log_dataloader(store)

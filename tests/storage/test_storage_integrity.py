@@ -203,3 +203,48 @@ def test_a_stale_curvature_refuses_queries_until_refit(tmp_path, hessian):
     after = run.influence.compute_influence_all(query).scores
     assert after.shape == (1, 4 * BATCH) and before.shape == (1, 5 * BATCH)
     assert not torch.allclose(after, before[:, : 4 * BATCH])  # N and the statistics changed
+
+
+HOLDER = """
+import sys, time, torch
+sys.path.insert(0, sys.argv[2])
+import test_storage_integrity as t
+from analog import AnaLog
+model = t._model()
+run = AnaLog("shared", t._config(sys.argv[1])).watch(model)
+t._log(run, model, [0, 1])
+run.flush()                      # two chunks on disk, the project's lock held
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_process_can_neither_log_nor_fit_while_the_first_writes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(Path(__file__).parent)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        model = _model()
+        other = AnaLog("shared", _config(tmp_path)).watch(model)
+        with pytest.raises(StoreError, match="another writer"):
+            _log(other, model, [2])
+        with pytest.raises(StoreError, match="another writer"):
+            other.refit()  # fitting and the state files are covered by the same lock
+        assert not (tmp_path / "shared" / "state" / "curvature.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    _log(other, model, [2, 3, 4])  # the killed writer's lock is gone with it
+    other.finalize()
+    reference = _project(tmp_path, "ref")
+    assert other.curvature.meta["n_samples"] == 5 * BATCH
+    for key, value in reference.curvature.state.items():
+        torch.testing.assert_close(other.curvature.state[key], value, rtol=1e-9, atol=1e-12)
+    assert len(reference.curvature.state) == 12
