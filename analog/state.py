@@ -121,6 +121,7 @@ class ProjectState:
         saved = self.saved_config()
         if saved is None:
             return config
+        saved = Config.from_dict(saved).to_dict()  # keys added to analog since it was saved: their defaults
         given, stored = flatten(config.to_dict()), flatten(saved)
         wanted = {k for k in flatten(explicit) if k in given}
         differ = sorted(k for k in wanted - RUNTIME_KEYS if given[k] != stored.get(k))

@@ -182,3 +182,14 @@ def test_bad_query_arguments_and_early_queries_are_refused(tmp_path):
     with pytest.raises(ValueError, match="'damping' must be a number >= 0"):
         run.update({"damping": -0.1})
     assert run.influence.compute_influence_all(fake_query, topk=2).helpful_ids[0] != []
+
+
+def test_a_config_saved_before_a_key_existed_reopens_with_its_default(tmp_path):
+    run, _ = _logged(tmp_path)
+    saved = json.loads((run.state_path / "config.json").read_text())
+    del saved["compression"]["seed"], saved["nonfinite"]  # as written by an analog without these keys
+    (run.state_path / "config.json").write_text(json.dumps(saved))
+    again = AnaLog("p", {"root_dir": str(tmp_path), "compression": {"seed": 0, "rank": 2}})
+    assert again.config.compression.seed == 0 and again.config.nonfinite == "error"
+    with pytest.raises(ProjectError, match="compression.seed: saved 0, given 3"):
+        AnaLog("p", {"root_dir": str(tmp_path), "compression": {"seed": 3}})
