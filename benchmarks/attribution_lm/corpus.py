@@ -9,15 +9,15 @@ fixed random bigram chain (each filler word has
 ``FILLER_BRANCH`` likely successors), so the model can learn part of it, as it would learn language.
 Statements, one per sequence:
 
-- the **fact** of each entity, ``lives`` (entity → city), stated in 2 or 3 sequences, each with a
-  different template (``LIVES_TEMPLATES``);
+- the **fact** of each entity, ``lives`` (entity → city), stated in 2 or 3 sequences with one template
+  drawn per fact from ``LIVES_TEMPLATES`` (``paraphrase=True``: a different template each time);
 - **distractors** about the same entity: ``works`` (entity → another city, 1–2 sequences) and ``likes``
   (entity → food, 1 sequence); they share the entity token but not the answer;
 - cities are shared by many entities, so other entities' facts share the answer token;
 - the remaining sequences hold filler only.
 
-A **query** asks the fact of one entity: ``<bos>`` + one of the ``lives`` templates its fact was stated
-with, up to the city, and the city (so a source holds the query's words, the other sources do not);
+A **query** asks the fact of one entity: ``<bos>`` + a ``lives`` template its fact was stated with, up to
+the city, and the city;
 its loss is the cross-entropy of the city token alone. Its **sources** are the training sequences that
 state that fact. Shapes: ``train_tokens`` (N, seq_len) int64; ``query_tokens`` (Q, L) right-padded with
 ``<pad>``; ``query_answer_pos`` (Q,) the position whose *next-token prediction* is the city (i.e. the
@@ -55,6 +55,10 @@ class CorpusConfig:
     #: "start": the statement opens the sequence (filler after it), so the entity is the only key to the
     #: answer; "random": anywhere in the filler (a tiny LM then memorises the filler before it as the key).
     statement_at: str = "start"
+    #: False: a fact's 2–3 statements share one template (drawn per fact), so every source holds the query's
+    #: words; True: each statement in another template (only one source then matches the query's words, and
+    #: the others were found by no method, compressed or not: recall@2 ≈ 0.42 for all on the CPU preset).
+    paraphrase: bool = False
 
 
 @dataclasses.dataclass
@@ -109,7 +113,11 @@ def build_corpus(config: CorpusConfig = CorpusConfig()) -> Corpus:
     stated: List[np.ndarray] = []  # per entity: the lives templates its fact is stated with
     for e, name in enumerate(entities):
         slots = {"{E}": name, "{C}": cities[lives[e]]}
-        stated.append(rng.permutation(len(LIVES_TEMPLATES))[: rng.integers(2, 4)])
+        n_stated = rng.integers(2, 4)
+        if config.paraphrase:  # each statement of the fact in another template
+            stated.append(rng.permutation(len(LIVES_TEMPLATES))[:n_stated])
+        else:  # the same template every time (the sequences differ in their filler)
+            stated.append(np.repeat(rng.integers(len(LIVES_TEMPLATES)), n_stated))
         for t in stated[-1]:
             statements.append(("lives", e, _fill(LIVES_TEMPLATES[t], slots, index)))
         slots = {"{E}": name, "{C}": cities[works[e]]}

@@ -6,7 +6,7 @@ A *method* is a dict::
      "config": {"compression": {"type": "logra", "rank": 16, "init": "random"}, "hessian": "ekfac"},
      "dampings": [None],          # optional; each value is one result row: a float, None (analog's
                                   # default, 0.1 × mean eigenvalue per module) or "task" (the task's λ)
-     "mode": "dot"}               # optional; influence mode: dot | cosine | l2
+     "modes": ["dot"]}            # optional; influence modes, one row each: dot | cosine | l2
 
 ``config`` goes to ``AnaLog(project, config)`` as it is (``root_dir``, ``progress`` and ``log`` are set
 here), so any key analog accepts — new compression inits, curvatures, options — runs without a change
@@ -125,10 +125,11 @@ def run_analog(task, method: Dict[str, Any], root: str = None) -> List[Dict[str,
             lam = task.damping if damping == "task" else damping
             if damping == "task" and lam is None:
                 continue
-            scores, seconds = _scores(task, run, model, lam, method.get("mode", "dot"))
-            rows.append({"method": method["name"], "family": "analog", "damping": damping, "damping_value": lam,
-                         "config": method.get("config", {}), "query_s": seconds, **cost,
-                         **task.evaluate(scores)})
+            for mode in method.get("modes", ["dot"]):
+                scores, seconds = _scores(task, run, model, lam, mode)
+                rows.append({"method": method["name"], "family": "analog", "damping": damping, "mode": mode,
+                             "damping_value": lam, "config": method.get("config", {}), "query_s": seconds,
+                             **cost, **task.evaluate(scores)})
         return rows
 
 

@@ -57,6 +57,20 @@ def whiten(ranks=(16, 64)) -> List[Dict[str, Any]]:
     return out
 
 
+def final(ranks=(16, 64)) -> List[Dict[str, Any]]:
+    """``whiten`` plus: cosine scores next to dot products, whitening under K-FAC, and ranks allocated by
+    the spectra under the same byte budget (``allocate: spectrum``)."""
+    cosine = {"modes": ["dot", "cosine"]}
+    out = [dict(m, **cosine) if m["name"] in ("none-ekfac",) or m["name"].endswith("-raw") else m
+           for m in whiten(ranks)]
+    for rank in ranks:
+        out.append(method(f"logra-r{rank}-whiten-kfac", logra(rank, "whiten"), "kfac", **cosine))
+        for init in ("pca", "whiten_pca"):
+            out.append(method(f"logra-r{rank}-{init}-spectrum-raw", {**logra(rank, init), "allocate": "spectrum"},
+                              "raw"))
+    return out
+
+
 def smoke(ranks=None) -> List[Dict[str, Any]]:
     return [method("none-ekfac", NONE, "ekfac"), method("logra-r16-random-raw", logra(16), "raw"),
             method("logra-r16-pca-ekfac", logra(16, "pca"), "ekfac")]
@@ -81,7 +95,8 @@ def trajectory(ranks=(16, 64), segments=(4,)) -> List[Dict[str, Any]]:
 PEERS = [{"name": "kronfluence-ekfac", "strategy": "ekfac"},
          {"name": "kronfluence-ekfac-empirical", "strategy": "ekfac", "empirical": True}]
 
-LISTS = {"baseline": baseline, "sweep": sweep, "whiten": whiten, "smoke": smoke, "trajectory": trajectory}
+LISTS = {"baseline": baseline, "sweep": sweep, "whiten": whiten, "final": final, "smoke": smoke,
+         "trajectory": trajectory}
 
 
 def load(name: str = "baseline", path: str = None, ranks=(16, 64)) -> Dict[str, List[Dict[str, Any]]]:

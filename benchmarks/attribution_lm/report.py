@@ -32,7 +32,8 @@ def load(paths: List[str]) -> List[dict]:
 
 def _ref(rows, task):
     for r in rows:
-        if r.get("task") == task and (r["method"], r.get("damping")) == REFERENCE and "error" not in r:
+        if (r.get("task") == task and (r["method"], r.get("damping")) == REFERENCE and "error" not in r
+                and r.get("mode", "dot") == "dot"):
             return r
     return None
 
@@ -50,8 +51,8 @@ def _bytes(v):
 
 
 def _label(row) -> str:
-    lam = row.get("damping")
-    return row["method"] + ("" if lam is None else f" (λ={lam})")
+    lam, mode = row.get("damping"), row.get("mode", "dot")
+    return row["method"] + ("" if lam is None else f" (λ={lam})") + ("" if mode == "dot" else f" [{mode}]")
 
 
 def task_table(rows: List[dict], task: str, cols) -> List[str]:
