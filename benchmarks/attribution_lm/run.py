@@ -100,12 +100,12 @@ def _trained(corpus, cfg, p, preset, device, cache: Path, progress):
     return LMTask("lm", corpus, cfg, state, None, device), train_s
 
 
-def run_task(task, method_lists, root) -> list:
+def run_task(task, method_lists, root, save=lambda rows: None) -> list:
     from benchmarks.attribution_lm.peers import run_peer
     from benchmarks.attribution_lm.trajectory import run_trajectory
 
     rows = []
-    jobs = [("analog", m) for m in method_lists["analog"]] + [("peer", p) for p in method_lists["peers"]]
+    jobs = [("peer", p) for p in method_lists["peers"]] + [("analog", m) for m in method_lists["analog"]]
     for family, spec in jobs:
         start = time.perf_counter()
         try:
@@ -121,10 +121,16 @@ def run_task(task, method_lists, root) -> list:
         for row in new:
             row["task"] = task.name
             quality = {k: round(v, 3) for k, v in row.items() if k.startswith(("recall", "mrr", "lds"))}
-            print(f"[{task.name}] {row['method']} λ={row.get('damping')}: {quality or row.get('error')} "
+            print(f"[{task.name}] {row['method']} λ={row.get('damping')} {row.get('mode', '')}: "
+                  f"{quality or row.get('error')} "
                   f"({time.perf_counter() - start:.1f} s)", flush=True)
         rows.extend(new)
+        save(rows)
     return rows
+
+
+def _plain(value):
+    return float(value) if isinstance(value, np.floating) else str(value)
 
 
 def machine(device: str) -> str:
@@ -161,6 +167,12 @@ def main() -> None:
             "machine": machine(args.device), "preset": args.preset, "started": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                            time.gmtime())}
     rows, tasks = [], {}
+
+    def write(all_rows):  # after every method, so that a run cut short keeps what it measured
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "tasks": tasks, "rows": all_rows}, indent=1, default=_plain))
+
     for name in args.tasks:
         if name == "lm":
             overrides = {"model": {"epochs": args.epochs}} if args.epochs else {}
@@ -170,11 +182,9 @@ def main() -> None:
         else:
             task = build_digits("cpu")  # as benchmarks/influence runs it (its ground truth is CPU-trained)
             tasks["digits"] = {"n_train": task.n_train, "n_queries": task.n_queries, "damping": task.damping}
-        rows += run_task(task, lists, args.workdir)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "tasks": tasks, "rows": rows}, indent=1, default=str))
-    print(f"wrote {out}")
+        rows += run_task(task, lists, args.workdir, save=lambda new, done=list(rows): write(done + new))
+    write(rows)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
