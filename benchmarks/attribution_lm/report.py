@@ -30,8 +30,9 @@ def load(paths: List[str]) -> List[dict]:
     return runs
 
 
-def _ref(rows, task):
-    for r in rows:
+def _ref(rows, task, fallback=()):
+    """The run's own reference row, else one of ``fallback`` (rows of other runs of the same preset)."""
+    for r in list(rows) + list(fallback):
         if (r.get("task") == task and (r["method"], r.get("damping")) == REFERENCE and "error" not in r
                 and r.get("mode", "dot") == "dot"):
             return r
@@ -55,8 +56,8 @@ def _label(row) -> str:
     return row["method"] + ("" if lam is None else f" (λ={lam})") + ("" if mode == "dot" else f" [{mode}]")
 
 
-def task_table(rows: List[dict], task: str, cols) -> List[str]:
-    ref = _ref(rows, task)
+def task_table(rows: List[dict], task: str, cols, fallback=()) -> List[str]:
+    ref = _ref(rows, task, fallback)
     head = ["method", "bytes/example", "× smaller", "log step × plain", "fit (s)", "query (s)", *cols]
     if ref is not None:
         head += [f"{c} × ref" for c in ("recall@2", "lds") if c in cols]
@@ -77,8 +78,12 @@ def task_table(rows: List[dict], task: str, cols) -> List[str]:
     return lines
 
 
-def write_markdown(runs: List[dict], path: Path, png: str = None) -> None:
+def write_markdown(runs: List[dict], path: Path, png: str = None, summary: str = None) -> None:
     lines = ["# Attribution quality against cost: fact tracing and LDS on a small LM, LDS on digits", ""]
+    if summary:
+        lines += [Path(summary).read_text().strip(), ""]
+    if png:
+        lines += [f"![Pareto plot]({png})", ""]
     for i, data in enumerate(runs):
         meta, tasks = data["meta"], data["tasks"]
         lines += [f"## Run {i + 1}: `{meta['command']}`", "", f"- machine: {meta['machine']}; started "
@@ -96,13 +101,12 @@ def write_markdown(runs: List[dict], path: Path, png: str = None) -> None:
             lines += [f"- digits: benchmarks/influence's MLP, {tasks['digits']['n_train']} train / "
                       f"{tasks['digits']['n_queries']} test, task damping λ = {tasks['digits']['damping']}"]
         rows = data["rows"]
+        same = [r for other in runs if other["meta"]["preset"] == meta["preset"] for r in other["rows"]]
         if "lm" in tasks:
-            lines += ["", "### Fact tracing and LDS on the LM", "", *task_table(rows, "lm", LM_COLS)]
+            lines += ["", "### Fact tracing and LDS on the LM", "", *task_table(rows, "lm", LM_COLS, same)]
         if "digits" in tasks:
-            lines += ["", "### LDS on digits", "", *task_table(rows, "digits", ("lds",))]
+            lines += ["", "### LDS on digits", "", *task_table(rows, "digits", ("lds",), same)]
         lines.append("")
-    if png:
-        lines += [f"![Pareto plot]({png})", ""]
     lines += NOTES
     path.write_text("\n".join(lines) + "\n")
 
@@ -121,64 +125,84 @@ NOTES = [
     "over retrained halves of −Σ_{t∈S} score vs the query's answer loss, mean over queries.",
     "- **λ**: none = analog's default (0.1 × mean eigenvalue per module; Kronfluence's heuristic is the same "
     "rule); `task` = the task's absolute λ (digits: 1e-3, as benchmarks/influence).",
-    "- **× ref**: ratio to `none-ekfac` (uncompressed EK-FAC, default damping) of the same run.",
+    "- **× ref**: ratio to `none-ekfac` (uncompressed EK-FAC, default damping, dot) of the same run, or of another"
+    " run of the same preset when the run has none.",
 ]
 
 
 def plot(runs: List[dict], path: Path) -> None:
+    """One panel per (run, task, metric); colour = projection init, marker = curvature; front points labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("lm", "recall@2", "LM fact tracing: recall@2"), ("lm", "lds", "LM: LDS"),
-              ("digits", "lds", "digits: LDS")]
-    rows = [r for data in runs for r in data["rows"] if "error" not in r]
-    panels = [p for p in panels if any(r.get("task") == p[0] and p[1] in r for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.2), squeeze=False)
-    for ax, (task, metric, title) in zip(axes[0], panels):
-        pts = [r for r in rows if r.get("task") == task and metric in r]
+    panels: Dict[tuple, List[dict]] = {}  # runs of the same preset on the same machine share a panel
+    for data in runs:
+        where = data["meta"]["machine"].split(" (")[0].split(",")[0]
+        for task, metric in (("lm", "recall@2"), ("lm", "lds"), ("digits", "lds")):
+            pts = [r for r in data["rows"] if r.get("task") == task and metric in r and "error" not in r]
+            if pts:
+                panels.setdefault((task, data["meta"]["preset"], where, metric), []).extend(pts)
+    panels = [(pts, key[3], f"{key[0]} ({key[1]} preset, {key[2]}): {key[3]}") for key, pts in panels.items()]
+    cols = min(3, len(panels))
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6.0 * cols, 4.8 * rows_n), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (pts, metric, title) in zip(axes.flat, panels):
+        stored = [r for r in pts if r.get("bytes_per_example")]
         for r in pts:
             if not r.get("bytes_per_example"):
                 ax.axhline(r[metric], ls="--", c="gray", lw=1)
-                ax.text(ax.get_xlim()[0] if False else 1, r[metric], " " + _label(r), fontsize=7, color="gray",
-                        va="bottom", transform=ax.get_yaxis_transform())
-                continue
-            color = _color(r)
-            ax.scatter(r["bytes_per_example"], r[metric], c=color, s=22, zorder=3)
-            ax.annotate(_label(r), (r["bytes_per_example"], r[metric]), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
-        front = _pareto([(r["bytes_per_example"], r[metric]) for r in pts if r.get("bytes_per_example")])
+                ax.text(0.01, r[metric], _label(r), fontsize=7, color="gray", va="bottom",
+                        transform=ax.get_yaxis_transform())
+        for r in stored:
+            hollow = r.get("mode", "dot") != "dot"
+            ax.scatter(r["bytes_per_example"], r[metric], s=26, zorder=3, marker=_marker(r),
+                       facecolors="none" if hollow else _color(r), edgecolors=_color(r))
+        front = _pareto([(r["bytes_per_example"], r[metric], r) for r in stored])
         if front:
-            ax.step(*zip(*front), where="post", c="k", lw=0.8, alpha=0.6)
+            ax.step([x for x, _, _ in front], [y for _, y, _ in front], where="post", c="k", lw=0.8, alpha=0.5)
+            for x, y, r in front:
+                ax.annotate(_label(r), (x, y), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("bytes per training example on disk (log)")
         ax.set_ylabel(metric)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=n) for n, c in COLORS.items()]
+    handles += [plt.Line2D([], [], ls="", marker=m, color="k", label=f"hessian {h}") for h, m in MARKERS.items()]
+    handles.append(plt.Line2D([], [], ls="", marker="o", mfc="none", color="k", label="cosine scores"))
+    fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+
+
+COLORS = {"uncompressed": "black", "random": "tab:blue", "pca": "tab:orange", "whiten": "tab:green",
+          "whiten_pca": "tab:purple", "dense": "tab:gray", "other": "tab:red"}
+MARKERS = {"ekfac": "o", "kfac": "s", "raw": "^", "none": "v", "diagonal": "d"}
 
 
 def _color(r) -> str:
-    name = r["method"]
-    if name.startswith("none-"):
-        return "black"
-    if "-pca-" in name:
-        return "tab:orange"
-    if "-random-" in name:
-        return "tab:blue"
-    if name.startswith("dense"):
-        return "tab:gray"
-    return "tab:green"  # new inits
+    comp = r.get("config", {}).get("compression", {})
+    if comp.get("type") == "none":
+        return COLORS["uncompressed"]
+    if comp.get("type") == "dense":
+        return COLORS["dense"]
+    return COLORS.get(comp.get("init", "random"), COLORS["other"])
+
+
+def _marker(r) -> str:
+    return MARKERS.get(str(r.get("config", {}).get("hessian", "none")), "*")
 
 
 def _pareto(points) -> List[tuple]:
-    """Points not beaten by one that is both smaller and better, sorted by size."""
+    """(x, y, row) not beaten by one that is both smaller and better, sorted by size."""
     best, front = -math.inf, []
-    for x, y in sorted(points):
+    for x, y, row in sorted(points, key=lambda p: (p[0], -p[1])):
         if y > best:
-            front.append((x, y))
+            front.append((x, y, row))
             best = y
     return front
 
@@ -188,10 +212,11 @@ def main(argv: Dict = None) -> None:
     parser.add_argument("results", nargs="+")
     parser.add_argument("--md", default="benchmarks/results/attribution_lm.md")
     parser.add_argument("--png", default="benchmarks/results/attribution_lm.png")
+    parser.add_argument("--summary", help="a markdown file put at the top (the findings, in words)")
     args = parser.parse_args(argv)
     runs = load(args.results)
     plot(runs, Path(args.png))
-    write_markdown(runs, Path(args.md), Path(args.png).name)
+    write_markdown(runs, Path(args.md), Path(args.png).name, args.summary)
     print(f"wrote {args.md} and {args.png}")
 
 
