@@ -314,6 +314,11 @@ class AnaLog:
         curvature is fitted from the store alone (so after a crash, logging what is missing and calling
         finalize() gives the uninterrupted result); a curvature fitted on another content of the store
         is fitted again, with a warning. Calling it again changes nothing."""
+        if self.phase == "pca" and self._pca_stats is not None:
+            raise RuntimeError(
+                f"LoGra init={self.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "
+                "call next_pass() and run the logging loop again, or wrap the loop in "
+                "`for _ in AnaLogScheduler(analog)`")
         if self._writer is not None:
             self._writer.close()
         distributed.barrier()  # every rank's chunks are on disk before the curvature reads the store

@@ -259,3 +259,21 @@ def test_spectrum_allocation_end_to_end(tmp_path, setup):
     torch.testing.assert_close(again.influence.compute_influence_all(query_log(again, model, xq, yq)).scores, scores)
     with pytest.raises(ValueError, match="allocate"):
         AnaLog("bad", {"compression": {"init": "random", "allocate": "spectrum"}})
+
+
+def test_finalize_after_only_a_statistics_pass_is_an_error(tmp_path, setup):
+    """A plain loop (no scheduler) with a fitted init only gathers statistics: finalize says so."""
+    model, x, y, _, _, _ = setup
+    run = AnaLog("p", {"root_dir": str(tmp_path), "compression": {"type": "logra", "rank": 2, "init": "whiten"}})
+    run.watch(model)
+    with run(data_id=list(range(16))):
+        loss_fn(model(x[:16]), y[:16]).backward()
+    model.zero_grad()
+    with pytest.raises(RuntimeError, match="statistics pass and nothing was logged"):
+        run.finalize()
+    run.next_pass()
+    with run(data_id=list(range(16))):
+        loss_fn(model(x[:16]), y[:16]).backward()
+    model.zero_grad()
+    run.finalize()
+    assert len(run.open_store()) == 16
