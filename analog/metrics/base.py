@@ -208,7 +208,14 @@ class PooledData(LayerData):
 
     @cached_property
     def flat(self) -> torch.Tensor:
-        return torch.cat([layer.tensor.detach().reshape(-1).to(torch.float64) for layer in self.layers])
+        total = sum(layer.tensor.numel() for layer in self.layers)
+        flat = torch.empty(total, dtype=torch.float64)
+        start = 0
+        for layer in self.layers:  # copied in place: no per-layer float64 temporaries
+            n = layer.tensor.numel()
+            flat[start : start + n].copy_(layer.tensor.detach().reshape(-1))
+            start += n
+        return flat
 
     @cached_property
     def matrix(self) -> torch.Tensor:

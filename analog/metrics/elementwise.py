@@ -74,7 +74,7 @@ def gini(values: torch.Tensor) -> float:
     Computed as ``1 - 2 ((N + 1/2) ||c||_1 - sum_k k c_(k)) / (N ||c||_1)`` with one sorted copy (sorted in
     place) and ``sum_k k c_(k)`` accumulated in chunks, so a pooled whole model costs one extra copy.
     """
-    c = np.abs(values.detach().cpu().numpy().astype(np.float64))  # a new array: safe to sort in place
+    c = values.detach().to(torch.float64).abs().cpu().numpy()  # abs() made a new array: safe to sort in place
     c.sort()
     n = c.size
     total = float(c.sum())
