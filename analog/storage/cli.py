@@ -59,6 +59,18 @@ def store_dirs(path) -> List[Path]:
         raise
 
 
+def lock_dirs(store: Path) -> List[Path]:
+    """Directories whose writer locks guard ``store``: itself, and for a later segment's store
+    (``project/segments/NNNN/logs``, see analog.trajectory.layout) the project's ``logs/``, whose
+    lock the logging process holds for every segment (analog.state.ProjectState.acquire)."""
+    dirs = [store]
+    if store.name == "logs" and store.parent.parent.name == "segments":
+        project_logs = store.parent.parent.parent / "logs"
+        if project_logs.is_dir():
+            dirs.append(project_logs)
+    return dirs
+
+
 def _curvature_line(store: Path, digest: str) -> List[str]:
     record = store.parent / "state" / "curvature.json"
     if store.name != "logs" or not record.exists():
@@ -112,8 +124,9 @@ def _repair_one(path: Path):
     world = stored_world_size(read_header(path))
     locks = []
     try:
-        for rank in range(world):  # no writer of any rank may append meanwhile
-            locks.append(StoreLock(path, rank))
+        for directory in lock_dirs(path):
+            for rank in range(world):  # no writer of any rank may append meanwhile
+                locks.append(StoreLock(directory, rank))
         return repair_store(path)
     finally:
         for lock in locks:

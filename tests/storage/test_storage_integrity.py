@@ -248,3 +248,18 @@ def test_a_second_process_can_neither_log_nor_fit_while_the_first_writes(tmp_pat
     for key, value in reference.curvature.state.items():
         torch.testing.assert_close(other.curvature.state[key], value, rtol=1e-9, atol=1e-12)
     assert len(reference.curvature.state) == 12
+
+
+def test_repair_of_a_segment_store_waits_for_the_project_writer(tmp_path, capsys):
+    model = _model()
+    run = AnaLog("seg", _config(tmp_path)).watch(model)
+    _log(run, model, [0, 1])
+    assert run.new_segment() == 1
+    _log(run, model, [2])  # segment 1 is being written: the project's lock is held
+    segment_store = tmp_path / "seg" / "segments" / "0001" / "logs"
+    assert (segment_store / "store.json").exists()
+    assert cli(["store", "repair", str(segment_store)]) == 2
+    assert "another writer" in capsys.readouterr().out
+    run.finalize()
+    assert cli(["store", "repair", str(segment_store)]) == 0
+    assert "dropped" not in capsys.readouterr().out
