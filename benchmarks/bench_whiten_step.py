@@ -6,7 +6,7 @@ which changes the projection cost. For each config the statistics pass (if any) 
 batches, then plain steps and logging steps (save=True, hessian kfac) are interleaved and timed; the
 table gives the medians, the step relative to a random-LoGra step, and the statistics pass time.
 
-    python benchmarks/bench_whiten_step.py [--batches 8] [--rank 16]
+    python -m benchmarks.bench_whiten_step [--model mlp|gpt2] [--batch 8] [--batches 8] [--rank 16]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, extra: dict, batch: int, batches: int, rank: int) -> dict:
-    model, step, watch, desc = build("gpt2", batch)
+def measure(name: str, extra: dict, batch: int, batches: int, rank: int, model_name: str) -> dict:
+    model, step, watch, desc = build(model_name, batch)
     with tempfile.TemporaryDirectory() as root:
         run = AnaLog("w", {"root_dir": root, "hessian": "kfac", "progress": False,
                            "compression": {"type": "logra", "rank": rank, **extra}})
@@ -70,8 +70,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--model", choices=["mlp", "gpt2"], default="gpt2")
     args = parser.parse_args()
-    rows = [measure(name, extra, args.batch, args.batches, args.rank) for name, extra in CONFIGS]
+    rows = [measure(name, extra, args.batch, args.batches, args.rank, args.model) for name, extra in CONFIGS]
     base = rows[0]["log"] / rows[0]["plain"]
     print(f"{rows[0]['model']}, batch {args.batch}, LoGra rank {args.rank}; {platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
