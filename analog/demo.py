@@ -54,7 +54,7 @@ def train_model(x, y, epochs: int, seed: int) -> nn.Module:
 def run_demo(args) -> int:
     t0 = time.time()
     x, y, flipped, xq, yq = load_digits_split(args.n_train, args.flip, args.seed)
-    model = train_model(x, y, args.epochs, args.seed)
+    model = train_model(x, y, args.epochs, args.seed).eval()  # logs and queries of the trained model, as in use
     with torch.no_grad():
         acc = (model(xq).argmax(1) == yq).float().mean().item()
     print(f"trained an MLP on {len(x)} digits ({int(flipped.sum())} labels flipped): test accuracy {acc:.3f}")

@@ -3,6 +3,7 @@ a self-contained report page that a real headless Chromium renders."""
 
 import shutil
 import subprocess
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,9 @@ def demo_output(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     args = SimpleNamespace(n_train=400, flip=0.05, epochs=20, rank=8, batch_size=64, queries=2, k=3, seed=0,
                            root=str(out / "logs"), out=str(out))
-    assert run_demo(args) == 0
+    with warnings.catch_warnings():  # the demo shows no warning from analog (e.g. a model left in training mode)
+        warnings.filterwarnings("error", message="analog")
+        assert run_demo(args) == 0
     return out
 
 
