@@ -83,7 +83,9 @@ def main():
         if rank == 0:
             print(f"epoch {epoch}: loss {loss.item():.4f}")
 
-    # one logging pass over each rank's shard, through the DDP model (watching the wrapper is fine)
+    # one logging pass over each rank's shard, through the DDP model (watching the wrapper is fine),
+    # with the trained model in eval mode for logging and queries alike
+    model.eval()
     run = AnaLog("ddp_example", {"root_dir": args.root, "hessian": "ekfac",
                                  "compression": {"type": "logra", "rank": 16}})
     run.watch(ddp)
