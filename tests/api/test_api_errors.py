@@ -163,3 +163,15 @@ def test_a_refused_batch_leaves_the_curvature_untouched(tmp_path):
     for k in clean.state:
         assert torch.isfinite(poisoned.state[k]).all(), k
         torch.testing.assert_close(poisoned.state[k], clean.state[k])
+
+
+def test_finalize_inside_the_pca_statistics_pass_says_to_use_the_scheduler(tmp_path):
+    model, run = make(tmp_path, compression={"rank": 3, "init": "pca"})
+    run.watch(model)
+    step(run, model, [0, 1, 2, 3])  # without AnaLogScheduler this batch only feeds the PCA statistics
+    with pytest.raises(RuntimeError, match=r"init='pca'.*statistics pass and nothing was logged.*AnaLogScheduler"):
+        run.finalize()
+    assert not (run.log_path / "store.json").exists()
+    run.next_pass()  # the documented way on: the same batch logged again is stored
+    step(run, model, [0, 1, 2, 3])
+    assert len(stored(run)) == 4
