@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--epochs", type=int, help="override the preset's training epochs (tuning, checks)")
     parser.add_argument("--subsets", type=int, help="override the preset's number of retrained halves")
+    parser.add_argument("--width", type=int, help="override the preset's model width (MLP: twice the width)")
+    parser.add_argument("--seq-len", type=int, help="override the preset's sequence length (more filler)")
     parser.add_argument("--min-accuracy", type=float, default=0.0,
                         help="train once more with twice the epochs when the LM answers fewer facts than this")
     args = parser.parse_args()
@@ -175,8 +177,12 @@ def main() -> None:
 
     for name in args.tasks:
         if name == "lm":
-            overrides = {"model": {"epochs": args.epochs}} if args.epochs else {}
-            overrides.update({"subsets": args.subsets} if args.subsets else {})
+            model = {k: v for k, v in (("epochs", args.epochs), ("d_model", args.width)) if v}
+            if args.width:
+                model["d_ff"] = 2 * args.width
+            overrides = {"model": model, **({"subsets": args.subsets} if args.subsets else {})}
+            if args.seq_len:
+                overrides["corpus"] = dataclasses.replace(PRESETS[args.preset]["corpus"], seq_len=args.seq_len)
             task = build_lm(args.preset, args.device, Path(args.cache), progress, overrides, args.min_accuracy)
             tasks["lm"] = {**task.info, "n_train": task.n_train, "n_queries": task.n_queries}
         else:
