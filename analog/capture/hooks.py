@@ -5,8 +5,8 @@ removes every handle when it is left (also on an exception), so passes outside t
 nothing; tensor hooks already placed on outputs are disarmed too, so a backward run after the
 block through a graph built inside it leaves the logs as they were.
 
-One hook function serves every watched module (it finds the module's name in a dict), so
-``torch.compile`` traces one function rather than one closure per module. For each forward call
+One hook function serves every watched module and every block (analog.capture.compiled: under
+``torch.compile`` it traces to two opaque custom ops, so the graph stays whole). For each forward call
 whose output needs a gradient, the forward hook keeps the (projected) activations ã and registers a
 hook on that call's output tensor (for a batch-1 input broadcast over the batch, on the output
 expanded to the batch: see analog.capture.broadcast); when the gradient arrives, the
@@ -35,6 +35,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from analog.capture import compiled
 from analog.capture.completeness import check_complete
 from analog.capture.masks import MaskArg, is_encoder_decoder, mask_for_factors, resolve_masks
 from analog.capture.rules import Call, LayerRule
@@ -78,18 +79,22 @@ class Capture:
         self.broadcast: Dict[str, int] = {}  # module -> batch size its batch-1 output was expanded to
         self._root_batch: Optional[int] = None
         self._names = {id(m): n for n, m in modules.items()}
+        self._by_key = {compiled.module_key(m, rules[n]): n for n, m in modules.items()}
         self._handles = []
         self._open = False
 
     def __enter__(self) -> "Capture":
+        if compiled.ACTIVE[0] is not None:
+            raise RuntimeError("another `with analog(...)` block is open; blocks cannot be nested")
         guard_compiled_hooks()
+        compiled.setup()
         self._open = True
+        compiled.ACTIVE[0], compiled.BATCH[0] = self, self.batch_size or 0
         try:
-            hook = self._forward_hook  # one hook object for every module (no per-module closures)
-            for module in self.modules.values():
-                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            for module in self.modules.values():  # one hook function for every module and every block
+                self._handles.append(module.register_forward_hook(compiled.capture_hook, with_kwargs=True))
             if self.root is not None and self.batch_size is None:
-                self._handles.append(self.root.register_forward_pre_hook(self._root_hook, with_kwargs=True))
+                self._handles.append(self.root.register_forward_pre_hook(compiled.root_hook, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
@@ -101,15 +106,49 @@ class Capture:
     def remove(self) -> None:
         """Remove the module hooks and disarm the tensor hooks already placed on outputs."""
         self._open = False
+        if compiled.ACTIVE[0] is self:
+            compiled.ACTIVE[0], compiled.BATCH[0] = None, 0
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
     # -- hooks ------------------------------------------------------------------------------
-    def _root_hook(self, module, args, kwargs) -> None:
+    def root_batch(self, args, kwargs) -> None:
         if self._root_batch is None:
             first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
             self._root_batch = None if first is None else first.shape[0]
+
+    # -- the torch.compile path (analog.capture.compiled) ---------------------------------------
+    def tapped_forward(self, key: int, x: torch.Tensor) -> None:
+        name = self._by_key.get(key)
+        if name is None or not self._open:
+            return
+        module = self.modules[name]
+        self.rules[name].check_call(module, name)
+        expand = self._expand_to(name, x)
+        if expand and not compiled.BATCH[0]:
+            raise ValueError(f"module {name!r} received a batch-1 input broadcast over the batch; under torch.compile "
+                             "pass data_id=... so that analog can expand it to the batch")
+        self.called.add(name)
+        if self.needs_backward:
+            self.calls[name] += 1
+        elif "forward" in self.kinds:
+            x = _float(x.detach())
+            self._add(name, "forward", x.expand(expand, *x.shape[1:]) if expand else x)
+
+    def tapped_backward(self, key: int, x: torch.Tensor, grad: torch.Tensor) -> None:
+        name = self._by_key.get(key)
+        if name is None or not self._open:
+            return
+        module, rule = self.modules[name], self.rules[name]
+        with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+            x = _float(x.detach())
+            a = self.projector.project_activations(name, module, rule, x)
+            if x.shape[0] != grad.shape[0]:  # a batch-1 input expanded in the traced hook
+                a, x = a.expand(grad.shape[0], *a.shape[1:]), x.expand(grad.shape[0], *x.shape[1:])
+            mask = mask_for_factors(self.masks.get(name), name, a)
+            self._mask_used |= mask is not None
+        self._backward(name, module, a, mask, x if "forward" in self.kinds else None, (grad,))
 
     def _forward_hook(self, module, args, kwargs, output):
         name = self._names[id(module)]
