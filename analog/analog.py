@@ -21,8 +21,11 @@ which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -55,6 +58,7 @@ class AnaLog:
         self._given: Dict[str, Any] = dict(given_values(config))
         config = load_config(config)
         self.state = ProjectState(config.root_dir, project)
+        _collect_dropped(self.state.path)
         self.config: Config = self.state.reconcile(config, self._given)
         self.modules: Dict[str, nn.Module] = {}
         self.rules: Dict[str, Any] = {}
@@ -275,9 +279,13 @@ class AnaLog:
 
     def _write(self, ids, logs, stats) -> None:
         if self._writer is None:  # the project's lock is held from the first write through fitting
+            lock = self.state.acquire()
             self._writer = LogWriter(self.log_path, fields_of(logs), self.config.storage.dtype,
-                                     self.projector.fingerprint(), self.config.storage.flush_bytes,
-                                     lock=self.state.acquire())
+                                     self.projector.fingerprint(), self.config.storage.flush_bytes, lock=lock)
+            # the writer's thread keeps it (and the lock) alive: an AnaLog dropped without finalize(), e.g. by
+            # an interrupted notebook cell run again, flushes its logs and frees the project when collected
+            weakref.finalize(self, _release_dropped, self._writer, lock).atexit = False
+            _OPEN_WRITERS.add(self._writer)
             self._save_state()
         self._writer.write_logs(ids, logs, stats)
 
@@ -475,6 +483,31 @@ class AnaLog:
         if name in analyses:
             return analyses[name]
         raise AttributeError(f"AnaLog has no attribute {name!r}; added analyses: {sorted(analyses)}")
+
+
+_OPEN_WRITERS: "weakref.WeakSet[LogWriter]" = weakref.WeakSet()  # writers of this process (see _collect_dropped)
+
+
+def _collect_dropped(project: Path) -> None:
+    """A writer of this process still open under ``project`` may belong to an AnaLog nobody can reach any
+    more (an interrupted notebook cell run again); a collection flushes it and frees the project, so the
+    new AnaLog's is_logged() sees those logs and its first batch can take the lock."""
+    root = os.path.abspath(project)
+    if any(not w.closed and os.path.abspath(w.path).startswith(root + os.sep) for w in list(_OPEN_WRITERS)):
+        gc.collect()
+
+
+def _release_dropped(writer: LogWriter, lock) -> None:
+    """When an AnaLog is collected without finalize(): flush its writer and release its lock."""
+    try:
+        if not writer.closed:
+            warnings.warn(f"analog: an AnaLog logging to {writer.path} was dropped without finalize(); its logs "
+                          "are flushed and the project is free (log what is missing, then finalize())")
+            writer.close()
+    except Exception as e:  # called by the garbage collector: nobody to raise to
+        warnings.warn(f"analog: flushing {writer.path} of a dropped AnaLog failed: {e!r}")
+    finally:
+        lock.close()
 
 
 def _batch_size(logs) -> int:

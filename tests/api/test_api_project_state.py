@@ -193,3 +193,29 @@ def test_a_config_saved_before_a_key_existed_reopens_with_its_default(tmp_path):
     assert again.config.compression.seed == 0 and again.config.nonfinite == "error"
     with pytest.raises(ProjectError, match="compression.seed: saved 0, given 3"):
         AnaLog("p", {"root_dir": str(tmp_path), "compression": {"seed": 3}})
+
+
+def test_an_analog_dropped_without_finalize_flushes_and_frees_its_project(tmp_path):
+    """An interrupted notebook cell run again: the first AnaLog is unreachable but was never finalized."""
+    model = _model()
+    cfg = {"root_dir": str(tmp_path), "hessian": "kfac", "compression": {"rank": 2}}
+    first = AnaLog("p", cfg).watch(model)
+    first.add_analysis({"influence": InfluenceFunction})  # a reference cycle: only the collector frees it
+    _log(first, model, [0, 1, 2, 3])
+    _log(first, model, [4, 5, 6, 7])
+    del first
+    with pytest.warns(UserWarning, match="dropped without finalize"):
+        again = AnaLog("p", cfg).watch(model)
+    skipped = 0
+    for s in range(0, 12, 4):
+        if again.is_logged(list(range(s, s + 4))):
+            skipped += 1
+            continue
+        _log(again, model, list(range(s, s + 4)))
+    again.finalize()
+    assert skipped == 2 and LogStore(tmp_path / "p" / "logs").ids == list(range(12))
+    reference, _ = _logged(tmp_path, "ref")
+    keys = reference.curvature.state.keys()
+    assert again.curvature.meta["n_samples"] == 12 and again.curvature.state.keys() == keys and len(keys) == 12
+    for key in keys:
+        torch.testing.assert_close(again.curvature.state[key], reference.curvature.state[key], rtol=1e-9, atol=1e-12)
