@@ -21,8 +21,12 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = ("analog: data attribution (per-sample gradient logs, influence), checkpoint metrics, run logs "
+               "and log stores from the command line")
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="analog", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="analog", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, module_name in COMMANDS.items():
