@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-@dataclass
+def _ids(ids: List[Any], n: int = 5) -> str:
+    """A short preview of an id list: the first ``n`` ids and how many there are."""
+    head = ", ".join(repr(i) for i in ids[:n])
+    return f"[{head}{', ...' if len(ids) > n else ''}] ({len(ids)})"
+
+
+@dataclass(repr=False)
 class InfluenceScores:
     """``scores[i, j]`` = influence of training example ``train_ids[j]`` on query ``query_ids[i]``.
 
@@ -23,6 +29,11 @@ class InfluenceScores:
     query_ids: List[Any]
     train_ids: List[Any]
     per_module: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # the full matrix of a real run would flood a notebook
+        return (f"InfluenceScores({self.scores.shape[0]} queries x {self.scores.shape[1]} training examples, "
+                f"query_ids={_ids(self.query_ids)}, train_ids={_ids(self.train_ids)}, "
+                f"per_module={sorted(self.per_module)}; .scores, .topk(k))")
 
     def topk(self, k: int = 10) -> Dict[str, List[List[Any]]]:
         """Per query, the ``k`` most helpful (highest) and most harmful (lowest) training ids."""
@@ -51,7 +62,7 @@ class InfluenceScores:
         return cls(tensors["scores"], ids["query_ids"], ids["train_ids"], per_module)
 
 
-@dataclass
+@dataclass(repr=False)
 class TopKInfluence:
     """Bounded-memory result: per query, the k highest and k lowest scores and their training ids."""
 
@@ -63,18 +74,28 @@ class TopKInfluence:
     n_train: int = 0
     extra: Optional[dict] = None
 
+    def __repr__(self) -> str:
+        return (f"TopKInfluence({len(self.query_ids)} queries, top {self.helpful_scores.shape[1]} helpful and harmful "
+                f"of {self.n_train} training examples, query_ids={_ids(self.query_ids)}; .helpful_ids, "
+                ".helpful_scores, .harmful_ids, .harmful_scores)")
+
     def topk(self, k: Optional[int] = None) -> Dict[str, List[List[Any]]]:
         k = k or self.helpful_scores.shape[1]
         return {"helpful": [r[:k] for r in self.helpful_ids], "harmful": [r[:k] for r in self.harmful_ids]}
 
 
-@dataclass
+@dataclass(repr=False)
 class TokenInfluence:
     """``scores[i, t, j]``: influence of training example ``train_ids[j]`` on position t of query i."""
 
     scores: torch.Tensor
     query_ids: List[Any]
     train_ids: List[Any]
+
+    def __repr__(self) -> str:
+        q, t, n = self.scores.shape
+        return (f"TokenInfluence({q} queries x {t} positions x {n} training examples, "
+                f"query_ids={_ids(self.query_ids)}, train_ids={_ids(self.train_ids)}; .scores, .sequence_scores())")
 
     def sequence_scores(self) -> torch.Tensor:
         """Σ over positions: the per-sequence dot scores (n_query × n_train)."""

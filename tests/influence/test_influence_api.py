@@ -122,3 +122,16 @@ def test_queries_from_a_model_in_training_mode_warn(fitted):
     with pytest.warns(UserWarning, match="training mode"):
         query_log(run, model, x[:2], y[:2])
     model.eval()
+
+
+def test_result_reprs_are_short_summaries_not_the_whole_matrix():
+    from analog.analysis.results import TokenInfluence, TopKInfluence
+
+    scores = InfluenceScores(torch.randn(3, 1000), ["a", "b", "c"], list(range(1000)))
+    text = repr(scores)
+    assert text.startswith("InfluenceScores(3 queries x 1000 training examples")
+    assert "train_ids=[0, 1, 2, 3, 4, ...] (1000)" in text and "999" not in text and len(text) < 200
+    top = TopKInfluence(["a"], [[7, 8]], torch.zeros(1, 2), [[1, 2]], torch.zeros(1, 2), n_train=1000)
+    assert repr(top).startswith("TopKInfluence(1 queries, top 2 helpful and harmful of 1000 training examples")
+    tokens = TokenInfluence(torch.zeros(2, 7, 50), ["a", "b"], list(range(50)))
+    assert repr(tokens).startswith("TokenInfluence(2 queries x 7 positions x 50 training examples")
