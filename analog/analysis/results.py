@@ -36,8 +36,11 @@ class InfluenceScores:
                 f"per_module={sorted(self.per_module)}; .scores, .topk(k))")
 
     def topk(self, k: int = 10) -> Dict[str, List[List[Any]]]:
-        """Per query, the ``k`` most helpful (highest) and most harmful (lowest) training ids."""
-        k = min(k, self.scores.shape[1])
+        """Per query, the ``k`` most helpful (highest) and most harmful (lowest) training ids (all of
+        them when there are fewer than ``k``)."""
+        if int(k) < 1:
+            raise ValueError(f"topk needs k >= 1, got {k}")
+        k = min(int(k), self.scores.shape[1])
         helpful = self.scores.topk(k, dim=1).indices.tolist()
         harmful = self.scores.topk(k, dim=1, largest=False).indices.tolist()
         return {
@@ -80,7 +83,15 @@ class TopKInfluence:
                 ".helpful_scores, .harmful_ids, .harmful_scores)")
 
     def topk(self, k: Optional[int] = None) -> Dict[str, List[List[Any]]]:
-        k = k or self.helpful_scores.shape[1]
+        """The first ``k`` (default: all kept) helpful and harmful ids per query; more than were kept
+        is an error unless every training example was kept."""
+        kept = self.helpful_scores.shape[1]
+        k = kept if k is None else int(k)
+        if k < 1:
+            raise ValueError(f"topk needs k >= 1, got {k}")
+        if k > kept and kept < self.n_train:
+            raise ValueError(f"only the top {kept} of {self.n_train} training examples were kept per query; "
+                             f"compute the influence again with topk={k}")
         return {"helpful": [r[:k] for r in self.helpful_ids], "harmful": [r[:k] for r in self.harmful_ids]}
 
 

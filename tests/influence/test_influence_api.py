@@ -135,3 +135,20 @@ def test_result_reprs_are_short_summaries_not_the_whole_matrix():
     assert repr(top).startswith("TopKInfluence(1 queries, top 2 helpful and harmful of 1000 training examples")
     tokens = TokenInfluence(torch.zeros(2, 7, 50), ["a", "b"], list(range(50)))
     assert repr(tokens).startswith("TokenInfluence(2 queries x 7 positions x 50 training examples")
+
+
+def test_topk_of_results_refuses_what_it_cannot_give():
+    from analog.analysis.results import TopKInfluence
+
+    top = TopKInfluence(["q"], [[7, 8]], torch.tensor([[2.0, 1.0]]), [[1, 2]], torch.tensor([[-2.0, -1.0]]), n_train=10)
+    assert top.topk() == {"helpful": [[7, 8]], "harmful": [[1, 2]]}
+    assert top.topk(1) == {"helpful": [[7]], "harmful": [[1]]}
+    with pytest.raises(ValueError, match=r"only the top 2 of 10 .* topk=3"):
+        top.topk(3)
+    everything = TopKInfluence(["q"], [[7, 8]], torch.zeros(1, 2), [[1, 2]], torch.zeros(1, 2), n_train=2)
+    assert everything.topk(5) == {"helpful": [[7, 8]], "harmful": [[1, 2]]}  # there are no more
+    scores = InfluenceScores(torch.tensor([[0.0, 3.0, -1.0]]), ["q"], ["a", "b", "c"])
+    assert scores.topk(5) == {"helpful": [["b", "a", "c"]], "harmful": [["c", "a", "b"]]}
+    for bad in (top, scores):
+        with pytest.raises(ValueError, match="k >= 1"):
+            bad.topk(0)
