@@ -37,3 +37,11 @@ def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch):
     top = scores.topk(5)
     assert len(top["helpful"]) == 4 and all(len(row) == 5 for row in top["helpful"])
     assert (tmp_path / "analog_logs" / "my_project" / "logs" / "store.json").exists()
+    assert namespace["ids"] == list(range(40)) and namespace["self_inf"].shape == (40,)
+    # s(t, t) is the score of t against itself: the diagonal of the training set's own score matrix
+    batches = list(namespace["log_loader"])
+    ids = [i for b_ids, _ in batches for i in b_ids]
+    logs = {m: {"grad": torch.cat([b[1][m]["grad"] for b in batches])} for m in batches[0][1]}
+    own = namespace["analog"].influence.compute_influence((ids, logs), (ids, logs)).scores
+    assert ids == namespace["ids"] and own.shape == (40, 40)
+    torch.testing.assert_close(namespace["self_inf"], own.diagonal(), rtol=1e-4, atol=1e-5)
