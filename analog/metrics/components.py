@@ -79,7 +79,9 @@ def find_layer_keys(keys, suffix: str, layers: Optional[Tuple[int, ...]], where:
     ``model.layers.3.attention.o_proj.weight`` matches suffix ``attention.o_proj`` at index 3.
     A suffix matching nothing, or a requested index that is absent, is a ``KeyError`` naming it.
     """
-    pattern = re.compile(rf"^(?:(?P<prefix>.*?)\.)?(?:(?P<idx>\d+)\.)?{re.escape(suffix)}(?:\.weight)?$")
+    # the prefix is tried last (``??``), so a key without one (``2.weight`` of an nn.Sequential) gives its
+    # leading integer to ``idx`` rather than to the prefix
+    pattern = re.compile(rf"^(?:(?P<prefix>.*?)\.)??(?:(?P<idx>\d+)\.)?{re.escape(suffix)}(?:\.weight)?$")
     found: Dict[Optional[int], str] = {}
     for key in keys:
         match = pattern.match(key)

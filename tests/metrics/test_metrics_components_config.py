@@ -30,6 +30,19 @@ def test_simple_component_selects_by_suffix_and_layer(tmp_path):
     assert torch.equal(out["model.layers.1.attn.o_proj.weights"], state["model.layers.1.attn.o_proj.weight"])
 
 
+def test_suffix_selects_every_layer_of_keys_without_a_prefix(tmp_path):
+    """nn.Sequential state dicts (``0.weight``, ``2.weight``): the leading integer is the layer index."""
+    state = {"0.weight": torch.randn(4, 3), "0.bias": torch.randn(4), "2.weight": torch.randn(2, 4),
+             "2.bias": torch.randn(2)}
+    write_safetensors(tmp_path / "step_1.safetensors", state)
+    ckpt = Checkpoint(discover_checkpoints(tmp_path)[0])
+    out = SimpleComponent(ComponentConfig("simple", "weights", "weight")).extract(ckpt, "val")
+    assert sorted(out) == ["0.weights", "2.weights"]
+    assert torch.equal(out["0.weights"], state["0.weight"]) and torch.equal(out["2.weights"], state["2.weight"])
+    only = SimpleComponent(ComponentConfig("simple", "weights", "weight", (2,))).extract(ckpt, "val")
+    assert list(only) == ["2.weights"]
+
+
 def test_suffix_matching_nothing_and_missing_layer_are_errors_naming_them(tmp_path):
     ckpt, _ = _attention_checkpoint(tmp_path)
     with pytest.raises(KeyError, match="layer suffix 'mlp.up' matches no tensor in the weights of step 1"):
