@@ -81,8 +81,11 @@ def _load_targets(plans: List[_Plan], refs: Dict[int, CheckpointRef], allow_pick
             for comp in plan.components:
                 data = comp.extract(ckpt, plan.entry.data_split)
                 where = f"target step {step}"
+                # with every tensor selected, the layers _layer_value skips (biases, integer buffers) need no target
+                keep = (lambda v: v.is_floating_point() and v.dim() >= 2) if comp.selects_all else (lambda v: True)
+                kind = comp.config.data_type
                 plan.targets.append(
-                    {k: as_samples(v, f"{where} layer '{k}'", comp.config.data_type) for k, v in data.items()}
+                    {k: as_samples(v, f"{where} layer '{k}'", kind) for k, v in data.items() if keep(v)}
                 )
 
 

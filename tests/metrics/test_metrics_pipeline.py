@@ -179,3 +179,26 @@ def _custom(tmp_path):
     path = tmp_path / "c.py"
     path.write_text("def zero_of_model(model):\n    return 0.0\n")
     return path
+
+
+def test_quick_form_comparative_metric_skips_vectors_like_the_spectral_ones(tmp_path):
+    """`--metrics cka --target-step N` on every tensor: biases have no CKA and are left out on both sides."""
+    g = torch.Generator().manual_seed(0)
+    states = {s: {"0.weight": torch.randn(6, 3, generator=g), "0.bias": torch.randn(6, generator=g),
+                  "2.weight": torch.randn(6, 6, generator=g), "2.bias": torch.randn(6, generator=g)} for s in (1, 2)}
+    for s, state in states.items():
+        torch.save(state, tmp_path / f"step_{s}.pt")
+    out = tmp_path / "out"
+    assert main(["metrics", "--dir", str(tmp_path), "--metrics", "cka", "--target-step", "2", "--output-dir", str(out),
+                 "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "checkpoint_metrics" / "metrics.csv")))
+    assert sorted((r["step"], r["layer"]) for r in rows) == [("1", "0.weights"), ("1", "2.weights"),
+                                                             ("2", "0.weights"), ("2", "2.weights")]
+
+    def cka(x, y):  # linear CKA of column-centred (samples = output units) matrices
+        x, y = (m.double() - m.double().mean(0) for m in (x, y))
+        return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+    for r in rows:
+        key = r["layer"].replace(".weights", ".weight")
+        assert float(r["value"]) == pytest.approx(cka(states[int(r["step"])][key], states[2][key]), rel=1e-9)
