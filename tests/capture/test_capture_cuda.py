@@ -9,7 +9,7 @@
 import pytest
 import torch
 from capture_reference import analog_per_sample, assert_grads_match, func_per_sample, make_analog
-from torch import nn
+from test_capture_hf import LM, lm_loss
 
 from analog import AnaLog
 from analog.analysis import InfluenceFunction
@@ -18,21 +18,6 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 B, T, V = 4, 9, 64
-
-
-class LM(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids, mask):
-        return self.m(input_ids=ids, attention_mask=mask).logits
-
-
-def lm_loss(logits, ids, mask):
-    logp = torch.log_softmax(logits[:, :-1], -1)
-    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
-    return (nll * mask[:, 1:]).sum()
 
 
 def gpt2(device):
