@@ -1,5 +1,8 @@
 """AnaLog: the facade of seed 004 — watch a model, log inside ``with`` blocks, analyse offline.
 
+The end of logging (finalize, refit, is_logged, recovery of a dropped AnaLog) is in analog.fitting,
+the segment glue (new_segment, at_segment) in analog.segmenting; the methods here delegate to them.
+
 Project layout under ``root_dir/project/``: ``logs/`` (the log store, analog.storage.layout) and
 ``state/`` (config, projection, curvature), owned by analog.state.ProjectState: the facade reads
 and writes them only through ``self.state``. Reopening a project reads its saved config back.
@@ -20,19 +23,15 @@ which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import os
 import sys
 import warnings
-import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from analog import distributed
+from analog import distributed, fitting, segmenting
 from analog.capture.hooks import Capture
 from analog.compression import build_projector
 from analog.compression.base import NoProjector
@@ -43,7 +42,7 @@ from analog.state import RUNTIME_KEYS, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
 from analog.storage.layout import DTYPES
 from analog.storage.rows import fields_of
-from analog.trajectory import SegmentError, Trajectory, load_checkpoint, parameters_of
+from analog.trajectory import Trajectory
 from analog.watch import watch_model
 
 #: keys that may change once logging started in this process (they affect checks and queries only)
@@ -58,7 +57,7 @@ class AnaLog:
         self._given: Dict[str, Any] = dict(given_values(config))
         config = load_config(config)
         self.state = ProjectState(config.root_dir, project)
-        _collect_dropped(self.state.path)
+        fitting.collect_dropped(self.state.path)
         self.config: Config = self.state.reconcile(config, self._given)
         self.modules: Dict[str, nn.Module] = {}
         self.rules: Dict[str, Any] = {}
@@ -212,7 +211,7 @@ class AnaLog:
         if ids is not None and not ids:
             raise ValueError("data_id holds no ids (an empty batch): there is nothing to log; skip empty batches")
         if self.mode == "log" and self.phase == "log":
-            self._segment_step(ids)
+            segmenting.segment_step(self, ids)
         batch_size = len(ids) if ids is not None else None
         self._observed: List[Tuple] = []
         if self.mode == "log" and self.phase == "pca":
@@ -282,10 +281,7 @@ class AnaLog:
             lock = self.state.acquire()
             self._writer = LogWriter(self.log_path, fields_of(logs), self.config.storage.dtype,
                                      self.projector.fingerprint(), self.config.storage.flush_bytes, lock=lock)
-            # the writer's thread keeps it (and the lock) alive: an AnaLog dropped without finalize(), e.g. by
-            # an interrupted notebook cell run again, flushes its logs and frees the project when collected
-            weakref.finalize(self, _release_dropped, self._writer, lock).atexit = False
-            _OPEN_WRITERS.add(self._writer)
+            fitting.track_writer(self, self._writer, lock)  # flushed and unlocked if self is dropped
             self._save_state()
         self._writer.write_logs(ids, logs, stats)
 
@@ -316,81 +312,22 @@ class AnaLog:
         self._sync_projector()
         self._pca_stats, self.phase = None, "log"
 
-    # -- end of logging ---------------------------------------------------------------------
+    # -- end of logging (analog.fitting) ----------------------------------------------------
     def finalize(self) -> None:
         """Flush logs, fit the curvature, save state, release the project's lock. With saved logs the
         curvature is fitted from the store alone (so after a crash, logging what is missing and calling
         finalize() gives the uninterrupted result); a curvature fitted on another content of the store
         is fitted again, with a warning. Calling it again changes nothing."""
-        if self.phase == "pca" and self._pca_stats is not None:
-            raise RuntimeError(
-                f"LoGra init={self.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "
-                "call next_pass() and run the logging loop again, or wrap the loop in "
-                "`for _ in AnaLogScheduler(analog)`")
-        if self._writer is not None:
-            self._writer.close()
-        distributed.barrier()  # every rank's chunks are on disk before the curvature reads the store
-        try:
-            if self.curvature is None:
-                return
-            store = self._store_if_any() if self.config.save else None
-            if store is not None and self.curvature.meta["finalized"] and self._stale(store):
-                warnings.warn(f"project {self.project!r}: the store changed since its {self.curvature.kind} "
-                              "curvature was fitted; fitting it again from the store", stacklevel=2)
-                self._fit(store)
-            elif not self.curvature.meta["finalized"] and (len(store) if store is not None
-                                                           else self.curvature.meta["n_samples"]):
-                self._fit(store)
-            elif self._writer is not None:
-                self._save_state()
-        finally:
-            self.state.release()
+        fitting.finalize(self)
 
     def refit(self) -> None:
         """Fit the curvature again from the store (e.g. after ``analog store repair`` dropped chunks)."""
-        if not self.config.save:
-            raise CurvatureError("refit() fits from the stored logs, and this project has save=False")
-        if self._writer is not None:
-            self._writer.close()
-        distributed.barrier()
-        try:
-            store = self._store_if_any()
-            if store is None or not len(store):
-                raise CurvatureError(f"project {self.project!r} has no stored logs at {self.log_path} to fit")
-            self._fit(store)
-        finally:
-            self.state.release()
-
-    def _fit(self, store: Optional[LogStore]) -> None:
-        """Under the project's lock: fit (from the store when there is one) and save the state."""
-        self.state.acquire()
-        if store is not None:
-            store = self.open_store()  # as it is now that nobody else can write it
-            self.curvature = build_curvature(self.config.hessian)
-        self.curvature.finalize(store, progress=self.progress)
-        self._save_state()
-
-    def _store_if_any(self) -> Optional[LogStore]:
-        return self.open_store() if (self.log_path / "store.json").exists() else None
-
-    def _stale(self, store: LogStore) -> bool:
-        fitted_on = self.curvature.meta.get("fitted_on")
-        return fitted_on is not None and fitted_on != store.digest()
+        fitting.refit(self)
 
     def is_logged(self, data_id) -> bool:
         """True when every example of ``data_id`` (ids or inputs, as for ``with analog(data_id=...)``) is in
         the store, False when none is: resume a killed run by skipping batches that are logged."""
-        ids = to_ids(data_id)
-        if self._writer is not None:
-            present = [self._writer.holds(i) for i in ids]
-        else:
-            if self._stored is None:
-                self._stored = self._store_if_any() or False
-            present = [bool(self._stored) and self._stored.holds(i) for i in ids]
-        if any(present) and not all(present):
-            raise ValueError(f"ids {[i for i, p in zip(ids, present) if not p][:10]} of this batch are not in the "
-                             "store but the others are: log the missing ones in a batch of their own")
-        return bool(present) and all(present)
+        return fitting.is_logged(self, data_id)
 
     def eval(self) -> "AnaLog":
         """Analysis mode: finalize, then `with` blocks capture queries without storing them."""
@@ -404,63 +341,19 @@ class AnaLog:
         if self.segments is not None and self.segments.has_logs():
             self.segments.save()
 
-    # -- segments (see analog.trajectory.segments) ------------------------------------------
+    # -- segments (analog.segmenting; see analog.trajectory.segments) -----------------------
     def new_segment(self, lr: Optional[float] = None, **info) -> int:
         """Start a new segment: the current one is closed (its logs flushed, its curvature fitted on its
         own logs and saved) and later batches log into the new one; ``lr`` (η of the new segment) and
         ``info`` (e.g. ``epoch=3``, ``step=1200``) are kept in its record. While the current segment
         has logged nothing, this only sets its ``lr``/``info``. Returns the index logged into now."""
-        if self.segments is None or self.mode != "log":
-            raise RuntimeError("new_segment() is for logging: call analog.watch(model) first, and not after eval()")
-        segments = self.segments
-        if not segments.has_logs():
-            segments.annotate(lr, info)
-            return segments.current.index
-        self.finalize()
-        segments.close()
-        segments.open_next(lr, info)
-        self._writer, self.curvature, self._stored = None, build_curvature(self.config.hessian), None
-        return segments.current.index
+        return segmenting.new_segment(self, lr, info)
 
-    def _segment_step(self, ids) -> None:
-        """Before a logged batch: start a new segment if the rule says so; a segment's checkpoint is
-        taken before its first batch (the parameters its logs start from)."""
-        if ids is not None and self.segments.starts_new(ids):
-            self.new_segment()
-        if self.config.segments.checkpoint and not self.segments.has_logs():
-            self.segments.snapshot(self.modules)
-
-    @contextlib.contextmanager
     def at_segment(self, index: int, parameters: bool = True):
         """Inside the block, queries use segment ``index`` (negative counts from the end): its curvature
         and logs, and with ``parameters=True`` its checkpoint in the watched modules. Afterwards (also
         after an exception) the model's parameters and gradients and the active segment are restored."""
-        if self.segments is None:
-            raise RuntimeError("call analog.watch(model) before at_segment()")
-        record = self.segments.record(index)
-        if record.modules and record.modules != list(self.modules):
-            raise SegmentError(f"the query model's watched modules {list(self.modules)} differ from the modules "
-                               f"{record.modules} logged in segment {record.index}")
-        swap = contextlib.nullcontext()
-        if parameters:
-            tensors = load_checkpoint(record.checkpoint_path(self.path), self.segments.run, record.index)
-            swap = parameters_of(self.modules, tensors, f"segment {record.index}")
-        saved = self.curvature, self.segments.selected
-        try:
-            self.segments.selected = record.index
-            if record is not self.segments.current:
-                self.curvature = self._saved_curvature(record.index)
-            with swap:
-                yield record
-        finally:
-            self.curvature, self.segments.selected = saved
-
-    def _saved_curvature(self, index: int) -> Curvature:
-        curvature = self.state.load_curvature(self.curvature_path)
-        if curvature is None:
-            raise SegmentError(f"segment {index} has no fitted curvature in {self.curvature_path}; segments are "
-                               "fitted when the next one starts and at finalize()")
-        return curvature
+        return segmenting.at_segment(self, index, parameters)
 
     # -- reading back -----------------------------------------------------------------------
     def open_store(self) -> LogStore:
@@ -483,31 +376,6 @@ class AnaLog:
         if name in analyses:
             return analyses[name]
         raise AttributeError(f"AnaLog has no attribute {name!r}; added analyses: {sorted(analyses)}")
-
-
-_OPEN_WRITERS: "weakref.WeakSet[LogWriter]" = weakref.WeakSet()  # writers of this process (see _collect_dropped)
-
-
-def _collect_dropped(project: Path) -> None:
-    """A writer of this process still open under ``project`` may belong to an AnaLog nobody can reach any
-    more (an interrupted notebook cell run again); a collection flushes it and frees the project, so the
-    new AnaLog's is_logged() sees those logs and its first batch can take the lock."""
-    root = os.path.abspath(project)
-    if any(not w.closed and os.path.abspath(w.path).startswith(root + os.sep) for w in list(_OPEN_WRITERS)):
-        gc.collect()
-
-
-def _release_dropped(writer: LogWriter, lock) -> None:
-    """When an AnaLog is collected without finalize(): flush its writer and release its lock."""
-    try:
-        if not writer.closed:
-            warnings.warn(f"analog: an AnaLog logging to {writer.path} was dropped without finalize(); its logs "
-                          "are flushed and the project is free (log what is missing, then finalize())")
-            writer.close()
-    except Exception as e:  # called by the garbage collector: nobody to raise to
-        warnings.warn(f"analog: flushing {writer.path} of a dropped AnaLog failed: {e!r}")
-    finally:
-        lock.close()
 
 
 def _batch_size(logs) -> int:

@@ -1,0 +1,144 @@
+"""End of logging: flush the logs, fit the curvature, recover from an interrupted run.
+
+The functions here act on an AnaLog (``run``) — its writer, curvature and state — which keeps
+owning those attributes; the facade's ``finalize``, ``refit`` and ``is_logged`` delegate here.
+
+* ``finalize``: close the writer, wait for every rank (torch.distributed), then fit the curvature
+  under the project's lock — from the store alone when logs are saved (so after a crash, logging
+  what is missing and finalizing gives the uninterrupted result), from the in-memory statistics
+  otherwise — save the state and release the lock. A curvature whose ``fitted_on`` digest differs
+  from the store's is fitted again, with a warning; a fitted, current one is left as it is.
+* ``refit``: fit again from the store, whatever was fitted before (e.g. after ``analog store repair``).
+* ``is_logged``: which ids the store (or this process's writer) holds, to skip them on resume.
+* ``track_writer``/``collect_dropped``: an AnaLog dropped without ``finalize()`` (e.g. an interrupted
+  notebook cell run again) has its logs flushed and its project's lock released when collected.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+import weakref
+from pathlib import Path
+from typing import Optional
+
+from analog import distributed
+from analog.hessian import CurvatureError, build_curvature
+from analog.ids import to_ids
+from analog.storage import LogStore, LogWriter
+
+
+def finalize(run) -> None:
+    """``run.finalize()``: flush, fit the curvature when it needs fitting, save state, release the lock."""
+    if run.phase == "pca" and run._pca_stats is not None:
+        raise RuntimeError(
+            f"LoGra init={run.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "
+            "call next_pass() and run the logging loop again, or wrap the loop in "
+            "`for _ in AnaLogScheduler(analog)`")
+    if run._writer is not None:
+        run._writer.close()
+    distributed.barrier()  # every rank's chunks are on disk before the curvature reads the store
+    try:
+        if run.curvature is None:
+            return
+        store = store_if_any(run) if run.config.save else None
+        if store is not None and run.curvature.meta["finalized"] and stale(run, store):
+            # stacklevel 3: the caller of AnaLog.finalize()
+            warnings.warn(f"project {run.project!r}: the store changed since its {run.curvature.kind} "
+                          "curvature was fitted; fitting it again from the store", stacklevel=3)
+            fit(run, store)
+        elif not run.curvature.meta["finalized"] and (len(store) if store is not None
+                                                      else run.curvature.meta["n_samples"]):
+            fit(run, store)
+        elif run._writer is not None:
+            run._save_state()
+    finally:
+        run.state.release()
+
+
+def refit(run) -> None:
+    """``run.refit()``: fit the curvature again from the store; an error without saved logs."""
+    if not run.config.save:
+        raise CurvatureError("refit() fits from the stored logs, and this project has save=False")
+    if run._writer is not None:
+        run._writer.close()
+    distributed.barrier()
+    try:
+        store = store_if_any(run)
+        if store is None or not len(store):
+            raise CurvatureError(f"project {run.project!r} has no stored logs at {run.log_path} to fit")
+        fit(run, store)
+    finally:
+        run.state.release()
+
+
+def fit(run, store: Optional[LogStore]) -> None:
+    """Under the project's lock: fit (from the store, reopened, when there is one) and save the state."""
+    run.state.acquire()
+    if store is not None:
+        store = run.open_store()  # as it is now that nobody else can write it
+        run.curvature = build_curvature(run.config.hessian)
+    run.curvature.finalize(store, progress=run.progress)
+    run._save_state()
+
+
+def store_if_any(run) -> Optional[LogStore]:
+    """The active segment's store, or None when nothing was ever written there."""
+    return run.open_store() if (run.log_path / "store.json").exists() else None
+
+
+def stale(run, store: LogStore) -> bool:
+    """Whether the curvature was fitted on another content of ``store`` (its ``fitted_on`` digest differs)."""
+    fitted_on = run.curvature.meta.get("fitted_on")
+    return fitted_on is not None and fitted_on != store.digest()
+
+
+def is_logged(run, data_id) -> bool:
+    """``run.is_logged(data_id)``: True when every id is stored, False when none is, an error when some are.
+
+    With an open writer it answers for this process's writes; otherwise for the store as it was when
+    first asked (``run._stored``, reset when a new segment starts)."""
+    ids = to_ids(data_id)
+    if run._writer is not None:
+        present = [run._writer.holds(i) for i in ids]
+    else:
+        if run._stored is None:
+            run._stored = store_if_any(run) or False
+        present = [bool(run._stored) and run._stored.holds(i) for i in ids]
+    if any(present) and not all(present):
+        raise ValueError(f"ids {[i for i, p in zip(ids, present) if not p][:10]} of this batch are not in the "
+                         "store but the others are: log the missing ones in a batch of their own")
+    return bool(present) and all(present)
+
+
+def track_writer(run, writer: LogWriter, lock) -> None:
+    """Register ``run``'s new writer. The writer's thread keeps it (and the lock) alive: when ``run`` is
+    collected without finalize(), ``writer`` is flushed and ``lock`` released (see collect_dropped)."""
+    weakref.finalize(run, _release_dropped, writer, lock).atexit = False
+    _OPEN_WRITERS.add(writer)
+
+
+_OPEN_WRITERS: "weakref.WeakSet[LogWriter]" = weakref.WeakSet()  # writers of this process (see collect_dropped)
+
+
+def collect_dropped(project: Path) -> None:
+    """A writer of this process still open under ``project`` may belong to an AnaLog nobody can reach any
+    more (an interrupted notebook cell run again); a collection flushes it and frees the project, so the
+    new AnaLog's is_logged() sees those logs and its first batch can take the lock."""
+    root = os.path.abspath(project)
+    if any(not w.closed and os.path.abspath(w.path).startswith(root + os.sep) for w in list(_OPEN_WRITERS)):
+        gc.collect()
+
+
+def _release_dropped(writer: LogWriter, lock) -> None:
+    """When an AnaLog is collected without finalize(): flush its writer and release its lock."""
+    try:
+        if not writer.closed:
+            warnings.warn(f"analog: an AnaLog logging to {writer.path} was dropped without finalize(); its logs "
+                          "are flushed and the project is free (log what is missing, then finalize())")
+            writer.close()
+    except Exception as e:  # called by the garbage collector: nobody to raise to
+        warnings.warn(f"analog: flushing {writer.path} of a dropped AnaLog failed: {e!r}")
+    finally:
+        lock.close()
