@@ -140,14 +140,9 @@ class Capture:
         name = self._by_key.get(key)
         if name is None or not self._open:
             return
-        module, rule = self.modules[name], self.rules[name]
-        with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
-            x = _float(x.detach())
-            a = self.projector.project_activations(name, module, rule, x)
-            if x.shape[0] != grad.shape[0]:  # a batch-1 input expanded in the traced hook
-                a, x = a.expand(grad.shape[0], *a.shape[1:]), x.expand(grad.shape[0], *x.shape[1:])
-            mask = mask_for_factors(self.masks.get(name), name, a)
-            self._mask_used |= mask is not None
+        module = self.modules[name]
+        expand = grad.shape[0] if x.shape[0] != grad.shape[0] else 0  # a batch-1 input expanded in the traced hook
+        a, x, mask = self._factors(name, module, x, expand)
         self._backward(name, module, a, mask, x if "forward" in self.kinds else None, (grad,))
 
     def _forward_hook(self, module, args, kwargs, output):
@@ -157,18 +152,10 @@ class Capture:
         call = rule.intercept(module, args, kwargs, output, name)
         expand = self._expand_to(name, call.x)
         self.called.add(name)
-        # projections run in float32 even inside the user's autocast region
-        with torch.no_grad(), torch.autocast(call.x.device.type, enabled=False):
-            x = _float(call.x.detach())
-            a = self.projector.project_activations(name, module, rule, x)
-            if expand:
-                a, x = a.expand(expand, *a.shape[1:]), x.expand(expand, *x.shape[1:])
-            mask = mask_for_factors(self.masks.get(name), name, a)
-            self._mask_used |= mask is not None
-        sites = call.sites
+        a, x, mask = self._factors(name, module, call.x, expand)
         if expand:
             call = self._expanded(name, call, expand)
-            sites = call.sites
+        sites = call.sites
         x = x if "forward" in self.kinds else None
         if not self.needs_backward:
             if x is not None:
@@ -180,6 +167,19 @@ class Capture:
                 if t.requires_grad:
                     t.register_hook(functools.partial(pending.receive, i))
         return call.output if call.replaced else None
+
+    def _factors(self, name: str, module, x: torch.Tensor, expand: int):
+        """(ã, x, mask) of one call: x as float32, its projected activations ã (float32 even inside the
+        user's autocast region), both expanded to ``expand`` examples for a batch-1 broadcast input (0: as
+        they are), and the statistics mask that fits ã (analog.capture.masks)."""
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            x = _float(x.detach())
+            a = self.projector.project_activations(name, module, self.rules[name], x)
+            if expand:
+                a, x = a.expand(expand, *a.shape[1:]), x.expand(expand, *x.shape[1:])
+            mask = mask_for_factors(self.masks.get(name), name, a)
+        self._mask_used |= mask is not None
+        return a, x, mask
 
     @staticmethod
     def _expanded(name, call: Call, batch: int) -> Call:
