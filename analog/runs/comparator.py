@@ -118,12 +118,10 @@ class RunComparator:
 
     def __init__(self, align: str = "step", smoothing: float = 0.0, smooth_window: int = 1):
         x_values(TrainingMetrics(), align)
-        if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        check_smoothing(smoothing, smooth_window)
         self.align = align
         self.smoothing = smoothing
         self.smooth_window = smooth_window
-        check_smoothing(smoothing, smooth_window)
         self.runs: Dict[str, TrainingMetrics] = {}
 
     def add_run(
