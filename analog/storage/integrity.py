@@ -114,6 +114,13 @@ def sequence_problems(path: Path, keys: Dict[str, List[Key]], dropped: List[Key]
     return problems
 
 
+def structure_problems(path: Path, keys: Dict[str, List[Key]]) -> List[str]:
+    """What keeps the store at ``path`` (its ``chunk_keys``) from being read or appended to: gaps in a
+    rank's chunk sequence, data whose metadata is missing, and links among its files."""
+    problems = [p for _, p in sequence_problems(path, keys, read_dropped(path))]
+    return problems + [f"{path / e} is a symbolic link (analog writes none; refused)" for e in symlinks(path)]
+
+
 @dataclass
 class StoreReport:
     """What ``inspect_store`` found: problems by chunk (None: the store as a whole), and what was checked."""

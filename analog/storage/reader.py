@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 
-from analog.storage.integrity import VERIFIED, crc32, file_version, read_dropped, sequence_problems, symlinks
+from analog.storage.integrity import VERIFIED, crc32, file_version, structure_problems
 from analog.storage.layout import (
     DTYPES,
     STORE_FILE,
@@ -104,8 +104,7 @@ class LogStore:
         world = stored_world_size(self.header)
         self._chunks: List[Tuple[int, int]] = []
         keys = chunk_keys(self.path)
-        problems = [p for _, p in sequence_problems(self.path, keys, read_dropped(self.path))]
-        problems += [f"{self.path / e} is a symbolic link (analog writes none; refused)" for e in symlinks(self.path)]
+        problems = structure_problems(self.path, keys)
         if problems:
             raise StoreError(f"store {self.path} cannot be trusted as it is: {'; '.join(problems)}. "
                              f"`analog store repair {self.path}` drops what cannot be trusted and says what")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_tensors
 
-from analog.storage.integrity import read_dropped, sequence_problems, symlinks
+from analog.storage.integrity import structure_problems
 from analog.storage.layout import (
     CHUNK_RE,
     DTYPES,
@@ -139,8 +139,7 @@ class LogWriter:
         else:  # every rank writes the same header, each through its own temporary file
             write_json_atomic(self.path / STORE_FILE, self.header, rank_tmp_suffix(self.rank))
         found = chunk_keys(self.path)
-        problems = [p for _, p in sequence_problems(self.path, found, read_dropped(self.path))]
-        problems += [f"{self.path / e} is a symbolic link" for e in symlinks(self.path)]
+        problems = structure_problems(self.path, found)
         if problems:
             raise StoreError(f"store {self.path} cannot be appended to: {'; '.join(problems)}; "
                              f"run `analog store repair {self.path}` to drop what cannot be trusted")
