@@ -164,11 +164,10 @@ def inspect_store(path) -> StoreReport:
     report.problems += sequence_problems(path, keys, read_dropped(path))
     seen: Dict[object, str] = {}
     for r, i in keys["json"]:
-        problem = chunk_problem(path, r, i, row_bytes)
+        meta, problem = _checked_chunk(path, r, i, row_bytes)
         if problem:
             report.problems.append(((r, i), problem))
             continue
-        meta = read_chunk_meta(path, i, row_bytes, r)
         report.chunks += 1
         report.examples += meta["n"]
         report.bytes_verified += meta["n"] * row_bytes
@@ -183,24 +182,30 @@ def inspect_store(path) -> StoreReport:
 
 def chunk_problem(path: Path, rank: int, index: int, row_bytes: int) -> str:
     """'' when chunk (rank, index) is sound: no links, metadata valid, sizes and checksums right."""
+    return _checked_chunk(path, rank, index, row_bytes)[1]
+
+
+def _checked_chunk(path: Path, rank: int, index: int, row_bytes: int) -> Tuple[Optional[dict], str]:
+    """(its metadata, '') when chunk (rank, index) is sound, else (None or its metadata, the problem):
+    one read of the metadata serves both the checks and the caller."""
     names = [chunk_name(index, ext, rank) for ext in ("json", "bin", "stats")]
     for name in names:
         if os.path.islink(path / name):
-            return f"{path / name} is a symbolic link (refused)"
+            return None, f"{path / name} is a symbolic link (refused)"
     try:
         meta = read_chunk_meta(path, index, row_bytes, rank)
     except StoreError as e:
-        return str(e)
+        return None, str(e)
     if "crc32" in meta and meta["n"] and file_crc32(path / names[1]) != meta["crc32"]:
-        return f"{path / names[1]} does not match its checksum in {names[0]}: its bytes changed after writing"
+        return meta, f"{path / names[1]} does not match its checksum in {names[0]}: its bytes changed after writing"
     stats = meta.get("stats")
     if stats is not None:
         file = path / names[2]
         if not file.exists():
-            return f"missing {file} (its metadata {names[0]} records curvature statistics)"
+            return meta, f"missing {file} (its metadata {names[0]} records curvature statistics)"
         if file_crc32(file) != stats.get("crc32"):
-            return f"{file} does not match its checksum in {names[0]}: its bytes changed after writing"
-    return ""
+            return meta, f"{file} does not match its checksum in {names[0]}: its bytes changed after writing"
+    return meta, ""
 
 
 def repair_store(path) -> StoreReport:
