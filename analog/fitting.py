@@ -74,10 +74,14 @@ def refit(run) -> None:
 
 
 def fit(run, store: Optional[LogStore]) -> None:
-    """Under the project's lock: fit (from the store, reopened, when there is one) and save the state."""
+    """Under the project's lock: fit (from the store when there is one) and save the state. A store
+    opened before this process held the lock is opened again, as it is now that nobody else can write
+    it; one opened under the lock (held from the first logged batch) is already that, and is used."""
+    if store is not None and not run.state.locked:
+        run.state.acquire()
+        store = run.open_store()
     run.state.acquire()
     if store is not None:
-        store = run.open_store()  # as it is now that nobody else can write it
         run.curvature = build_curvature(run.config.hessian)
     run.curvature.finalize(store, progress=run.progress)
     run._save_state()
