@@ -41,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from analog.config import Config
+from analog.storage.integrity import file_crc32
 from analog.storage.layout import write_bytes_atomic
 from analog.storage.writer import StoreLock
 
@@ -226,7 +227,7 @@ def read_curvature(directory: Path):
 def _file_crc(file: Path) -> int:
     if file.is_symlink():
         raise ProjectError(f"{file} is a symbolic link; analog never writes links, so it refuses to read it")
-    return zlib.crc32(file.read_bytes()) & 0xFFFFFFFF
+    return file_crc32(file)  # streamed in blocks, not the whole file in memory
 
 
 def _read_regular(file: Path) -> str:
