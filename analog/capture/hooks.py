@@ -68,7 +68,8 @@ class Capture:
         self.modules, self.rules, self.projector = modules, rules, projector
         self.kinds = tuple(kinds)
         self.batch_size, self.observer, self.root = batch_size, observer, root
-        encoder_decoder = root is not None and is_encoder_decoder(root)
+        # only a single-tensor mask asks (it cannot describe both sides); the walk over the model is skipped otherwise
+        encoder_decoder = isinstance(mask, torch.Tensor) and root is not None and is_encoder_decoder(root)
         self.masks = resolve_masks(mask, modules, encoder_decoder)
         self._mask_given, self._mask_used = mask is not None, False
         self.needs_backward = bool({"grad", "token_grad", "backward"} & set(self.kinds)) or observer is not None
