@@ -64,16 +64,22 @@ def split_damping(name: str, eig_a: torch.Tensor, eig_s: torch.Tensor,
 
 def inverse_root(factor: torch.Tensor, lam: float) -> torch.Tensor:
     """(M + λI)^{-1/2} of symmetric PSD (G, d, d) factors, in float64 (negative rounding clamped)."""
-    evals, evecs = torch.linalg.eigh(factor.double())
+    return _root(torch.linalg.eigh(factor.double()), lam)
+
+
+def _root(eig, lam: float) -> torch.Tensor:
+    """(M + λI)^{-1/2} = Q diag((e + λ)^{-1/2}) Qᵀ from M's eigendecomposition ``eig`` = (e, Q)."""
+    evals, evecs = eig
     scale = (evals.clamp_min(0) + lam).rsqrt()
     return (evecs * scale[..., None, :]) @ evecs.transpose(-1, -2)
 
 
 def whitening(name: str, a: torch.Tensor, s: torch.Tensor, damping: Optional[float]):
-    """(A_λ^{-1/2}, S_λ^{-1/2}, λ_A, λ_S) for one module's factors A (G, d_in, d_in), S (G, d_out, d_out)."""
-    lam_a, lam_s = split_damping(name, torch.linalg.eigvalsh(a.double()), torch.linalg.eigvalsh(s.double()),
-                                 damping)
-    return inverse_root(a, lam_a), inverse_root(s, lam_s), lam_a, lam_s
+    """(A_λ^{-1/2}, S_λ^{-1/2}, λ_A, λ_S) for one module's factors A (G, d_in, d_in), S (G, d_out, d_out);
+    one eigendecomposition per factor serves both the damping split and the root."""
+    eig_a, eig_s = torch.linalg.eigh(a.double()), torch.linalg.eigh(s.double())
+    lam_a, lam_s = split_damping(name, eig_a.eigenvalues, eig_s.eigenvalues, damping)
+    return _root(eig_a, lam_a), _root(eig_s, lam_s), lam_a, lam_s
 
 
 def spread_bound(norm_q: torch.Tensor, norm_t: torch.Tensor, r_out: Optional[int], r_in: Optional[int]):
