@@ -117,6 +117,11 @@ def write_manifest(project: Path, run: str, segments: int) -> None:
     write_json_atomic(Path(project) / MANIFEST, {"format": FORMAT_VERSION, "run": run, "segments": segments})
 
 
+def id_key(i: Any) -> Any:
+    """A hashable key for an example id (ids read back from JSON are lists where they were tuples)."""
+    return tuple(i) if isinstance(i, list) else i
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex
 

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from analog.storage import LogStore
+from analog.trajectory.layout import id_key
 
 #: (training ids, scores of shape (n_query, len(ids)))
 SegmentScores = Tuple[List[Any], torch.Tensor]
@@ -49,22 +50,17 @@ def weighted_sum(parts: Sequence[Tuple[float, SegmentScores]]) -> SegmentScores:
     if not parts:
         raise ValueError("no segment to sum over")
     columns: Dict[Any, int] = {}
+    ids_out: List[Any] = []
     for _, (ids, _) in parts:
         for i in ids:
-            columns.setdefault(_key(i), len(columns))
+            if id_key(i) not in columns:
+                columns[id_key(i)] = len(columns)
+                ids_out.append(i)
     n_query = parts[0][1][1].shape[0]
     total = torch.zeros(n_query, len(columns), dtype=torch.float64)
     for weight, (ids, scores) in parts:
         if scores.shape[0] != n_query:
             raise ValueError(f"segments scored {scores.shape[0]} and {n_query} queries: not the same queries")
-        index = torch.tensor([columns[_key(i)] for i in ids], dtype=torch.long)
+        index = torch.tensor([columns[id_key(i)] for i in ids], dtype=torch.long)
         total.index_add_(1, index, weight * scores.double())
-    ids_out: List[Any] = [None] * len(columns)
-    for _, (ids, _) in parts:
-        for i in ids:
-            ids_out[columns[_key(i)]] = i
     return ids_out, total.float()
-
-
-def _key(i: Any) -> Any:
-    return tuple(i) if isinstance(i, list) else i

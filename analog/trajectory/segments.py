@@ -33,6 +33,7 @@ from analog import distributed
 from analog.trajectory.layout import (
     SegmentError,
     SegmentRecord,
+    id_key,
     load_records,
     new_run_id,
     read_manifest,
@@ -85,7 +86,7 @@ class Trajectory:
         """Does this batch start a new segment? Rule ``repeat``: yes when one of its ids was logged in
         the current segment; rule ``manual``: such an id is an error."""
         self._load_ids()
-        seen = next((i for i in ids if _key(i) in self._ids), None)
+        seen = next((i for i in ids if id_key(i) in self._ids), None)
         if seen is None:
             return False
         if self.rule == "manual":
@@ -97,7 +98,7 @@ class Trajectory:
     def logged(self, ids: List[Any], modules: List[str]) -> None:
         """Note a logged batch of the current segment (its ids, and the modules it watches)."""
         self._load_ids()
-        self._ids.update(_key(i) for i in ids)
+        self._ids.update(id_key(i) for i in ids)
         self._batches += 1
         record = self.current
         if record.closed:
@@ -116,7 +117,7 @@ class Trajectory:
 
         logs = self.current.logs(self.project)
         if (logs / "store.json").exists():
-            self._ids.update(_key(i) for i in LogStore(logs).ids)
+            self._ids.update(id_key(i) for i in LogStore(logs).ids)
         self._ids_loaded = True
 
     def has_logs(self) -> bool:
@@ -178,7 +179,3 @@ class Trajectory:
         """One row per segment: index, lr, info, closed, checkpoint bytes (None without one)."""
         return [{"index": r.index, "lr": r.lr, "info": dict(r.info), "closed": r.closed,
                  "checkpoint_bytes": (r.checkpoint or {}).get("bytes")} for r in self.records]
-
-
-def _key(i: Any) -> Any:
-    return tuple(i) if isinstance(i, list) else i
