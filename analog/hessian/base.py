@@ -67,8 +67,7 @@ class Curvature:
         """Add a batch's ``stats`` and its ``n`` examples in memory (logs not saved: no store to hold them)."""
         if self.meta["finalized"]:
             raise CurvatureError("curvature is already finalized; start a new project to log more")
-        for key, value in stats.items():
-            self.state[key] = value if key not in self.state else self.state[key] + value
+        add_sums(self.state, stats)
         self.meta["n_samples"] += int(n)
 
     def add_samples(self, n: int) -> None:
@@ -121,6 +120,12 @@ class Curvature:
         if curvature is None:
             raise CurvatureError(f"no fitted curvature in {directory} (missing curvature.json): finalize() the run")
         return curvature
+
+
+def add_sums(total: Dict[str, torch.Tensor], sums: Dict[str, torch.Tensor]) -> None:
+    """``total[key] += sums[key]`` for every key (a key new to ``total`` is taken as it is)."""
+    for key, value in sums.items():
+        total[key] = value if key not in total else total[key] + value
 
 
 def build_curvature(kind: str) -> Curvature:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from analog.distributed import all_gather_object, all_reduce_sum
-from analog.hessian.base import Curvature, CurvatureError, damping_value, reduce_sums, store_batches
+from analog.hessian.base import Curvature, CurvatureError, add_sums, damping_value, reduce_sums, store_batches
 
 
 class KFAC(Curvature, kind="kfac"):
@@ -87,11 +87,6 @@ def factor_sums(name, a, d, mask):
     else:
         tokens = torch.tensor(float(a.shape[0] * a.shape[1]), dtype=torch.float64, device=a.device)
     return {f"{name}/A_sum": a_sum, f"{name}/S_sum": s_sum, f"{name}/tokens": tokens}
-
-
-def add_sums(total, sums) -> None:
-    for key, value in sums.items():
-        total[key] = value if key not in total else total[key] + value
 
 
 class EKFAC(KFAC, kind="ekfac"):
