@@ -40,7 +40,7 @@ from analog.hessian import Curvature, CurvatureError, build_curvature
 from analog.ids import to_ids
 from analog.state import RUNTIME_KEYS, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
-from analog.storage.layout import DTYPES
+from analog.storage.encoding import value_dtype
 from analog.storage.rows import fields_of
 from analog.trajectory import Trajectory
 from analog.watch import watch_model
@@ -262,9 +262,10 @@ class AnaLog:
     def _check_finite(self, ids, logs) -> None:
         if self.config.nonfinite != "error" or not logs:
             return
-        # checked against the dtype that will be stored (a float16 store overflows above 65504) without
+        # checked against the dtype of the stored values (a float16 store overflows above 65504; an int8
+        # store holds float32 scales, and its writer refuses what is not finite) without
         # casting: |x| <= finfo.max is False for NaN, ±Inf and values that overflow. One reduction per tensor.
-        dtype = DTYPES[self.config.storage.dtype][0] if self.mode == "log" and self.config.save else torch.float32
+        dtype = value_dtype(self.config.storage.dtype) if self.mode == "log" and self.config.save else torch.float32
         limit = torch.finfo(dtype).max
         flags = [~(t.abs().amax() <= limit) for kinds in logs.values() for t in kinds.values() if t.numel()]
         if flags and bool(torch.stack(flags).any()):

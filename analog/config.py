@@ -15,7 +15,13 @@ compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: ran
                (AnaLogScheduler); ``damping`` is the whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A);
                ``allocate: spectrum`` re-divides the configured ranks' budget Σ r_out·r_in among
                modules and sides by the whitened spectra (uniform: as configured)
-storage        ``{dtype: float32|float16|bfloat16, flush_bytes: int}``
+storage        ``{dtype: float32|float16|bfloat16|int8, flush_bytes: int}``: how the training rows are
+               stored (default float32). ``int8``: per row and field (one module's one log kind)
+               scale = max|x|/127 in float32, q = round(x/scale) ∈ [-127, 127], read back as
+               q·scale with |x − x̂| ≤ scale/2 (analog.storage.encoding) — 4F + n bytes per row
+               of n values and F fields, so at the bytes of float32 it stores 4× the sketch
+               dimension (LoGra rank 32 in int8 ≈ rank 16 in float32). Only stored training rows
+               are quantised: query gradients, curvature statistics and factors are not.
 segments       ``{rule: repeat|manual, checkpoint: bool}``: when a new segment starts (``repeat``: a batch
                with an id already logged in the current segment; ``manual``: only at
                ``new_segment()``), and whether each segment keeps its watched parameters
@@ -33,6 +39,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import yaml
+
+from analog.storage.encoding import STORE_DTYPES
 
 LOG_KINDS = ("grad", "forward", "backward")
 HESSIANS = ("none", "diagonal", "kfac", "ekfac", "raw")
@@ -161,9 +169,9 @@ class Config:
             raise ValueError(f"config 'segments.rule' must be 'repeat' or 'manual', got {self.segments.rule!r}")
         if not isinstance(self.segments.checkpoint, bool):
             raise TypeError(f"config 'segments.checkpoint' must be true or false, got {self.segments.checkpoint!r}")
-        if self.storage.dtype not in ("float32", "float16", "bfloat16"):
+        if self.storage.dtype not in STORE_DTYPES:
             raise ValueError(f"config 'storage.dtype': unknown {self.storage.dtype!r}; "
-                             "choose from ['float32', 'float16', 'bfloat16']")
+                             f"choose from {list(STORE_DTYPES)}")
         flush = self.storage.flush_bytes
         if isinstance(flush, bool) or not isinstance(flush, (int, float)) or not flush >= 1:
             raise ValueError(f"config 'storage.flush_bytes' must be a positive number of bytes, got {flush!r}")

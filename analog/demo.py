@@ -72,8 +72,7 @@ def run_demo(args) -> int:
         model.zero_grad()
     run.eval()
     store = run.open_store()
-    row_bytes = store.row_elems * store.rows(0, 1).element_size()
-    print(f"logged {len(store)} examples x {len(store.modules)} modules, {row_bytes} bytes/example, "
+    print(f"logged {len(store)} examples x {len(store.modules)} modules, {store.row_bytes} bytes/example, "
           f"in {time.time() - t_log:.1f}s -> {run.log_path}")
 
     run.add_analysis({"influence": InfluenceFunction})

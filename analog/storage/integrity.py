@@ -33,13 +33,13 @@ import numpy as np
 
 from analog.storage.layout import (
     CHUNK_RE,
-    DTYPES,
     STORE_FILE,
     StoreError,
     chunk_keys,
     chunk_name,
     read_chunk_meta,
     read_header,
+    row_bytes,
     write_json_atomic,
 )
 
@@ -155,7 +155,7 @@ def inspect_store(path) -> StoreReport:
         report.problems.append((None, f"{path / STORE_FILE} is a symbolic link"))
         return report
     header = read_header(path)
-    row_bytes = int(header["row_elems"]) * np.dtype(DTYPES[header["dtype"]][1]).itemsize
+    size = row_bytes(header)
     keys = chunk_keys(path)
     for entry in symlinks(path):
         m = CHUNK_RE.match(entry)
@@ -164,13 +164,13 @@ def inspect_store(path) -> StoreReport:
     report.problems += sequence_problems(path, keys, read_dropped(path))
     seen: Dict[object, str] = {}
     for r, i in keys["json"]:
-        meta, problem = _checked_chunk(path, r, i, row_bytes)
+        meta, problem = _checked_chunk(path, r, i, size)
         if problem:
             report.problems.append(((r, i), problem))
             continue
         report.chunks += 1
         report.examples += meta["n"]
-        report.bytes_verified += meta["n"] * row_bytes
+        report.bytes_verified += meta["n"] * size
         for data_id in meta["ids"]:
             key = tuple(data_id) if isinstance(data_id, list) else data_id
             if key in seen:

@@ -3,12 +3,19 @@
 A store is a directory::
 
     store.json              fields (module, kind, per-example shape), dtype, compression fingerprint
-    chunk_000000.bin        rows of one chunk: n × row_elems values, C order, in the store dtype
+    chunk_000000.bin        rows of one chunk: n rows of row_bytes bytes each (see below)
     chunk_000000.stats      optional: curvature statistics of the chunk's rows (safetensors, float64 sums)
     chunk_000000.json       {"n", "ids", "nbytes", "crc32", "stats": {"crc32"}}; written last, atomically
     repair.json             chunks dropped by `analog store repair` (their gap is expected)
 
     writer.lock             held (flock) by the one process appending to the store
+
+A row is one example's logs, packed field after field (analog.storage.rows) and encoded by the
+codec of the store's ``dtype`` (analog.storage.encoding): for ``float32|float16|bfloat16`` the
+row_elems values in that dtype (row_bytes = row_elems × 4 or 2); for ``int8`` the F per-field
+float32 scales followed by the row_elems int8 values (row_bytes = 4F + row_elems, no padding, so a
+chunk of n rows is n × (4F + row_elems) bytes). ``row_bytes(header)`` is the one place that size
+is computed; writer, reader and integrity checks all take it from there.
 
 Distributed runs (torch.distributed, world size W > 1): every rank appends its own shard to the
 same directory. Rank 0 uses the names above; rank r > 0 writes ``chunk_r{r:03d}_NNNNNN.{bin,json}``
@@ -35,9 +42,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
-import torch
-
+from analog.storage.encoding import STORE_DTYPES, row_codec
 from analog.storage.rows import row_elems
 
 FORMAT_VERSION = 1
@@ -45,12 +50,6 @@ STORE_FILE = "store.json"
 CHUNK_RE = re.compile(r"chunk_(?:r(\d{3,})_)?(\d{6})\.(bin|json|stats)$")
 LOCK_FILE = "writer.lock"
 
-#: store dtype name -> (torch dtype, numpy dtype used for the raw bytes)
-DTYPES = {
-    "float32": (torch.float32, np.float32),
-    "float16": (torch.float16, np.float16),
-    "bfloat16": (torch.bfloat16, np.uint16),
-}
 
 
 class StoreError(RuntimeError):
@@ -161,7 +160,7 @@ def _header_problem(header: Any) -> str:
         return f"expected a JSON object, found {type(header).__name__}"
     if header.get("format") != FORMAT_VERSION:
         return f"unsupported format {header.get('format')!r} (this analog reads format {FORMAT_VERSION})"
-    if header.get("dtype") not in DTYPES:
+    if header.get("dtype") not in STORE_DTYPES:
         return f"unknown dtype {header.get('dtype')!r}"
     fields = header.get("fields")
     if not isinstance(fields, list) or not all(_field_ok(f) for f in fields):
@@ -174,6 +173,12 @@ def _header_problem(header: Any) -> str:
     if not isinstance(ws, int) or isinstance(ws, bool) or ws < 1:
         return f"'world_size' must be an integer >= 1, found {ws!r}"
     return ""
+
+
+def row_bytes(header: Dict[str, Any]) -> int:
+    """Bytes per row of the store whose (validated) ``store.json`` is ``header``: its codec's size
+    (row_elems × itemsize for float dtypes, 4F + row_elems for int8; see analog.storage.encoding)."""
+    return row_codec(header["dtype"], header["fields"]).row_bytes
 
 
 def stored_world_size(header: Dict[str, Any]) -> int:

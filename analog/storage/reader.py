@@ -1,7 +1,9 @@
 """Read a log store back: validated metadata, zero-copy memory-mapped rows, split by module.
 
-Rows are memory-mapped copy-on-write (``mode="c"``): reading a contiguous range of one chunk is
-a view on the page cache, never a copy; writes to the returned tensors never reach the file.
+Rows are memory-mapped copy-on-write (``mode="c"``) as bytes and decoded by the store's codec
+(analog.storage.encoding). In a float store, reading a contiguous range of one chunk is a view on
+the page cache, never a copy, in the store's dtype; writes to the returned tensors never reach the
+file. An int8 store returns float32 x̂ = q · scale, dequantised from the rows asked for only.
 
 Integrity (analog.storage.integrity): opening checks the chunk sequence (gaps, data whose metadata
 is missing) and refuses links; with ``verify=True`` (the default) each chunk's CRC-32 is checked
@@ -22,15 +24,16 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_tensors
 
+from analog.storage.encoding import row_codec
 from analog.storage.integrity import VERIFIED, crc32, file_version, structure_problems
 from analog.storage.layout import (
-    DTYPES,
     STORE_FILE,
     StoreError,
     chunk_keys,
     chunk_name,
     read_chunk_meta,
     read_header,
+    row_bytes,
     stored_world_size,
 )
 from analog.storage.rows import split
@@ -64,7 +67,9 @@ class LogStore:
         self.header = read_header(self.path)
         self.fields = self.header["fields"]
         self.row_elems = int(self.header["row_elems"])
-        self.torch_dtype, self.np_dtype = DTYPES[self.header["dtype"]]
+        self.codec = row_codec(self.header["dtype"], self.fields)
+        self.row_bytes = row_bytes(self.header)
+        self.torch_dtype = self.codec.value_dtype  # of the rows returned (int8 stores: float32)
         self._check("fields", self.fields, expect_fields)
         self._check("compression", self.header.get("compression"), expect_compression)
         if expect_modules is not None:
@@ -100,7 +105,6 @@ class LogStore:
         self._starts: List[int] = []
         self._metas: List[Dict[str, Any]] = []
         self._verified: set = set()
-        row_bytes = self.row_elems * np.dtype(self.np_dtype).itemsize
         world = stored_world_size(self.header)
         self._chunks: List[Tuple[int, int]] = []
         keys = chunk_keys(self.path)
@@ -113,17 +117,17 @@ class LogStore:
                 raise StoreError(
                     f"store {self.path} was written with world size {world} but holds chunk "
                     f"{chunk_name(index, 'json', rank)} of rank {rank}: it mixes logs from different world sizes")
-            meta = read_chunk_meta(self.path, index, row_bytes, rank)
+            meta = read_chunk_meta(self.path, index, self.row_bytes, rank)
             n = meta["n"]
             self._starts.append(len(self.ids))
             self._chunks.append((rank, index))
             self._metas.append({k: v for k, v in meta.items() if k != "ids"})
             self.ids.extend(meta["ids"])
-            if n and self.row_elems:
+            if n and self.row_bytes:
                 bin_path = self.path / chunk_name(index, "bin", rank)
-                self._maps.append(np.memmap(bin_path, dtype=self.np_dtype, mode="c", shape=(n, self.row_elems)))
+                self._maps.append(np.memmap(bin_path, dtype=np.uint8, mode="c", shape=(n, self.row_bytes)))
             else:
-                self._maps.append(np.zeros((n, self.row_elems), dtype=self.np_dtype))
+                self._maps.append(np.zeros((n, self.row_bytes), dtype=np.uint8))
         self._index = {(tuple(i) if isinstance(i, list) else i): k for k, i in enumerate(self.ids)}
         if len(self._index) != len(self.ids):
             self._raise_duplicate()
@@ -206,7 +210,8 @@ class LogStore:
 
     # -- rows -------------------------------------------------------------------------------
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) as one (n, row_elems) tensor; zero-copy within one chunk."""
+        """Rows [start, stop) as one (n, row_elems) tensor of ``torch_dtype``; zero-copy within one chunk
+        of a float store, dequantised (a new float32 tensor) in an int8 store."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"rows [{start}, {stop}) out of range for {len(self)} examples")
         parts = []
@@ -216,7 +221,7 @@ class LogStore:
             local = pos - self._starts[c]
             take = min(stop - pos, self._maps[c].shape[0] - local)
             self._check_chunk(c)
-            parts.append(self._tensor(self._maps[c][local : local + take]))
+            parts.append(self.codec.decode(self._maps[c][local : local + take]))
             pos += take
         if not parts:
             return torch.empty(0, self.row_elems, dtype=self.torch_dtype)
@@ -225,10 +230,6 @@ class LogStore:
     def gather(self, positions: Sequence[int]) -> torch.Tensor:
         """Rows at arbitrary positions (a copy)."""
         return torch.stack([self.rows(p, p + 1)[0] for p in positions]) if len(positions) else self.rows(0, 0)
-
-    def _tensor(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(arr)
-        return t.view(torch.bfloat16) if self.np_dtype is np.uint16 else t
 
     def split(self, rows: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
         """(B, row_elems) -> {module: {kind: (B, *shape)}} as views of ``rows`` (see analog.storage.rows)."""

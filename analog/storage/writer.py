@@ -1,11 +1,13 @@
 """Background writer: batches of rows in, synced chunks out, memory bounded in bytes.
 
-``write`` appends a batch (already on the CPU) to an in-memory buffer; once the buffer holds at
+``write`` encodes a batch by the store's codec (analog.storage.encoding: cast to the store dtype,
+or quantised to int8 with per-field scales) and appends the bytes to an in-memory buffer; once the buffer holds at
 least ``flush_bytes`` it is handed to a writer thread. A new chunk is handed over only after the
 previous one is on disk (double buffering), so the writer holds at most two chunks — each under
 ``flush_bytes`` plus one batch — and training waits on the disk only when the disk is slower than
-logging. The writer keeps references to the rows it is given: do not modify them in place after
-``write``.
+logging. The buffer holds the encoded rows, so ``flush_bytes`` counts bytes as they will be on
+disk. The writer may keep references to the rows it is given (a float store of the rows' own dtype
+encodes without a copy): do not modify them in place after ``write``.
 
 An exception in the thread is kept and raised in the caller at its next ``write``, ``flush`` or
 ``close`` — never lost — and at every later call: a writer that failed once writes nothing more.
@@ -32,14 +34,13 @@ import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import save as save_tensors
 
+from analog.storage.encoding import STORE_DTYPES, NonFiniteRows, row_codec
 from analog.storage.integrity import structure_problems
 from analog.storage.layout import (
     CHUNK_RE,
-    DTYPES,
     FORMAT_VERSION,
     STORE_FILE,
     StoreError,
@@ -50,6 +51,7 @@ from analog.storage.layout import (
     rank_tmp_suffix,
     read_chunk_meta,
     read_header,
+    row_bytes,
     stored_world_size,
     write_json_atomic,
 )
@@ -82,8 +84,8 @@ class LogWriter:
         self.world_size = distributed.world_size() if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} out of range for world size {self.world_size}")
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown storage dtype {dtype!r}; use one of {sorted(DTYPES)}")
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown storage dtype {dtype!r}; use one of {list(STORE_DTYPES)}")
         if int(flush_bytes) < 1:
             raise ValueError(f"flush_bytes must be positive, got {flush_bytes}")
         self.path = Path(path)
@@ -96,8 +98,8 @@ class LogWriter:
             "compression": fingerprint or {},
             "world_size": self.world_size,
         }
-        self.torch_dtype, self.np_dtype = DTYPES[dtype]
-        self.row_bytes = self.header["row_elems"] * np.dtype(self.np_dtype).itemsize
+        self.codec = row_codec(dtype, fields)
+        self.row_bytes = row_bytes(self.header)
         self.flush_bytes = int(flush_bytes)
         # a lock handed in (by the project's state owner, which holds it across logging and fitting)
         # stays with its owner; otherwise the writer takes its own and releases it in close()
@@ -164,8 +166,9 @@ class LogWriter:
 
     # -- caller side ------------------------------------------------------------------------
     def write(self, ids: Sequence[Any], rows: torch.Tensor, stats: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """Append ``rows`` (len(ids) × row_elems, any float dtype, CPU) for ``ids``. ``stats``: sums over
-        these rows (e.g. K-FAC's Σ a aᵀ) added up per chunk and committed with it, in float64."""
+        """Append ``rows`` (len(ids) × row_elems, any float dtype and device) for ``ids``, encoded by the
+        store's codec. ``stats``: sums over these rows (e.g. K-FAC's Σ a aᵀ) added up per chunk and
+        committed with it, in float64 (never quantised)."""
         self._raise_pending()
         if self.closed:
             raise StoreError(f"writer for {self.path} is closed")
@@ -174,11 +177,16 @@ class LogWriter:
             raise ValueError(f"rows of shape {tuple(rows.shape)} for {len(ids)} ids and "
                              f"{self.header['row_elems']} values per example")
         self._check_new(ids)
-        rows = rows.detach().to("cpu", self.torch_dtype).contiguous()
+        try:
+            data = self.codec.encode(rows).to("cpu")
+        except NonFiniteRows as e:
+            raise ValueError(f"non-finite values in module {e.field['module']!r} ({e.field['kind']} log) for ids "
+                             f"{[ids[i] for i in e.rows][:10]}: an {self.header['dtype']} store cannot hold NaN or "
+                             f"Inf; nothing of this batch was stored in {self.path}") from None
         self.ids.update(_hashable(i) for i in ids)
-        self._buffer.append(rows)
+        self._buffer.append(data)
         self._buffer_ids.extend(ids)
-        self._buffer_bytes += rows.numel() * rows.element_size()
+        self._buffer_bytes += data.numel()
         for key, value in (stats or {}).items():
             value = value.detach().double()
             self._buffer_stats[key] = value if key not in self._buffer_stats else self._buffer_stats[key] + value
@@ -187,7 +195,7 @@ class LogWriter:
 
     def write_logs(self, ids: Sequence[Any], logs, stats: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Append a batch's logs ``{module: {kind: (B, *shape)}}``, packed by analog.storage.rows.pack."""
-        self.write(ids, pack(logs, self.header["fields"], self.torch_dtype), stats)
+        self.write(ids, pack(logs, self.header["fields"], self.codec.value_dtype), stats)
 
     def holds(self, data_id: Any) -> bool:
         """Whether ``data_id`` is on disk or handed to this writer."""
@@ -263,8 +271,8 @@ class LogWriter:
         atomically: a chunk (rows, statistics, ids) is complete or absent."""
         nbytes, crc = 0, 0
         with open_exclusive(self.path / chunk_name(index, "bin", self.rank)) as f:
-            for rows in parts:
-                data = memoryview(rows.reshape(-1).view(torch.uint8).numpy())
+            for rows in parts:  # (B, row_bytes) uint8, encoded by write()
+                data = memoryview(rows.reshape(-1).numpy())
                 f.write(data)
                 crc = zlib.crc32(data, crc)
                 nbytes += data.nbytes

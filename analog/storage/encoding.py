@@ -1,0 +1,126 @@
+"""How a store's rows of values become bytes on disk and back: one codec per store ``dtype``.
+
+A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batch of rows,
+(B, row_elems) values, to (B, row_bytes) bytes and back. ``store.json``'s ``"dtype"`` names it.
+
+``float32`` / ``float16`` / ``bfloat16``
+    row = the row_elems values in that dtype (row_bytes = row_elems × 4 or 2). Reads are views
+    of the memory map (no copy) and keep that dtype.
+
+``int8``
+    row = the F per-field scales as float32 (4F bytes, in field order) followed by the row_elems
+    values as int8 (row_bytes = 4F + row_elems). Each field f (one module's one log kind) of each
+    row is quantised symmetrically by its absolute maximum::
+
+        scale_f = max_j |x_fj| / 127            (float32; 0 for an all-zero field)
+        q_fj    = clamp(round(x_fj / scale_f), -127, 127)   (int8; round half to even; 0 where scale_f = 0)
+        x̂_fj    = q_fj · scale_f                (what readers return, float32)
+
+    Error bound: |x − x̂| ≤ scale_f / 2 per element in exact arithmetic; with the float32
+    division and product it is ≤ scale_f / 2 · (1 + 2⁻¹⁵). (Fields whose max |x| is below
+    float32's normal range, ~1.5e-36, get a subnormal scale; their error is below 1e-42 absolute.)
+    Values are cast to float32 before quantising. A non-finite value cannot be stored in int8: a
+    batch holding one is refused (``NonFiniteRows``), naming the field and rows. Reads dequantise
+    only the rows asked for, into a new float32 tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from analog.storage.rows import Fields, field_size, row_elems
+
+
+class NonFiniteRows(ValueError):
+    """Rows holding NaN or ±Inf in ``field``, which the store's dtype cannot hold; ``rows`` are their positions."""
+
+    def __init__(self, rows: List[int], field: Dict[str, Any]):
+        self.rows, self.field = rows, field
+        super().__init__(f"non-finite values in module {field['module']!r} ({field['kind']} log) of batch row(s) "
+                         f"{rows[:10]}: an int8 store cannot hold NaN or Inf")
+
+
+class FloatRows:
+    """Rows stored as they are, in one floating dtype: ``value_dtype`` on disk and when read."""
+
+    def __init__(self, fields: Fields, value_dtype: torch.dtype, np_dtype):
+        self.fields, self.value_dtype, self.np_dtype = fields, value_dtype, np_dtype
+        self.row_elems = row_elems(fields)
+        self.row_bytes = self.row_elems * np.dtype(np_dtype).itemsize
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, row_elems) values -> (B, row_bytes) uint8: the values cast to the store dtype, as bytes."""
+        values = rows.detach().to(self.value_dtype).contiguous()
+        if not values.numel():
+            return torch.empty(len(values), self.row_bytes, dtype=torch.uint8)
+        return values.view(torch.uint8)
+
+    def decode(self, raw: np.ndarray) -> torch.Tensor:
+        """(k, row_bytes) uint8 of consecutive rows (e.g. a slice of the memory map) -> (k, row_elems),
+        a view of ``raw``."""
+        t = torch.from_numpy(raw.view(self.np_dtype))
+        return t.view(torch.bfloat16) if self.value_dtype == torch.bfloat16 else t
+
+
+class Int8Rows:
+    """Rows stored as per-field float32 scales and int8 values (see the module docstring)."""
+
+    value_dtype = torch.float32
+
+    def __init__(self, fields: Fields):
+        self.fields = fields
+        self.sizes = [field_size(f) for f in fields]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
+        self.row_elems = sum(self.sizes)
+        self.row_bytes = 4 * len(fields) + self.row_elems
+
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) float32: max |x| over each field of each row, / 127 (0 for an empty field)."""
+        cols = [x[:, o : o + s].abs().amax(1) if s else x.new_zeros(len(x)) for o, s in zip(self.offsets, self.sizes)]
+        return (torch.stack(cols, 1) if cols else x.new_zeros(len(x), 0)) / 127
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, row_elems) values -> (B, 4F + row_elems) uint8: [scales as float32 bytes | q as int8]."""
+        x = rows.detach().to(torch.float32).clone()
+        scales = self.scales(x)
+        bad = ~torch.isfinite(scales)
+        if bool(bad.any()):
+            f = int(bad.any(0).nonzero()[0])
+            raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f])
+        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            x[:, o : o + s].div_(divisor[:, j : j + 1])
+        q = x.round_().clamp_(-127, 127).to(torch.int8)
+        return torch.cat([scales.contiguous().view(torch.uint8), q.view(torch.uint8)], 1)
+
+    def decode(self, raw: np.ndarray) -> torch.Tensor:
+        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = q · scale (a new tensor)."""
+        nf = 4 * len(self.fields)
+        scales = torch.from_numpy(np.ascontiguousarray(raw[:, :nf]).view(np.float32))
+        out = torch.from_numpy(raw[:, nf:].view(np.int8)).to(torch.float32)
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            out[:, o : o + s].mul_(scales[:, j : j + 1])
+        return out
+
+
+_FLOATS = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
+           "bfloat16": (torch.bfloat16, np.uint16)}
+#: the store dtypes (``storage.dtype``), in the order they are offered
+STORE_DTYPES: Sequence[str] = (*_FLOATS, "int8")
+
+
+def row_codec(dtype: str, fields: Fields):
+    """The codec of store dtype ``dtype`` for rows laid out as ``fields``."""
+    if dtype == "int8":
+        return Int8Rows(fields)
+    if dtype in _FLOATS:
+        return FloatRows(fields, *_FLOATS[dtype])
+    raise ValueError(f"unknown storage dtype {dtype!r}; use one of {list(STORE_DTYPES)}")
+
+
+def value_dtype(dtype: str) -> torch.dtype:
+    """The dtype of the values a store of ``dtype`` holds and returns (int8 stores: float32)."""
+    return row_codec(dtype, []).value_dtype

@@ -1,0 +1,170 @@
+"""int8 stores: per-row, per-field absmax quantisation, checked against an explicit numpy reference of
+the formula (analog.storage.encoding), on the bytes on disk and through every read path."""
+
+import numpy as np
+import pytest
+import torch
+
+from analog.cli import main as cli
+from analog.config import Config
+from analog.storage import LogStore, LogWriter, StoreError, build_log_dataloader
+
+FIELDS = [
+    {"module": "a", "kind": "grad", "shape": [2, 3]},  # mixed signs
+    {"module": "zero", "kind": "grad", "shape": [4]},  # all zero in every row
+    {"module": "spike", "kind": "forward", "shape": [5]},  # one huge element among small ones
+    {"module": "one", "kind": "grad", "shape": [1]},  # a single value: q = ±127
+]
+SIZES = [6, 4, 5, 1]
+F, E = len(FIELDS), sum(SIZES)
+N, BATCH = 37, 5
+#: |x − x̂| ≤ scale/2 exactly; float32's division and product add at most a relative 2⁻¹⁵ of it
+SLACK = 1 + 2.0**-15
+
+
+def make_rows(n=N, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, E, generator=gen) * torch.logspace(-3, 2, n)[:, None]
+    x[:, 6:10] = 0.0
+    x[:, 10:15] = torch.rand(n, 5, generator=gen) * 1e-3
+    x[:, 12] = -3e6  # the spike: every other value of its field quantises to 0
+    x[3, :6] = 0.0  # field "a" of row 3 is all zero as well
+    x[:, 15] = torch.where(torch.arange(n) % 2 == 0, -1.0, 1.0) * torch.linspace(0.5, 7.0, n)
+    return x
+
+
+def reference(x: np.ndarray):
+    """(scales (n, F), q (n, E) int8, x̂ (n, E)) by the formula, in float32 numpy."""
+    scales, qs, xhat = [], [], []
+    offset = 0
+    for size in SIZES:
+        xf = x[:, offset : offset + size]
+        s = (np.abs(xf).max(1) / np.float32(127)).astype(np.float32)
+        div = np.where(s > 0, s, np.float32(1)).astype(np.float32)
+        q = np.clip(np.rint(xf / div[:, None]), -127, 127).astype(np.int8)
+        scales.append(s)
+        qs.append(q)
+        xhat.append(q.astype(np.float32) * s[:, None])
+        offset += size
+    return np.stack(scales, 1), np.concatenate(qs, 1), np.concatenate(xhat, 1)
+
+
+def write_store(path, x, flush_bytes=200):
+    w = LogWriter(path, FIELDS, "int8", flush_bytes=flush_bytes)
+    for start in range(0, len(x), BATCH):
+        w.write([f"ex{i}" for i in range(start, min(start + BATCH, len(x)))], x[start : start + BATCH])
+    w.close()
+
+
+def on_disk(path):
+    """(scales, q) of every chunk, parsed with a numpy record layout (not analog's reader)."""
+    record = np.dtype([("scale", "<f4", (F,)), ("q", "i1", (E,))])
+    assert record.itemsize == 4 * F + E
+    chunks = sorted(path.glob("chunk_*.bin"))
+    parsed = [np.fromfile(c, dtype=record) for c in chunks]
+    return chunks, np.concatenate([p["scale"] for p in parsed]), np.concatenate([p["q"] for p in parsed])
+
+
+def test_int8_round_trip_equals_the_formula_on_disk_and_through_every_read(tmp_path):
+    x = make_rows()
+    write_store(tmp_path / "s", x)
+    ref_s, ref_q, ref_x = reference(x.numpy())
+    assert (ref_s[:, 1] == 0).all() and (ref_s[3, :2] == 0).all(), "all-zero fields have scale 0"
+    assert (np.abs(ref_q[:, 15]) == 127).all() and (ref_q[:, 10:15] == 0).sum() >= N * 3
+
+    chunks, scales, q = on_disk(tmp_path / "s")
+    assert len(chunks) >= 3, "flush_bytes should have split the rows into several chunks"
+    sizes = [c.stat().st_size for c in chunks]
+    assert sum(sizes) == N * (4 * F + E) and all(s % (4 * F + E) == 0 for s in sizes)
+    np.testing.assert_array_equal(scales, ref_s)
+    np.testing.assert_array_equal(q, ref_q)
+
+    store = LogStore(tmp_path / "s")
+    assert store.row_bytes == 4 * F + E and store.torch_dtype == torch.float32
+    rows = store.rows(0, N)
+    assert rows.dtype == torch.float32 and rows.shape == (N, E)
+    np.testing.assert_array_equal(rows.numpy(), ref_x)
+    # the bound, elementwise, with each element's own field scale
+    bound = np.repeat(ref_s, SIZES, axis=1) / 2 * SLACK
+    err = np.abs(x.numpy() - rows.numpy())
+    assert err.size == N * E == 37 * 16
+    assert (err <= bound).all(), float((err - bound).max())
+    assert err.max() > 0 and (err[:, 10:15] > 0).any(), "the spike's neighbours lose their values"
+    np.testing.assert_array_equal(rows[:, 12].numpy(), np.full(N, -3e6, np.float32))
+
+    # single rows, slices across chunk boundaries, gather, batch and the DataLoader read the same values
+    compared = 0
+    for start, stop in [(0, 1), (4, 13), (9, 31), (36, 37)]:
+        np.testing.assert_array_equal(store.rows(start, stop).numpy(), ref_x[start:stop])
+        compared += stop - start
+    picks = [30, 2, 17, 17, 0]
+    np.testing.assert_array_equal(store.gather(picks).numpy(), ref_x[picks])
+    ids, logs = store.batch(5, 12)
+    assert ids == [f"ex{i}" for i in range(5, 12)]
+    np.testing.assert_array_equal(logs["spike"]["forward"].numpy(), ref_x[5:12, 10:15])
+    assert logs["a"]["grad"].shape == (7, 2, 3)
+    batches = list(build_log_dataloader(store, batch_size=6, num_workers=0))
+    got = torch.cat([b[1]["a"]["grad"].reshape(len(b[0]), -1) for b in batches])
+    np.testing.assert_array_equal(got.numpy(), ref_x[:, :6])
+    assert compared == 1 + 9 + 22 + 1 and len(batches) == 7
+
+
+def test_int8_rows_cost_four_bytes_per_field_plus_one_per_value(tmp_path):
+    """A rank-32 sketch in int8 costs about what rank 16 costs in float32 (1024 + 4 vs 256 × 4 bytes)."""
+    fields = [{"module": "m", "kind": "grad", "shape": [32, 32]}]
+    w8 = LogWriter(tmp_path / "r32", fields, "int8")
+    w32 = LogWriter(tmp_path / "r16", [{"module": "m", "kind": "grad", "shape": [16, 16]}], "float32")
+    w8.write([0, 1], torch.randn(2, 1024))
+    w32.write([0, 1], torch.randn(2, 256))
+    w8.close()
+    w32.close()
+    assert (tmp_path / "r32" / "chunk_000000.bin").stat().st_size == 2 * (4 + 1024)
+    assert (tmp_path / "r16" / "chunk_000000.bin").stat().st_size == 2 * 256 * 4
+
+
+def test_int8_refuses_non_finite_rows_naming_field_and_ids(tmp_path):
+    w = LogWriter(tmp_path / "s", FIELDS, "int8")
+    x = make_rows(4)
+    x[2, 11] = float("nan")
+    message = r"module 'spike' \(forward log\) for ids \['c'\]: an int8 store cannot hold NaN.*nothing of this batch"
+    with pytest.raises(ValueError, match=message):
+        w.write(["a", "b", "c", "d"], x)
+    x[2, 11] = 1.0
+    w.write(["a", "b", "c", "d"], x)  # the refused batch left nothing behind: its ids are still free
+    w.close()
+    assert LogStore(tmp_path / "s").ids == ["a", "b", "c", "d"]
+
+
+def test_reopening_an_int8_store_with_another_dtype_is_refused(tmp_path):
+    write_store(tmp_path / "s", make_rows(10))
+    with pytest.raises(StoreError, match="different dtype .*stored 'int8', now 'float32'"):
+        LogWriter(tmp_path / "s", FIELDS, "float32")
+    with pytest.raises(ValueError, match=r"unknown storage dtype 'int4'.*'int8'"):
+        LogWriter(tmp_path / "t", FIELDS, "int4")
+    assert Config().update({"storage": {"dtype": "int8"}}).storage.dtype == "int8"
+    assert Config().storage.dtype == "float32"
+    with pytest.raises(ValueError, match=r"storage.dtype.*'int8'"):
+        Config().update({"storage": {"dtype": "uint8"}})
+
+
+def test_verify_and_repair_of_an_int8_store(tmp_path, capsys):
+    path = tmp_path / "s"
+    write_store(path, make_rows())
+    assert cli(["store", "verify", str(path)]) == 0
+    report = capsys.readouterr().out
+    assert f"{N} examples" in report and "ok" in report
+    chunk = path / "chunk_000001.bin"
+    data = bytearray(chunk.read_bytes())
+    data[2] ^= 0x01  # inside the first row's scales
+    chunk.write_bytes(bytes(data))
+    assert cli(["store", "verify", str(path)]) == 1
+    assert "chunk_000001.bin does not match its checksum" in capsys.readouterr().out
+    with pytest.raises(StoreError, match="chunk_000001.bin does not match the checksum"):
+        LogStore(path).rows(0, N)
+    assert cli(["store", "repair", str(path)]) == 0
+    assert cli(["store", "verify", str(path)]) == 0
+    store = LogStore(path)
+    x = make_rows()
+    kept = [i for i in range(N) if f"ex{i}" in store.ids]
+    assert 0 < len(kept) < N
+    np.testing.assert_array_equal(store.rows(0, len(store)).numpy(), reference(x.numpy())[2][kept])
