@@ -168,3 +168,23 @@ def test_verify_and_repair_of_an_int8_store(tmp_path, capsys):
     kept = [i for i in range(N) if f"ex{i}" in store.ids]
     assert 0 < len(kept) < N
     np.testing.assert_array_equal(store.rows(0, len(store)).numpy(), reference(x.numpy())[2][kept])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int8_rows_encoded_on_cuda_equal_the_formula(tmp_path):
+    """Logs on the GPU are quantised there (only the int8 bytes cross to the CPU), bit for bit as the formula."""
+    x = make_rows()
+    logs = {f["module"]: {} for f in FIELDS}
+    offset = 0
+    for f, size in zip(FIELDS, SIZES):
+        logs[f["module"]][f["kind"]] = x[:, offset : offset + size].reshape(N, *f["shape"]).cuda()
+        offset += size
+    w = LogWriter(tmp_path / "s", FIELDS, "int8", flush_bytes=200)
+    w.write_logs([f"ex{i}" for i in range(N)], logs)
+    w.close()
+    ref_s, ref_q, ref_x = reference(x.numpy())
+    _, scales, q = on_disk(tmp_path / "s")
+    np.testing.assert_array_equal(scales, ref_s)
+    np.testing.assert_array_equal(q, ref_q)
+    np.testing.assert_array_equal(LogStore(tmp_path / "s").rows(0, N).numpy(), ref_x)
+    assert q.size == N * E
