@@ -180,12 +180,13 @@ def inspect_store(path) -> StoreReport:
     return report
 
 
-def chunk_problem(path: Path, rank: int, index: int, row_bytes: int) -> str:
-    """'' when chunk (rank, index) is sound: no links, metadata valid, sizes and checksums right."""
-    return _checked_chunk(path, rank, index, row_bytes)[1]
+def chunk_problem(path: Path, rank: int, index: int, size: int) -> str:
+    """'' when chunk (rank, index) is sound: no links, metadata valid, sizes and checksums right (``size``:
+    bytes per row, layout.row_bytes)."""
+    return _checked_chunk(path, rank, index, size)[1]
 
 
-def _checked_chunk(path: Path, rank: int, index: int, row_bytes: int) -> Tuple[Optional[dict], str]:
+def _checked_chunk(path: Path, rank: int, index: int, size: int) -> Tuple[Optional[dict], str]:
     """(its metadata, '') when chunk (rank, index) is sound, else (None or its metadata, the problem):
     one read of the metadata serves both the checks and the caller."""
     names = [chunk_name(index, ext, rank) for ext in ("json", "bin", "stats")]
@@ -193,7 +194,7 @@ def _checked_chunk(path: Path, rank: int, index: int, row_bytes: int) -> Tuple[O
         if os.path.islink(path / name):
             return None, f"{path / name} is a symbolic link (refused)"
     try:
-        meta = read_chunk_meta(path, index, row_bytes, rank)
+        meta = read_chunk_meta(path, index, size, rank)
     except StoreError as e:
         return None, str(e)
     if "crc32" in meta and meta["n"] and file_crc32(path / names[1]) != meta["crc32"]:
