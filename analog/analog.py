@@ -35,6 +35,7 @@ from analog import distributed, fitting, segmenting
 from analog.capture.hooks import Capture
 from analog.compression import build_projector
 from analog.compression.base import NoProjector
+from analog.compression.query import QueryGrams
 from analog.config import Config, given_values, load_config
 from analog.hessian import Curvature, CurvatureError, build_curvature
 from analog.ids import to_ids
@@ -67,6 +68,7 @@ class AnaLog:
         self.mode = "log"
         self.phase = "log"
         self._pca_stats: Optional[Curvature] = None
+        self._query_grams: Optional[QueryGrams] = None
         self._writer: Optional[LogWriter] = None
         self._logged = 0  # examples logged by this process
         self._stored = None  # the store as is_logged() first saw it (before this process wrote)
@@ -214,10 +216,12 @@ class AnaLog:
             segmenting.segment_step(self, ids)
         batch_size = len(ids) if ids is not None else None
         self._observed: List[Tuple] = []
-        if self.mode == "log" and self.phase == "pca":
-            self._pca_stats = self._pca_stats or build_curvature("kfac")
+        if self.mode == "log" and self.phase in ("pca", "query"):
+            if self.phase == "pca":
+                self._pca_stats = self._pca_stats or build_curvature("kfac")
+            observer = self._pca_stats.observe if self.phase == "pca" else self._query_grams.observe
             self._capture = Capture(self.modules, self.rules, NoProjector(), (), batch_size=batch_size,
-                                    mask=mask, observer=self._pca_stats.observe, root=self._root)
+                                    mask=mask, observer=observer, root=self._root)
         else:
             training = self.mode == "log"
             if training and self.curvature.meta["finalized"] and self.curvature.kind != "none":
@@ -248,6 +252,8 @@ class AnaLog:
         self._last = (ids, logs)
         if self.phase == "pca" and self.mode == "log":
             self._pca_stats.add_samples(len(ids))
+        elif self.phase == "query" and self.mode == "log":
+            self._query_grams.add_block(len(self._ids) if self._ids is not None else None)
         elif self.mode == "log" and logs:
             # what the curvature needs from this pass goes with the rows into the store (committed with
             # their chunk), or into the in-memory curvature when logs are not saved
@@ -298,8 +304,13 @@ class AnaLog:
         return self._last
 
     def next_pass(self) -> None:
-        """End the statistics pass of LoGra ``init='pca'|'whiten'|'whiten_pca'``: fit the projections
-        from its K-FAC factors (see analog.compression.logra)."""
+        """End a pass before logging. After the statistics pass of LoGra ``init='pca'|'whiten'|'whiten_pca'``
+        fit the projections from its K-FAC factors (see analog.compression.logra); for ``init='query'``
+        derive the whitening from them and start the query pass (blocks over a sample of *queries*), after
+        which the projections are fitted from the queries' whitened gradients (analog.compression.query)."""
+        if self.phase == "query":
+            self._end_query_pass()
+            return
         if self.phase != "pca":
             return
         if self._pca_stats is None or not self._pca_stats.meta["n_samples"]:
@@ -310,8 +321,22 @@ class AnaLog:
         state = self._pca_stats.state
         self.projector.fit({m: {"in": state[f"{m}/A"], "out": state[f"{m}/S"]} for m in self.modules
                             if f"{m}/A" in state})
+        self._pca_stats = None
+        if self.projector.init == "query":
+            self._query_grams, self.phase = QueryGrams(self.projector.roots), "query"
+            return
         self._sync_projector()
-        self._pca_stats, self.phase = None, "log"
+        self.phase = "log"
+
+    def _end_query_pass(self) -> None:
+        grams = self._query_grams.grams()
+        if not self._query_grams.n_samples:
+            raise RuntimeError("LoGra init='query' needs a pass over a sample of queries inside `with analog(...)` "
+                               "after the statistics pass (AnaLogScheduler yields 'query' for it); this query "
+                               "pass saw no queries")
+        self.projector.fit_query(grams)
+        self._sync_projector()
+        self._query_grams, self.phase = None, "log"
 
     # -- end of logging (analog.fitting) ----------------------------------------------------
     def finalize(self) -> None:

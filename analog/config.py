@@ -10,9 +10,11 @@ hessian        ``"none"`` (identity), ``"diagonal"``, ``"kfac"``, ``"ekfac"``, `
                ``"kfac"`` (one pass, cheap, works with ``save=False``); ``False`` means ``"none"``
 damping        λ added to the curvature: a float, or ``None`` for 0.1 × mean eigenvalue per module
 compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: rank},
-               init: random|pca|whiten|whiten_pca, seed: int, damping: float|None}`` (default LoGra,
-               rank 64, random, seed 0); ``pca``/``whiten``/``whiten_pca`` need a statistics pass
-               (AnaLogScheduler); ``damping`` is the whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A);
+               init: random|pca|whiten|whiten_pca|query, seed: int, damping: float|None}`` (default
+               LoGra, rank 64, random, seed 0); ``pca``/``whiten``/``whiten_pca`` need a statistics pass
+               (AnaLogScheduler); ``query`` also a pass over a sample of queries (the directions their
+               whitened gradients occupy are kept: analog.compression.query); ``damping`` is the
+               whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A);
                ``allocate: spectrum`` re-divides the configured ranks' budget Σ r_out·r_in among
                modules and sides by the whitened spectra (uniform: as configured)
 storage        ``{dtype: float32|float16|bfloat16|int8, flush_bytes: int}``: how the training rows are
@@ -44,7 +46,7 @@ from analog.storage.encoding import STORE_DTYPES
 
 LOG_KINDS = ("grad", "forward", "backward")
 HESSIANS = ("none", "diagonal", "kfac", "ekfac", "raw")
-INITS = ("random", "pca", "whiten", "whiten_pca")
+INITS = ("random", "pca", "whiten", "whiten_pca", "query")
 
 
 @dataclass
@@ -156,7 +158,7 @@ class Config:
             raise ValueError(f"config 'compression.init': unknown {c.init!r}; choose from {list(INITS)}")
         if c.allocate not in ("uniform", "spectrum"):
             raise ValueError(f"config 'compression.allocate' must be 'uniform' or 'spectrum', got {c.allocate!r}")
-        if c.allocate == "spectrum" and (c.type != "logra" or c.init == "random"):
+        if c.allocate == "spectrum" and (c.type != "logra" or c.init in ("random", "query")):
             raise ValueError("config 'compression.allocate: spectrum' chooses LoGra ranks from a statistics pass: "
                              "use it with type 'logra' and init 'pca', 'whiten' or 'whiten_pca'")
         if c.damping is not None and (isinstance(c.damping, bool) or not isinstance(c.damping, (int, float))

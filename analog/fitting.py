@@ -31,6 +31,11 @@ from analog.storage import LogStore, LogWriter
 
 def finalize(run) -> None:
     """``run.finalize()``: flush, fit the curvature when it needs fitting, save state, release the lock."""
+    if run.phase == "query":
+        raise RuntimeError(
+            "LoGra init='query': the loop so far was its statistics pass and query pass and nothing was logged; "
+            "call next_pass() and run the logging loop over the training data, or wrap the loops in "
+            "`for phase in AnaLogScheduler(analog)`")
     if run.phase == "pca" and run._pca_stats is not None:
         raise RuntimeError(
             f"LoGra init={run.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "

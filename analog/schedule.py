@@ -11,6 +11,16 @@ item per pass and moves the run from pass to pass; after the last it calls ``fin
             with analog(data_id=ids):
                 loss_fn(model(x), y).backward()
             model.zero_grad()
+
+LoGra ``init="query"`` has three passes, ``"pca"`` (training data), ``"query"`` (a sample of queries:
+the measurement whose attribution is wanted, e.g. the loss of an answer) and ``"log"`` (training data),
+so the loop picks its data by the pass's name::
+
+    for phase in AnaLogScheduler(analog):
+        for x, y, ids in (query_loader if phase == "query" else loader):
+            with analog(data_id=ids):
+                loss_fn(model(x), y).backward()
+            model.zero_grad()
 """
 
 from __future__ import annotations
@@ -23,11 +33,16 @@ class AnaLogScheduler:
         self.analog = analog
 
     def __len__(self) -> int:
-        return 2 if self.analog.phase == "pca" else 1
+        if self.analog.phase == "pca":
+            return 3 if self.analog.projector.init == "query" else 2
+        return 2 if self.analog.phase == "query" else 1
 
     def __iter__(self) -> Iterator[str]:
         if self.analog.phase == "pca":
             yield "pca"
+            self.analog.next_pass()
+        if self.analog.phase == "query":
+            yield "query"
             self.analog.next_pass()
         yield "log"
         self.analog.finalize()

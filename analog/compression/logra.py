@@ -17,12 +17,16 @@ covariances, P_in = A_λ^{-1/2} R_in, P_out = S_λ^{-1/2} R_out (see analog.comp
 stored gradients' inner products estimate the K-FAC-preconditioned ones gᵀ(S_λ ⊗ A_λ)⁻¹g′.
 ``init="whiten_pca"``: the same roots applied to the top-r eigenvectors instead of R (deterministic:
 the exact K-FAC-preconditioned product restricted to the top eigen-directions of A and S).
+``init="query"``: the same roots applied to the top-r eigenvectors of the whitened *query* gradients'
+Gram matrices, gathered in a second pass over a sample of queries (see analog.compression.query):
+P = R U, U the directions that hold the most query energy after whitening.
 A side whose rank is at least its dimension is left uncompressed (the identity; whitened by the
 d × d root itself for ``whiten``).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Tuple
 
 import torch
@@ -32,7 +36,7 @@ from analog.compression.base import Projector, module_seed, rank_for
 from analog.compression.whiten import whitening
 
 #: inits whose projections are fitted from a first statistics pass (K-FAC factors A and S)
-FITTED_INITS = ("pca", "whiten", "whiten_pca")
+FITTED_INITS = ("pca", "whiten", "whiten_pca", "query")
 
 
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -46,7 +50,8 @@ class LoGraProjector(Projector, kind="logra"):
         if self.init in FITTED_INITS:
             return
         if self.init != "random":
-            raise ValueError(f"unknown LoGra init {self.init!r}; use 'random', 'pca' or 'whiten'")
+            raise ValueError(f"unknown LoGra init {self.init!r}; use 'random', 'pca', 'whiten', 'whiten_pca' "
+                             "or 'query'")
         self.load_tensors(self._random())
 
     def _random(self) -> Dict[str, torch.Tensor]:
@@ -75,6 +80,9 @@ class LoGraProjector(Projector, kind="logra"):
             self.fit_pca(factors)
         elif self.init in ("whiten", "whiten_pca"):
             self.fit_whiten(factors)
+        elif self.init == "query":  # the roots now; the projections after the query pass (fit_query)
+            self.roots = {name: whitening(name, factors[name]["in"], factors[name]["out"], self.damping)[:2]
+                          for name in self.dims}
         else:
             raise ValueError(f"LoGra init {self.init!r} is not fitted from statistics")
 
@@ -96,6 +104,35 @@ class LoGraProjector(Projector, kind="logra"):
                     p = root @ torch.linalg.eigh(factors[name][side].double())[1][..., -r:].flip(-1)
                 tensors[f"{name}/{side}"] = p.float().contiguous()
         self.load_tensors(tensors)
+
+    def fit_query(self, grams: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """``init="query"``: P_side = R_side U_side, U the top-r eigenvectors of the whitened query Gram
+        M_side (analog.compression.query); the full root where r >= d. Warns, naming the modules, where a
+        side's Gram has fewer than r non-zero eigenvalues (fewer query directions than the rank: the
+        remaining columns are orthonormal directions no query reached)."""
+        missing = sorted(set(self.dims) - set(grams))
+        if missing:
+            raise ValueError(f"the query pass has no gradients for module(s) {missing}: no query gradient reached "
+                             "them inside `with analog(...)`")
+        tensors, short = {}, []
+        for name, (_, d_out, d_in) in self.dims.items():
+            r_out, r_in = self._rank(name)
+            root_a, root_s = self.roots[name]
+            for side, root, d, r in (("out", root_s, d_out, r_out), ("in", root_a, d_in, r_in)):
+                if r >= d:
+                    p = root
+                else:
+                    evals, evecs = torch.linalg.eigh(grams[name][side].double())
+                    if int((evals > evals[..., -1:] * 1e-10).sum(-1).min()) < r:
+                        short.append(f"{name}/{side}")
+                    p = root.double() @ evecs[..., -r:].flip(-1)
+                tensors[f"{name}/{side}"] = p.float().contiguous()
+        if short:
+            warnings.warn(f"LoGra init='query': the query pass spans fewer directions than the rank in {short[:5]}"
+                          f"{' and more' if len(short) > 5 else ''}; log more (or more varied) queries in it",
+                          stacklevel=3)
+        self.load_tensors(tensors)
+        self.roots = {}
 
     def _rank(self, name: str):
         """(r_out, r_in): allocated from the spectra (``allocate: spectrum``, after the fit) or configured."""
