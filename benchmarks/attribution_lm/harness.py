@@ -6,12 +6,14 @@ A *method* is a dict::
      "config": {"compression": {"type": "logra", "rank": 16, "init": "random"}, "hessian": "ekfac"},
      "dampings": [None],          # optional; each value is one result row: a float, None (analog's
                                   # default, 0.1 × mean eigenvalue per module) or "task" (the task's λ)
-     "modes": ["dot"]}            # optional; influence modes, one row each: dot | cosine | l2
+     "modes": ["dot"],            # optional; influence modes, one row each: dot | cosine | l2
+     "calibration": "heldout"}    # optional; the query pass's sample for init: query (tasks.py)
 
 ``config`` goes to ``AnaLog(project, config)`` as it is (``root_dir``, ``progress`` and ``log`` are set
 here), so any key analog accepts — new compression inits, curvatures, options — runs without a change
 to this file. The logging loop is ``for _ in AnaLogScheduler(run)``, so methods with a statistics pass
-(``init: pca`` and the like) get it.
+(``init: pca`` and the like) get it; ``init: query``'s query pass runs over ``task.calibration_batches``
+(queries other than the evaluated ones, never the evaluated ones).
 
 Measured per method (on the task's device; CUDA is synchronised around every timed interval):
 
@@ -66,14 +68,17 @@ def store_bytes(log_dir: Path) -> int:
     return sum(p.stat().st_size for p in log_dir.glob("chunk_*.bin"))
 
 
-def _log_and_fit(task, run, model) -> Dict[str, float]:
+def _log_and_fit(task, run, model, calibration: str = "heldout") -> Dict[str, float]:
     step_times: Dict[str, List[float]] = {}
     total = {"start": time.perf_counter()}
     for phase in AnaLogScheduler(run):
-        for ids, batch in task.train_batches():
-            def step(ids=ids, batch=batch):
+        query_pass = phase == "query"  # LoGra init: query — a sample of queries other than the evaluated ones
+        batches = task.calibration_batches(calibration) if query_pass else task.train_batches()
+        loss = task.calibration_loss if query_pass else task.train_loss
+        for ids, batch in batches:
+            def step(ids=ids, batch=batch, loss=loss):
                 with run(data_id=ids):
-                    task.train_loss(model, batch).backward()
+                    loss(model, batch).backward()
                 model.zero_grad(set_to_none=True)
             step_times.setdefault(phase, []).append(_timed(step, task.device))
         total[phase] = time.perf_counter()
@@ -114,7 +119,7 @@ def run_analog(task, method: Dict[str, Any], root: str = None) -> List[Dict[str,
         model = task.fresh_model()
         plain = plain_step_s(task, model)
         run = AnaLog("bench", config).watch(model, name_filter=task.modules)
-        cost = _log_and_fit(task, run, model)
+        cost = _log_and_fit(task, run, model, method.get("calibration", "heldout"))
         cost.update(plain_step_s=plain, overhead=cost["log_step_s"] / plain,
                     bytes_per_example=store_bytes(run.log_path) / task.n_train,
                     dims=_dims(run))

@@ -71,6 +71,31 @@ def final(ranks=(16, 64)) -> List[Dict[str, Any]]:
     return out
 
 
+def query(ranks=(16, 64)) -> List[Dict[str, Any]]:
+    """LoGra ``init: query`` (projections onto the whitened directions of a sample of queries other than
+    the evaluated ones, ``calibration``: heldout = same kind of query, other = other relations) against
+    random and whitened projections, each at ``ranks`` in float32 and in int8 (rank 16: at twice the rank,
+    the same bytes: (2r)² int8 numbers + a 4-byte scale ≈ r² float32 numbers per module)."""
+    int8 = {"storage": {"dtype": "int8"}}
+    out = [method("none-ekfac", NONE, "ekfac"), method("none-kfac", NONE, "kfac")]
+    for rank in ranks:
+        out.append(method(f"logra-r{rank}-random-kfac", logra(rank), "kfac"))
+        out.append(method(f"logra-r{rank}-random-raw", logra(rank), "raw"))
+        out.append(method(f"logra-r{rank}-whiten-raw", logra(rank, "whiten"), "raw"))
+        out.append(method(f"logra-r{rank}-query-raw", logra(rank, "query"), "raw"))
+        out.append(method(f"logra-r{rank}-query-kfac", logra(rank, "query"), "kfac"))
+        out.append(method(f"logra-r{rank}-query-identity", logra(rank, "query"), "none"))
+        out.append(method(f"logra-r{rank}-query-raw-other", logra(rank, "query"), "raw", calibration="other"))
+        # int8: at rank 16 twice the rank (the bytes of float32 rank 16), at larger ranks the same rank
+        # (a quarter of the bytes; twice rank 64 would give raw a 16384² covariance per module)
+        stored = 2 * rank if rank <= 16 else rank
+        for init in ("random", "whiten", "query"):
+            m = method(f"logra-r{stored}-{init}-raw-int8", logra(stored, init), "raw")
+            m["config"].update(int8)
+            out.append(m)
+    return out
+
+
 def smoke(ranks=None) -> List[Dict[str, Any]]:
     return [method("none-ekfac", NONE, "ekfac"), method("logra-r16-random-raw", logra(16), "raw"),
             method("logra-r16-pca-ekfac", logra(16, "pca"), "ekfac")]
@@ -95,7 +120,7 @@ def trajectory(ranks=(16, 64), segments=(4,)) -> List[Dict[str, Any]]:
 PEERS = [{"name": "kronfluence-ekfac", "strategy": "ekfac"},
          {"name": "kronfluence-ekfac-empirical", "strategy": "ekfac", "empirical": True}]
 
-LISTS = {"baseline": baseline, "sweep": sweep, "whiten": whiten, "final": final, "smoke": smoke,
+LISTS = {"baseline": baseline, "sweep": sweep, "whiten": whiten, "final": final, "query": query, "smoke": smoke,
          "trajectory": trajectory}
 
 

@@ -6,6 +6,12 @@ A task gives the harness what it needs and nothing more:
 - ``train_batches()``: ``(ids, batch)`` over the whole training set in order;
 - ``train_loss(model, batch)``: the summed per-example training loss (so g_i = ∇θ ℓ_i);
 - ``query_loss(model)``: the summed measurement over all queries (one row of scores per query);
+- ``calibration_batches(kind)`` / ``calibration_loss(model, batch)``: a sample of queries *other than
+  the evaluated ones*, for methods that fit their projection to the kind of query (LoGra
+  ``init: query``): ``"heldout"`` = the same kind of query about facts no evaluated query asks (LM:
+  the ``lives`` statements of entities that are never queried; digits: the examples of the dataset
+  in neither split), ``"other"`` (LM only) = queries of the relations the benchmark never asks
+  (``works``, ``likes``);
 - ``evaluate(scores)``: quality numbers of a score matrix (n_queries × n_train, positive = helps);
 - ``damping``: the task's absolute damping λ, used where a method asks for ``"task"``.
 
@@ -43,6 +49,30 @@ def fact_tracing(scores: np.ndarray, sources: List[np.ndarray]) -> Dict[str, flo
         rr += 1.0 / (1 + int(np.argmax(is_src)))
     n = len(sources)
     return {**{k: v / n for k, v in out.items()}, "mrr": rr / n}
+
+
+def calibration_queries(corpus: Corpus, kind: str = "heldout") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Queries cut from training statements: ``<bos>`` + the statement up to its answer (right-padded),
+    and the position whose logits predict the answer. ``heldout``: the ``lives`` statements that are no
+    evaluated query's source (facts of entities never queried); ``other``: ``works`` and ``likes``."""
+    if kind == "heldout":
+        asked = np.concatenate(corpus.sources) if len(corpus.sources) else np.array([], dtype=int)
+        rows = np.setdiff1d(np.flatnonzero(corpus.kinds == "lives"), asked)
+    elif kind == "other":
+        rows = np.flatnonzero(np.isin(corpus.kinds, ["works", "likes"]))
+    else:
+        raise ValueError(f"unknown calibration {kind!r}; use 'heldout' or 'other'")
+    if not len(rows):
+        raise ValueError(f"the corpus has no {kind!r} calibration queries (every entity is queried): use 'other'")
+    dot = corpus.vocab.index(".")
+    seqs, pos = [], []
+    for i in rows:
+        seq = corpus.train_tokens[i].tolist()
+        end = seq.index(dot)  # the answer is seq[end - 1], predicted by the logits at end - 2
+        seqs.append(seq[:end])
+        pos.append(end - 2)
+    width = max(map(len, seqs))
+    return torch.tensor([r + [0] * (width - len(r)) for r in seqs]), torch.tensor(pos)
 
 
 @dataclasses.dataclass
@@ -85,6 +115,16 @@ class LMTask:
     def query_loss(self, model) -> torch.Tensor:
         tokens = self.corpus.query_tokens.to(self.device)
         return answer_loss(model(tokens), tokens, self.corpus.query_answer_pos.to(self.device)).sum()
+
+    def calibration_batches(self, kind: str = "heldout") -> Iterator[Tuple[None, tuple]]:
+        tokens, pos = calibration_queries(self.corpus, kind)
+        for start in range(0, len(pos), self.batch):
+            rows = slice(start, start + self.batch)
+            yield None, (tokens[rows].to(self.device), pos[rows].to(self.device))
+
+    def calibration_loss(self, model, batch) -> torch.Tensor:
+        tokens, pos = batch
+        return answer_loss(model(tokens), tokens, pos).sum()
 
     def evaluate(self, scores: np.ndarray) -> Dict[str, float]:
         out = fact_tracing(scores, self.corpus.sources)
@@ -145,8 +185,30 @@ class DigitsTask:
         x, y = self.inner.x_test.to(self.device), self.inner.y_test.to(self.device)
         return F.cross_entropy(model(x), y, reduction="sum")
 
+    def calibration_batches(self, kind: str = "heldout"):
+        if kind != "heldout":
+            raise ValueError(f"digits has only 'heldout' calibration queries, not {kind!r}")
+        x, y = _digits_rest(self.inner.config)
+        for start in range(0, len(y), self.batch):
+            yield None, (x[start:start + self.batch].to(self.device), y[start:start + self.batch].to(self.device))
+
+    def calibration_loss(self, model, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum")
+
     def evaluate(self, scores: np.ndarray) -> Dict[str, float]:
         return {"lds": lds(scores, self.ground_truth["masks"], self.ground_truth["outputs"])}
+
+
+def _digits_rest(config) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The digits examples in neither the training nor the test split (standardised like them)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(config.split_seed).permutation(len(y))
+    train_idx, rest = perm[: config.n_train], perm[config.n_train + config.n_test:]
+    mean, std = x[train_idx].mean(0), x[train_idx].std(0) + 1e-6
+    return torch.tensor((x[rest] - mean) / std, dtype=torch.float32), torch.tensor(y[rest], dtype=torch.int64)
 
 
 def build_digits(device: str = "cpu") -> DigitsTask:
