@@ -80,7 +80,10 @@ class Int8Rows:
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) float32: max |x| over each field of each row, / 127 (0 for an empty field)."""
         cols = [x[:, o : o + s].abs().amax(1) if s else x.new_zeros(len(x)) for o, s in zip(self.offsets, self.sizes)]
-        return (torch.stack(cols, 1) if cols else x.new_zeros(len(x), 0)) / 127
+        amax = torch.stack(cols, 1) if cols else x.new_zeros(len(x), 0)
+        # divided by a tensor of 127s: CUDA turns a division by a Python scalar into a product with
+        # its rounded reciprocal, which differs from max/127 in the last bit
+        return amax / torch.full_like(amax, 127.0)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, row_elems) values -> (B, 4F + row_elems) uint8: [scales as float32 bytes | q as int8]."""
