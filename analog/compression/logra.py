@@ -108,8 +108,8 @@ class LoGraProjector(Projector, kind="logra"):
     def fit_query(self, grams: Dict[str, Dict[str, torch.Tensor]]) -> None:
         """``init="query"``: P_side = R_side U_side, U the top-r eigenvectors of the whitened query Gram
         M_side (analog.compression.query); the full root where r >= d. Warns, naming the modules, where a
-        side's Gram has fewer than r non-zero eigenvalues (fewer query directions than the rank: the
-        remaining columns are orthonormal directions no query reached)."""
+        side's Gram has fewer than r eigenvalues above d·eps(float32) times its largest (fewer query
+        directions than the rank: the remaining columns are orthonormal directions no query reached)."""
         missing = sorted(set(self.dims) - set(grams))
         if missing:
             raise ValueError(f"the query pass has no gradients for module(s) {missing}: no query gradient reached "
@@ -123,7 +123,8 @@ class LoGraProjector(Projector, kind="logra"):
                     p = root
                 else:
                     evals, evecs = torch.linalg.eigh(grams[name][side].double())
-                    if int((evals > evals[..., -1:] * 1e-10).sum(-1).min()) < r:
+                    # the Grams are float32 sums: eigenvalues below d·eps32 of the largest are rounding
+                    if int((evals > evals[..., -1:] * d * torch.finfo(torch.float32).eps).sum(-1).min()) < r:
                         short.append(f"{name}/{side}")
                     p = root.double() @ evecs[..., -r:].flip(-1)
                 tensors[f"{name}/{side}"] = p.float().contiguous()
