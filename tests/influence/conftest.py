@@ -1,6 +1,8 @@
 """Shared pieces of the influence tests: a tiny model, data, logging through AnaLog, and
 independent references (torch.func per-sample gradients, explicitly formed Fisher matrices)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -61,6 +63,41 @@ def flat_module_grads(grads, module, with_bias=True):
     w = grads[f"{module}.weight"]
     cols = [w, grads[f"{module}.bias"][..., None]] if with_bias else [w]
     return torch.cat(cols, -1).reshape(w.shape[0], -1).double()
+
+
+MLP_MODULES = ("0", "2")  # the Linear layers of make_mlp
+
+
+def explicit_factors(model, x, y):
+    """{module: (A, S)} float64 of a make_mlp model from the layer inputs and torch.func bias gradients:
+    A = (1/N) Σ [x, 1][x, 1]ᵀ, S = (1/N) Σ δ δᵀ (δ = ∂ℓ/∂y = the per-sample bias gradient)."""
+    grads = per_sample_grads(model, x, y)
+    inputs = {"0": x, "2": torch.tanh(model[0](x)).detach()}
+    out = {}
+    for m in MLP_MODULES:
+        a = torch.cat([inputs[m], torch.ones(len(x), 1)], 1).double()
+        d = grads[f"{m}.bias"].double()
+        out[m] = (a.T @ a / len(x), d.T @ d / len(x))
+    return out
+
+
+def split(a, s, lam=None):
+    """(λ_A, λ_S): λ_A λ_S = λ, balanced by mean eigenvalues (traces / dimensions); λ = None: 0.1 × mean
+    eigenvalue of S ⊗ A."""
+    mean_a, mean_s = float(a.trace()) / len(a), float(s.trace()) / len(s)
+    lam = 0.1 * mean_a * mean_s if lam is None else lam
+    pi = math.sqrt(mean_a / mean_s)
+    return pi * math.sqrt(lam), math.sqrt(lam) / pi
+
+
+def reference_scores(factors, gq, gt, lam=None):
+    """{module: gq_m (S_λ ⊗ A_λ)⁻¹ gt_mᵀ} with the Kronecker matrix formed explicitly (row-major vec)."""
+    out = {}
+    for m, (a, s) in factors.items():
+        lam_a, lam_s = split(a, s, lam)
+        kron = torch.kron(s + lam_s * torch.eye(len(s), dtype=s.dtype), a + lam_a * torch.eye(len(a), dtype=a.dtype))
+        out[m] = gq[m] @ torch.linalg.solve(kron, gt[m].T)
+    return out
 
 
 @pytest.fixture

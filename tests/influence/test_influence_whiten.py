@@ -10,7 +10,18 @@ import math
 
 import pytest
 import torch
-from conftest import flat_module_grads, loss_fn, make_data, make_mlp, per_sample_grads, query_log
+from conftest import (
+    MLP_MODULES,
+    explicit_factors,
+    flat_module_grads,
+    loss_fn,
+    make_data,
+    make_mlp,
+    per_sample_grads,
+    query_log,
+    reference_scores,
+    split,
+)
 
 from analog import AnaLog, AnaLogScheduler
 from analog.analysis import InfluenceFunction
@@ -19,37 +30,7 @@ from analog.compression.whiten import spread_bound
 from analog.hessian import CurvatureError
 from analog.state import ProjectError
 
-MODULES = ("0", "2")
-
-
-def explicit_factors(model, x, y):
-    """{module: (A, S)} float64 from the layer inputs and torch.func bias gradients."""
-    grads = per_sample_grads(model, x, y)
-    inputs = {"0": x, "2": torch.tanh(model[0](x)).detach()}
-    out = {}
-    for m in MODULES:
-        a = torch.cat([inputs[m], torch.ones(len(x), 1)], 1).double()
-        d = grads[f"{m}.bias"].double()
-        out[m] = (a.T @ a / len(x), d.T @ d / len(x))
-    return out
-
-
-def split(a, s, lam=None):
-    """(λ_A, λ_S): λ_A λ_S = λ, balanced by mean eigenvalues (traces / dimensions)."""
-    mean_a, mean_s = float(a.trace()) / len(a), float(s.trace()) / len(s)
-    lam = 0.1 * mean_a * mean_s if lam is None else lam
-    pi = math.sqrt(mean_a / mean_s)
-    return pi * math.sqrt(lam), math.sqrt(lam) / pi
-
-
-def reference_scores(factors, gq, gt, lam=None):
-    """{module: gq_m (S_λ ⊗ A_λ)⁻¹ gt_mᵀ} with the Kronecker matrix formed explicitly."""
-    out = {}
-    for m, (a, s) in factors.items():
-        lam_a, lam_s = split(a, s, lam)
-        kron = torch.kron(s + lam_s * torch.eye(len(s), dtype=s.dtype), a + lam_a * torch.eye(len(a), dtype=a.dtype))
-        out[m] = gq[m] @ torch.linalg.solve(kron, gt[m].T)
-    return out
+MODULES = MLP_MODULES
 
 
 def flat(model, x, y):
