@@ -102,7 +102,9 @@ class Int8Rows:
     def decode(self, raw: np.ndarray) -> torch.Tensor:
         """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = q · scale (a new tensor)."""
         nf = 4 * len(self.fields)
-        scales = torch.from_numpy(np.ascontiguousarray(raw[:, :nf]).view(np.float32))
+        # a copy, not ascontiguousarray: one row sliced from the map counts as contiguous but keeps the
+        # row stride (row_bytes, not always a multiple of 4), which torch refuses for float32
+        scales = torch.from_numpy(raw[:, :nf].copy().view(np.float32))
         out = torch.from_numpy(raw[:, nf:].view(np.int8)).to(torch.float32)
         for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
             out[:, o : o + s].mul_(scales[:, j : j + 1])

@@ -122,6 +122,23 @@ def test_int8_rows_cost_four_bytes_per_field_plus_one_per_value(tmp_path):
     assert (tmp_path / "r16" / "chunk_000000.bin").stat().st_size == 2 * 256 * 4
 
 
+def test_int8_single_rows_read_back_when_a_row_is_not_a_multiple_of_four_bytes(tmp_path):
+    """A row of 4 + 3 bytes: each single row (a one-row slice of the map keeps the 7-byte stride) reads
+    back as q · scale."""
+    w = LogWriter(tmp_path / "s", [{"module": "m", "kind": "grad", "shape": [3]}], "int8")
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [3e-3, 1e-3, -127.0]])
+    w.write([0, 1, 2], x)
+    w.close()
+    store = LogStore(tmp_path / "s")
+    assert store.row_bytes == 7
+    s = (np.abs(x.numpy()).max(1) / np.float32(127)).astype(np.float32)
+    q = np.clip(np.rint(x.numpy() / np.where(s > 0, s, 1)[:, None]), -127, 127)
+    ref = q.astype(np.float32) * s[:, None]
+    for i in range(3):
+        np.testing.assert_array_equal(store.rows(i, i + 1).numpy(), ref[i : i + 1])
+    np.testing.assert_array_equal(store.gather([2, 0]).numpy(), ref[[2, 0]])
+
+
 def test_int8_refuses_non_finite_rows_naming_field_and_ids(tmp_path):
     w = LogWriter(tmp_path / "s", FIELDS, "int8")
     x = make_rows(4)
