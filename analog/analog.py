@@ -269,7 +269,7 @@ class AnaLog:
         if self.config.nonfinite != "error" or not logs:
             return
         # checked against the dtype of the stored values (a float16 store overflows above 65504; an int8
-        # store holds float32 scales, and its writer refuses what is not finite) without
+        # or int4 store holds float32 scales, and its writer refuses what is not finite) without
         # casting: |x| <= finfo.max is False for NaN, ±Inf and values that overflow. One reduction per tensor.
         dtype = value_dtype(self.config.storage.dtype) if self.mode == "log" and self.config.save else torch.float32
         limit = torch.finfo(dtype).max

@@ -17,13 +17,16 @@ compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: ran
                whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A);
                ``allocate: spectrum`` re-divides the configured ranks' budget Σ r_out·r_in among
                modules and sides by the whitened spectra (uniform: as configured)
-storage        ``{dtype: float32|float16|bfloat16|int8, flush_bytes: int}``: how the training rows are
-               stored (default float32). ``int8``: per row and field (one module's one log kind)
+storage        ``{dtype: float32|float16|bfloat16|int8|int4, flush_bytes: int}``: how the training rows
+               are stored (default float32). ``int8``: per row and field (one module's one log kind)
                scale = max|x|/127 in float32, q = round(x/scale) ∈ [-127, 127], read back as
                q·scale with |x − x̂| ≤ scale/2 (analog.storage.encoding) — 4F + n bytes per row
                of n values and F fields, so at the bytes of float32 it stores 4× the sketch
-               dimension (LoGra rank 32 in int8 ≈ rank 16 in float32). Only stored training rows
-               are quantised: query gradients, curvature statistics and factors are not.
+               dimension (LoGra rank 32 in int8 ≈ rank 16 in float32). ``int4``: the same with
+               scale = max|x|/7, q ∈ [-7, 7], two values a byte — 4F + ⌈n/2⌉ bytes, 8× the
+               sketch dimension of float32 at its bytes (LoGra rank 45 in int4, 4 + 1013 bytes a
+               module, ≈ rank 16 in float32, 1024), |x − x̂| ≤ scale/2 = max|x|/14. Only stored
+               training rows are quantised: query gradients, curvature statistics and factors are not.
 segments       ``{rule: repeat|manual, checkpoint: bool}``: when a new segment starts (``repeat``: a batch
                with an id already logged in the current segment; ``manual``: only at
                ``new_segment()``), and whether each segment keeps its watched parameters

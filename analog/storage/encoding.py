@@ -7,21 +7,32 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
     row = the row_elems values in that dtype (row_bytes = row_elems × 4 or 2). Reads are views
     of the memory map (no copy) and keep that dtype.
 
-``int8``
+``int8`` / ``int4``
     row = the F per-field scales as float32 (4F bytes, in field order) followed by the row_elems
-    values as int8 (row_bytes = 4F + row_elems). Each field f (one module's one log kind) of each
-    row is quantised symmetrically by its absolute maximum::
+    quantised values. Each field f (one module's one log kind) of each row is quantised
+    symmetrically by its absolute maximum, with L = 127 levels a side (int8) or L = 7 (int4)::
 
-        scale_f = max_j |x_fj| / 127            (float32; 0 for an all-zero field)
-        q_fj    = clamp(round(x_fj / scale_f), -127, 127)   (int8; round half to even; 0 where scale_f = 0)
+        scale_f = max_j |x_fj| / L              (float32; 0 for an all-zero field)
+        q_fj    = clamp(round(x_fj / scale_f), -L, L)   (round half to even; 0 where scale_f = 0)
         x̂_fj    = q_fj · scale_f                (what readers return, float32)
 
-    Error bound: |x − x̂| ≤ scale_f / 2 per element in exact arithmetic; with the float32
-    division and product it is ≤ scale_f / 2 · (1 + 2⁻¹⁵). (Fields whose max |x| is below
-    float32's normal range, ~1.5e-36, get a subnormal scale; their error is below 1e-42 absolute.)
-    Values are cast to float32 before quantising. A non-finite value cannot be stored in int8: a
-    batch holding one is refused (``NonFiniteRows``), naming the field and rows. Reads dequantise
-    only the rows asked for, into a new float32 tensor.
+    int8: the q as int8, one byte each (row_bytes = 4F + row_elems).
+    int4: the q as 4-bit two's complement nibbles (q & 0xF: -7..-1 is 0x9..0xF, 0..7 is 0x0..0x7;
+    0x8 is never written, and a corrupt one, which the chunk checksum catches, would read as -8),
+    packed over the row's concatenated values, not per field: value j of the row (field after
+    field) is the low nibble of byte j // 2 when j is even and its high nibble when j is odd; an
+    odd row_elems leaves the last byte's high nibble 0. A field may therefore start mid-byte, and
+    every row is 4F + ceil(row_elems / 2) bytes.
+
+    Error bound: |x − x̂| ≤ scale_f / 2 per element in exact arithmetic; with the float32 division
+    (relative error ≤ 2⁻²⁴ on |x/scale| ≤ L) and product (≤ 2⁻²⁴ of |q·scale| ≤ L·scale) it is
+    ≤ scale_f / 2 · (1 + 4L·2⁻²⁴): ≤ scale_f / 2 · (1 + 2⁻¹⁵) for int8, (1 + 2⁻¹⁹) for int4. The
+    bound is relative to the field's largest value: scale_f / 2 = max|x_f| / 254 (int8) or
+    max|x_f| / 14 (int4). (Fields whose max |x| is below float32's normal range, ~1.5e-36, get a
+    subnormal scale; their error is below 1e-42 absolute.) Values are cast to float32 before
+    quantising. A non-finite value cannot be stored: a batch holding one is refused
+    (``NonFiniteRows``), naming the field and rows. Reads dequantise only the rows asked for, into
+    a new float32 tensor.
 """
 
 from __future__ import annotations
@@ -37,10 +48,10 @@ from analog.storage.rows import Fields, field_size, row_elems
 class NonFiniteRows(ValueError):
     """Rows holding NaN or ±Inf in ``field``, which the store's dtype cannot hold; ``rows`` are their positions."""
 
-    def __init__(self, rows: List[int], field: Dict[str, Any]):
+    def __init__(self, rows: List[int], field: Dict[str, Any], dtype: str):
         self.rows, self.field = rows, field
         super().__init__(f"non-finite values in module {field['module']!r} ({field['kind']} log) of batch row(s) "
-                         f"{rows[:10]}: an int8 store cannot hold NaN or Inf")
+                         f"{rows[:10]}: an {dtype} store cannot hold NaN or Inf")
 
 
 class FloatRows:
@@ -65,39 +76,43 @@ class FloatRows:
         return t.view(torch.bfloat16) if self.value_dtype == torch.bfloat16 else t
 
 
-class Int8Rows:
-    """Rows stored as per-field float32 scales and int8 values (see the module docstring)."""
+class AbsmaxRows:
+    """Rows stored as per-field float32 scales and values quantised to ``levels`` a side (see the
+    module docstring); subclasses say how the (B, row_elems) integers q become bytes and back."""
 
     value_dtype = torch.float32
+    levels: int
+    name: str
 
     def __init__(self, fields: Fields):
         self.fields = fields
         self.sizes = [field_size(f) for f in fields]
         self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
         self.row_elems = sum(self.sizes)
-        self.row_bytes = 4 * len(fields) + self.row_elems
+        self.row_bytes = 4 * len(fields) + self.value_bytes(self.row_elems)
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, F) float32: max |x| over each field of each row, / 127 (0 for an empty field)."""
+        """(B, F) float32: max |x| over each field of each row, / levels (0 for an empty field)."""
         cols = [x[:, o : o + s].abs().amax(1) if s else x.new_zeros(len(x)) for o, s in zip(self.offsets, self.sizes)]
         amax = torch.stack(cols, 1) if cols else x.new_zeros(len(x), 0)
-        # divided by a tensor of 127s: CUDA turns a division by a Python scalar into a product with
-        # its rounded reciprocal, which differs from max/127 in the last bit
-        return amax / torch.full_like(amax, 127.0)
+        # divided by a tensor: CUDA turns a division by a Python scalar into a product with its
+        # rounded reciprocal, which differs from max/levels in the last bit
+        return amax / torch.full_like(amax, float(self.levels))
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """(B, row_elems) values -> (B, 4F + row_elems) uint8: [scales as float32 bytes | q as int8]."""
+        """(B, row_elems) values -> (B, row_bytes) uint8: [scales as float32 bytes | packed q], on the
+        rows' device."""
         x = rows.detach().to(torch.float32).clone()
         scales = self.scales(x)
         bad = ~torch.isfinite(scales)
         if bool(bad.any()):
             f = int(bad.any(0).nonzero()[0])
-            raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f])
+            raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f], self.name)
         divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
         for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
             x[:, o : o + s].div_(divisor[:, j : j + 1])
-        q = x.round_().clamp_(-127, 127).to(torch.int8)
-        return torch.cat([scales.contiguous().view(torch.uint8), q.view(torch.uint8)], 1)
+        q = x.round_().clamp_(-self.levels, self.levels).to(torch.int8)
+        return torch.cat([scales.contiguous().view(torch.uint8), self.pack(q)], 1)
 
     def decode(self, raw: np.ndarray) -> torch.Tensor:
         """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = q · scale (a new tensor)."""
@@ -105,27 +120,78 @@ class Int8Rows:
         # a copy, not ascontiguousarray: one row sliced from the map counts as contiguous but keeps the
         # row stride (row_bytes, not always a multiple of 4), which torch refuses for float32
         scales = torch.from_numpy(raw[:, :nf].copy().view(np.float32))
-        out = torch.from_numpy(raw[:, nf:].view(np.int8)).to(torch.float32)
+        out = self.unpack(raw[:, nf:]).to(torch.float32)
         for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
             out[:, o : o + s].mul_(scales[:, j : j + 1])
         return out
+
+    def value_bytes(self, n: int) -> int:
+        """Bytes holding a row's ``n`` quantised values."""
+        raise NotImplementedError
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, row_elems) int8 q -> (B, value_bytes) uint8, on q's device."""
+        raise NotImplementedError
+
+    def unpack(self, raw: np.ndarray) -> torch.Tensor:
+        """(k, value_bytes) uint8 -> (k, row_elems) int8 q."""
+        raise NotImplementedError
+
+
+class Int8Rows(AbsmaxRows):
+    """q in [-127, 127], one int8 byte each."""
+
+    name, levels = "int8", 127
+
+    def value_bytes(self, n: int) -> int:
+        return n
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        return q.view(torch.uint8)
+
+    def unpack(self, raw: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(raw.view(np.int8))
+
+
+class Int4Rows(AbsmaxRows):
+    """q in [-7, 7], two 4-bit two's complement nibbles a byte, low nibble first, over the whole row."""
+
+    name, levels = "int4", 7
+
+    def value_bytes(self, n: int) -> int:
+        return (n + 1) // 2
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        nib = q.view(torch.uint8) & 0x0F
+        if nib.shape[1] % 2:
+            nib = torch.cat([nib, nib.new_zeros(len(nib), 1)], 1)
+        return nib[:, 0::2] | (nib[:, 1::2] << 4)
+
+    def unpack(self, raw: np.ndarray) -> torch.Tensor:
+        nib = np.empty((len(raw), 2 * raw.shape[1]), dtype=np.uint8)
+        nib[:, 0::2] = raw & 0x0F
+        nib[:, 1::2] = raw >> 4
+        # sign-extend a 4-bit two's complement nibble: 0x8..0xF -> -8..-1
+        q = ((nib[:, : self.row_elems] ^ 0x08).astype(np.int8) - np.int8(8)).astype(np.int8)
+        return torch.from_numpy(q)
 
 
 _FLOATS = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
            "bfloat16": (torch.bfloat16, np.uint16)}
 #: the store dtypes (``storage.dtype``), in the order they are offered
-STORE_DTYPES: Sequence[str] = (*_FLOATS, "int8")
+_QUANTISED = {"int8": Int8Rows, "int4": Int4Rows}
+STORE_DTYPES: Sequence[str] = (*_FLOATS, *_QUANTISED)
 
 
 def row_codec(dtype: str, fields: Fields):
     """The codec of store dtype ``dtype`` for rows laid out as ``fields``."""
-    if dtype == "int8":
-        return Int8Rows(fields)
+    if dtype in _QUANTISED:
+        return _QUANTISED[dtype](fields)
     if dtype in _FLOATS:
         return FloatRows(fields, *_FLOATS[dtype])
     raise ValueError(f"unknown storage dtype {dtype!r}; use one of {list(STORE_DTYPES)}")
 
 
 def value_dtype(dtype: str) -> torch.dtype:
-    """The dtype of the values a store of ``dtype`` holds and returns (int8 stores: float32)."""
+    """The dtype of the values a store of ``dtype`` holds and returns (int8 and int4 stores: float32)."""
     return row_codec(dtype, []).value_dtype

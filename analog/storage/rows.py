@@ -38,7 +38,7 @@ def row_elems(fields: Fields) -> int:
 def pack(logs: Logs, fields: Fields, dtype: torch.dtype) -> torch.Tensor:
     """(B, row_elems) rows of ``logs`` in ``dtype``, laid out as ``fields`` says, on the logs' device
     (the writer encodes them there and moves the encoded bytes to the CPU: for an int8 store a
-    quarter of the float32 bytes cross from a GPU).
+    quarter of the float32 bytes cross from a GPU, for int4 an eighth).
 
     The batch's fields must be exactly ``fields`` (same modules, kinds, shapes and order); a batch
     that differs is an error naming both, so a store never mixes layouts."""

@@ -1,7 +1,7 @@
 """Background writer: batches of rows in, synced chunks out, memory bounded in bytes.
 
 ``write`` encodes a batch by the store's codec (analog.storage.encoding: cast to the store dtype,
-or quantised to int8 with per-field scales) on the rows' device, and appends the encoded bytes,
+or quantised to int8 or int4 with per-field scales) on the rows' device, and appends the encoded bytes,
 moved to the CPU, to an in-memory buffer; once the buffer holds at
 least ``flush_bytes`` it is handed to a writer thread. A new chunk is handed over only after the
 previous one is on disk (double buffering), so the writer holds at most two chunks — each under
