@@ -88,7 +88,8 @@ def main():
     p.add_argument("--epochs", type=int)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--only", nargs="*")
-    p.add_argument("--plan", default="bytes", choices=["bytes", "structure", "gpu", "mix", "query", "query_gpu"])
+    p.add_argument("--plan", default="bytes",
+                   choices=["bytes", "structure", "gpu", "mix", "query", "query_gpu", "alloc"])
     p.add_argument("--preset", default="cpu")
     p.add_argument("--device", default="cpu")
     p.add_argument("--subsets", type=int, default=2, help="retrained halves for the LDS (2: recall only)")
@@ -180,7 +181,7 @@ def main():
             return torch.sign(x) * x.norm(dim=1, keepdim=True) * math.sqrt(math.pi / 2) / math.sqrt(x.shape[1])
         raise ValueError(how)
 
-    def query_sides(n, rows, white, source=None):
+    def query_sides(n, rows, white, source=None, values=False):
         """Top eigenvectors, per side, of the (whitened) query gradients of ``rows``: M_out = Σ q qᵀ,
         M_in = Σ qᵀ q."""
         dq, aq = (source or query)[n]
@@ -188,10 +189,12 @@ def main():
         if white:
             dq, aq = whitened(n, dq, aq)
         g = torch.einsum("nto,nti->noi", dq, aq)
-        return (torch.linalg.eigh(torch.einsum("noi,npi->op", g, g))[1],
-                torch.linalg.eigh(torch.einsum("noi,nop->ip", g, g))[1])
+        out = (torch.linalg.eigh(torch.einsum("noi,npi->op", g, g)),
+               torch.linalg.eigh(torch.einsum("noi,nop->ip", g, g)))
+        return out if values else (out[0][1], out[1][1])
 
-    def evaluate_query_aware(k, white, curv, oracle=False, share=1.0, seed=0, other=False):
+    def evaluate_query_aware(k, white, curv, oracle=False, share=1.0, seed=0, other=False, allocated=False,
+                             quant="fp32"):
         """P = top eigenvectors of the query gradients of the *other* half of the queries (two folds;
         ``oracle``: of all queries); ``share`` < 1: that share of the rank, the rest random (whitened)."""
         nq = query[next(iter(query))][0].shape[0]
@@ -201,25 +204,33 @@ def main():
         h = max(1, int(round(r * share)))
         for f, rows in enumerate(folds):
             fit_rows = np.arange(nq) if oracle else folds[1 - f]
+            sides_of = {n: (query_sides(n, np.arange(len(calib_pos)), white, calib, values=True) if other
+                            else query_sides(n, fit_rows, white, values=True)) for n in train}
+            ranks = {n: (r, r) for n in train}
+            if allocated:  # one budget Σ r_out r_in over modules, by query energy (analog.compression.allocate)
+                from analog.compression.allocate import allocate
+                energies = {}
+                for n, ((vo, _), (vi, _)) in sides_of.items():
+                    scale = vo.clamp_min(0).sum().sqrt().clamp_min(1e-30)
+                    energies[n] = tuple(torch.cat([v.new_zeros(1), v.clamp_min(0).flip(0).cumsum(0)]).cpu() / scale
+                                        for v in (vo, vi))
+                ranks = allocate(energies, {n: 1 for n in train}, r * r * len(train))
             for n in train:
                 gen = torch.Generator().manual_seed(seed * 1000 + zlib.crc32(n.encode()) % 997)
-                if other:
-                    eo, ei = query_sides(n, np.arange(len(calib_pos)), white, calib)
-                else:
-                    eo, ei = query_sides(n, fit_rows, white)
+                (_, eo), (_, ei) = sides_of[n]
                 dt, at = train[n]
                 dq, aq = query[n][0][rows], query[n][1][rows]
                 if white:
                     dt, at = whitened(n, dt, at)
                     dq, aq = whitened(n, dq, aq)
                 sides = []
-                for e, dim in ((eo, dt.shape[-1]), (ei, at.shape[-1])):
-                    u = e[:, -min(h, dim):]
+                for e, dim, rr in ((eo, dt.shape[-1], ranks[n][0]), (ei, at.shape[-1], ranks[n][1])):
+                    u = e[:, -min(h if not allocated else rr, dim):]
                     if h < r:
                         rnd = randn(dim, r - h, generator=gen, dtype=dt.dtype) / math.sqrt(r - h)
                         u = torch.cat([u, rnd - u @ (u.T @ rnd)], 1)
                     sides.append(u)
-                xt = torch.einsum("ntr,nts->nrs", dt @ sides[0], at @ sides[1]).flatten(1)
+                xt = quantize(torch.einsum("ntr,nts->nrs", dt @ sides[0], at @ sides[1]).flatten(1), quant)
                 xq = torch.einsum("ntr,nts->nrs", dq @ sides[0], aq @ sides[1]).flatten(1)
                 total[rows] += raw_scores(xq, xt) if curv == "raw" else xq @ xt.T
         return task.evaluate(total.cpu().numpy())
@@ -228,7 +239,8 @@ def main():
         if kind.startswith("query"):  # query, query_oracle, query_half
             return evaluate_query_aware(k, white, curv, oracle=kind == "query_oracle",
                                         share=0.5 if kind.endswith("half") else 1.0, seed=seed,
-                                        other=kind.startswith("query_other"))
+                                        other=kind.startswith("query_other"), allocated=kind.endswith("alloc"),
+                                        quant=quant)
         total = 0
         for n in train:
             gen = torch.Generator().manual_seed(seed * 1000 + zlib.crc32(n.encode()) % 997)
@@ -266,6 +278,11 @@ def main():
                 configs.append((kind, k, True, "raw", "fp32"))
             configs.append(("query", k, True, "dot", "fp32"))
             configs.append(("query", k, False, "raw", "fp32"))
+    elif args.plan == "alloc":
+        for k in (256, 1024, 4096):
+            for kind in ("query", "query_alloc", "query_other", "query_other_alloc"):
+                configs.append((kind, k, True, "raw", "fp32"))
+        configs += [("query", 2025, True, "raw", "int4"), ("query_alloc", 2025, True, "raw", "int4")]
     elif args.plan == "gpu":  # ranks at float32 and their int8 equivalents, raw where k << N
         for k in (256, 1024, 4096):
             for white in (False, True):
@@ -287,7 +304,7 @@ def main():
         if args.only and kind not in args.only:
             continue
         t = time.time()
-        seeds = 1 if kind in ("full", "query", "query_oracle") else args.seeds
+        seeds = 1 if kind in ("full", "query", "query_oracle", "query_alloc") else args.seeds
         res = [evaluate(kind, k, white, s, curv, quant) for s in range(seeds)]
         r2 = np.mean([r["recall@2"] for r in res])
         mrr = np.mean([r["mrr"] for r in res])

@@ -11,7 +11,7 @@ A task gives the harness what it needs and nothing more:
   ``init: query``): ``"heldout"`` = the same kind of query about facts no evaluated query asks (LM:
   the ``lives`` statements of entities that are never queried; digits: the examples of the dataset
   in neither split), ``"other"`` (LM only) = queries of the relations the benchmark never asks
-  (``works``, ``likes``);
+  (``works``, ``likes``), ``"all"`` (LM only) = both;
 - ``evaluate(scores)``: quality numbers of a score matrix (n_queries × n_train, positive = helps);
 - ``damping``: the task's absolute damping λ, used where a method asks for ``"task"``.
 
@@ -54,14 +54,18 @@ def fact_tracing(scores: np.ndarray, sources: List[np.ndarray]) -> Dict[str, flo
 def calibration_queries(corpus: Corpus, kind: str = "heldout") -> Tuple[torch.Tensor, torch.Tensor]:
     """Queries cut from training statements: ``<bos>`` + the statement up to its answer (right-padded),
     and the position whose logits predict the answer. ``heldout``: the ``lives`` statements that are no
-    evaluated query's source (facts of entities never queried); ``other``: ``works`` and ``likes``."""
+    evaluated query's source (facts of entities never queried); ``other``: ``works`` and ``likes``;
+    ``all``: both."""
     if kind == "heldout":
         asked = np.concatenate(corpus.sources) if len(corpus.sources) else np.array([], dtype=int)
         rows = np.setdiff1d(np.flatnonzero(corpus.kinds == "lives"), asked)
     elif kind == "other":
         rows = np.flatnonzero(np.isin(corpus.kinds, ["works", "likes"]))
+    elif kind == "all":
+        asked = np.concatenate(corpus.sources) if len(corpus.sources) else np.array([], dtype=int)
+        rows = np.setdiff1d(np.flatnonzero(np.isin(corpus.kinds, ["lives", "works", "likes"])), asked)
     else:
-        raise ValueError(f"unknown calibration {kind!r}; use 'heldout' or 'other'")
+        raise ValueError(f"unknown calibration {kind!r}; use 'heldout', 'other' or 'all'")
     if not len(rows):
         raise ValueError(f"the corpus has no {kind!r} calibration queries (every entity is queried): use 'other'")
     dot = corpus.vocab.index(".")
