@@ -47,6 +47,7 @@ class QueryGrams:
         self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
         self.n_samples = 0
         self._block: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._converted: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def observe(self, name, a, d, mask) -> None:
         self._block.setdefault(name, []).append((a, d))
@@ -60,7 +61,7 @@ class QueryGrams:
             batch = max(d.shape[0] for _, d in calls)
             a = torch.cat([x.expand(batch, *x.shape[1:]) for x, _ in calls], 1)  # (B, T_total, G, d_in)
             d = torch.cat([y.expand(batch, *y.shape[1:]) for _, y in calls], 1)
-            root_a, root_s = (r.to(a.device, a.dtype) for r in self.roots[name])
+            root_a, root_s = self._roots_on(name, a.device, a.dtype)
             a = torch.einsum("btgi,gij->btgj", a, root_a)
             d = torch.einsum("btgo,gop->btgp", d, root_s)
             k_a = torch.einsum("btgi,bsgi->bgts", a, a)
@@ -71,6 +72,13 @@ class QueryGrams:
             sums["out"] += m_out
             sums["in"] += m_in
         self.n_samples += n_examples
+
+    def _roots_on(self, name: str, device: torch.device, dtype: torch.dtype):
+        """The module's roots on the logs' device and dtype, converted once for the whole pass."""
+        key = (name, device, dtype)
+        if key not in self._converted:
+            self._converted[key] = tuple(r.to(device, dtype) for r in self.roots[name])
+        return self._converted[key]
 
     def grams(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """{module: {"out": M_out, "in": M_in}} summed over every rank (on the CPU)."""
