@@ -271,7 +271,7 @@ class AnaLog:
         # checked against the dtype of the stored values (a float16 store overflows above 65504; an int8
         # or int4 store holds float32 scales, and its writer refuses what is not finite) without
         # casting: |x| <= finfo.max is False for NaN, ±Inf and values that overflow. One reduction per tensor.
-        dtype = value_dtype(self.config.storage.dtype) if self.mode == "log" and self.config.save else torch.float32
+        dtype = value_dtype(self.config.store_dtype) if self.mode == "log" and self.config.save else torch.float32
         limit = torch.finfo(dtype).max
         flags = [~(t.abs().amax() <= limit) for kinds in logs.values() for t in kinds.values() if t.numel()]
         if flags and bool(torch.stack(flags).any()):
@@ -286,7 +286,7 @@ class AnaLog:
     def _write(self, ids, logs, stats) -> None:
         if self._writer is None:  # the project's lock is held from the first write through fitting
             lock = self.state.acquire()
-            self._writer = LogWriter(self.log_path, fields_of(logs), self.config.storage.dtype,
+            self._writer = LogWriter(self.log_path, fields_of(logs), self.config.store_dtype,
                                      self.projector.fingerprint(), self.config.storage.flush_bytes, lock=lock)
             fitting.track_writer(self, self._writer, lock)  # flushed and unlocked if self is dropped
             self._save_state()

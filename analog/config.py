@@ -17,8 +17,11 @@ compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: ran
                whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A);
                ``allocate: spectrum`` re-divides the configured ranks' budget Σ r_out·r_in among
                modules and sides by the whitened spectra (uniform: as configured)
-storage        ``{dtype: float32|float16|bfloat16|int8|int4, flush_bytes: int}``: how the training rows
-               are stored (default float32). ``int8``: per row and field (one module's one log kind)
+storage        ``{dtype: auto|float32|float16|bfloat16|int8|int4, flush_bytes: int}``: how the training
+               rows are stored. ``auto`` (default): int8 for compressed logs (LoGra, dense), float32
+               without compression (``compression.type: none``): quantising a sketch to int8 changed no
+               measured score (benchmarks/results/attribution_lm.md, runs 6–7) and stores a quarter of
+               the bytes. ``int8``: per row and field (one module's one log kind)
                scale = max|x|/127 in float32, q = round(x/scale) ∈ [-127, 127], read back as
                q·scale with |x − x̂| ≤ scale/2 (analog.storage.encoding) — 4F + n bytes per row
                of n values and F fields, so at the bytes of float32 it stores 4× the sketch
@@ -64,7 +67,7 @@ class CompressionConfig:
 
 @dataclass
 class StorageConfig:
-    dtype: str = "float32"
+    dtype: str = "auto"
     flush_bytes: int = 64 * 2**20
 
 
@@ -124,6 +127,14 @@ class Config:
         cfg.validate()
         return cfg
 
+    @property
+    def store_dtype(self) -> str:
+        """The dtype training rows are stored in: ``storage.dtype``, with ``auto`` resolved (int8 for
+        compressed logs, float32 for uncompressed ones)."""
+        if self.storage.dtype != "auto":
+            return self.storage.dtype
+        return "float32" if self.compression.type == "none" else "int8"
+
     def validate(self) -> None:
         if not isinstance(self.root_dir, (str, Path)):
             raise TypeError(f"config 'root_dir' must be a path, not {self.root_dir!r}")
@@ -174,9 +185,9 @@ class Config:
             raise ValueError(f"config 'segments.rule' must be 'repeat' or 'manual', got {self.segments.rule!r}")
         if not isinstance(self.segments.checkpoint, bool):
             raise TypeError(f"config 'segments.checkpoint' must be true or false, got {self.segments.checkpoint!r}")
-        if self.storage.dtype not in STORE_DTYPES:
+        if self.storage.dtype != "auto" and self.storage.dtype not in STORE_DTYPES:
             raise ValueError(f"config 'storage.dtype': unknown {self.storage.dtype!r}; "
-                             f"choose from {list(STORE_DTYPES)}")
+                             f"choose from {['auto', *STORE_DTYPES]}")
         flush = self.storage.flush_bytes
         if isinstance(flush, bool) or not isinstance(flush, (int, float)) or not flush >= 1:
             raise ValueError(f"config 'storage.flush_bytes' must be a positive number of bytes, got {flush!r}")
