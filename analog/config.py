@@ -19,9 +19,10 @@ compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: ran
                modules and sides by the whitened spectra (uniform: as configured)
 storage        ``{dtype: auto|float32|float16|bfloat16|int8|int4, flush_bytes: int}``: how the training
                rows are stored. ``auto`` (default): int8 for compressed logs (LoGra, dense), float32
-               without compression (``compression.type: none``): quantising a sketch to int8 changed no
-               measured score (benchmarks/results/attribution_lm.md, runs 6–7) and stores a quarter of
-               the bytes. ``int8``: per row and field (one module's one log kind)
+               without compression (``compression.type: none``) or with ``nonfinite: allow`` (int8
+               cannot hold NaN/Inf). Quantising a sketch to int8 changed no measured score
+               (benchmarks/results/attribution_lm.md, runs 6–7) and stores a quarter of the
+               bytes. ``int8``: per row and field (one module's one log kind)
                scale = max|x|/127 in float32, q = round(x/scale) ∈ [-127, 127], read back as
                q·scale with |x − x̂| ≤ scale/2 (analog.storage.encoding) — 4F + n bytes per row
                of n values and F fields, so at the bytes of float32 it stores 4× the sketch
@@ -129,11 +130,12 @@ class Config:
 
     @property
     def store_dtype(self) -> str:
-        """The dtype training rows are stored in: ``storage.dtype``, with ``auto`` resolved (int8 for
-        compressed logs, float32 for uncompressed ones)."""
+        """The dtype training rows are stored in: ``storage.dtype``, with ``auto`` resolved — int8 for
+        compressed logs, float32 for uncompressed ones and under ``nonfinite: allow`` (an int8 store
+        holds finite values only, so storing NaN/Inf as asked needs float32)."""
         if self.storage.dtype != "auto":
             return self.storage.dtype
-        return "float32" if self.compression.type == "none" else "int8"
+        return "float32" if self.compression.type == "none" or self.nonfinite == "allow" else "int8"
 
     def validate(self) -> None:
         if not isinstance(self.root_dir, (str, Path)):
