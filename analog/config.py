@@ -20,7 +20,8 @@ compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: ran
 storage        ``{dtype: auto|float32|float16|bfloat16|int8|int4, flush_bytes: int}``: how the training
                rows are stored. ``auto`` (default): int8 for compressed logs (LoGra, dense), float32
                without compression (``compression.type: none``) or with ``nonfinite: allow`` (int8
-               cannot hold NaN/Inf). Quantising a sketch to int8 changed no measured score
+               cannot hold NaN/Inf); a project keeps the dtype it was first logged with (state/
+               config.json records it resolved). Quantising a sketch to int8 changed no measured score
                (benchmarks/results/attribution_lm.md, runs 6–7) and stores a quarter of the
                bytes. ``int8``: per row and field (one module's one log kind)
                scale = max|x|/127 in float32, q = round(x/scale) ∈ [-127, 127], read back as

@@ -15,8 +15,10 @@ Everything here is read and written through this class, never elsewhere:
 * **config**: written when the project is first written to; on reopen it is read back and merged
   with what the user passes (``reconcile``): keys that fix what was logged (``log``, ``save``,
   ``hessian``, ``compression.*``, ``storage.dtype``) must equal the saved ones — an error naming
-  each key and both values otherwise — and runtime keys (``RUNTIME_KEYS``: damping, progress, ...)
-  may differ; a runtime key the user does not pass keeps its saved value.
+  each key and both values otherwise; ``storage.dtype`` is saved resolved (``auto`` → the dtype
+  the rows are stored in) and a given ``auto`` keeps the saved one — and runtime keys
+  (``RUNTIME_KEYS``: damping, progress, ...) may differ; a runtime key the user does not pass
+  keeps its saved value.
 * **lock**: one process (per rank) writes a project. ``acquire()`` takes the store's advisory
   lock (``logs/writer.lock``, released by the OS when the process dies) and holds it from the
   first logged batch, through fitting, to the last state file; the log writer shares it.
@@ -118,13 +120,15 @@ class ProjectState:
         """The config to run with: ``config`` on a new project; on a saved one, the saved settings with
         the runtime keys of ``explicit`` (the keys the user passed) applied. ``explicit`` keys that fix
         what was logged must equal the saved values (compared after normalisation, e.g. hessian True ->
-        "kfac"); an error names every key that differs."""
+        "kfac"; a given storage.dtype "auto" equals any saved dtype); an error names every key that differs."""
         saved = self.saved_config()
         if saved is None:
             return config
         saved = Config.from_dict(saved).to_dict()  # keys added to analog since it was saved: their defaults
         given, stored = flatten(config.to_dict()), flatten(saved)
         wanted = {k for k in flatten(explicit) if k in given}
+        if given["storage.dtype"] == "auto":  # "analog chooses": the project chose when it was first logged
+            wanted.discard("storage.dtype")
         differ = sorted(k for k in wanted - RUNTIME_KEYS if given[k] != stored.get(k))
         if differ:
             details = "; ".join(f"{k}: saved {stored.get(k)!r}, given {given[k]!r}" for k in differ)
@@ -164,7 +168,11 @@ class ProjectState:
             return
         self.acquire()
         self.state_path.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self.config_file, json.dumps(config.to_dict(), indent=1).encode())
+        values = config.to_dict()
+        # the dtype the rows are stored in, not 'auto': its resolution depends on runtime keys
+        # (nonfinite) and may change between versions, the store's dtype may not
+        values["storage"]["dtype"] = config.store_dtype
+        write_bytes_atomic(self.config_file, json.dumps(values, indent=1).encode())
         if projection:
             write_bytes_atomic(self.state_path / "projection.safetensors",
                                save({k: v.contiguous() for k, v in projection.items()}))

@@ -53,7 +53,7 @@ def test_reopen_with_other_logging_settings_names_every_key(tmp_path):
     with pytest.raises(ProjectError, match=r"compression.rank: saved 2, given 3.*hessian: saved 'kfac', given 'raw'"):
         AnaLog("p", {"root_dir": str(tmp_path), "hessian": "raw", "compression": {"rank": 3}})
     again = AnaLog("p", {"root_dir": str(tmp_path)})
-    with pytest.raises(ProjectError, match=r"storage.dtype: saved 'float32', given 'bfloat16'"):
+    with pytest.raises(ProjectError, match=r"storage.dtype: saved 'int8', given 'bfloat16'"):
         again.update({"storage": {"dtype": "bfloat16"}})
 
 

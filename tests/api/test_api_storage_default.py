@@ -2,10 +2,14 @@
 and under ``nonfinite: allow``; an explicit dtype is honoured, and a project keeps the dtype it was
 first logged with when reopened with the default config."""
 
+import json
+
+import pytest
 import torch
 from torch import nn
 
 from analog import AnaLog
+from analog.state import ProjectError
 from analog.storage import LogStore
 
 # the model below: Linear(5, 7) and Linear(7, 3), per-sample gradients of weight and bias, 7·(5 + 1)
@@ -53,3 +57,20 @@ def test_auto_under_nonfinite_allow_stores_float32_so_nan_can_be_kept(tmp_path):
     store = LogStore(run.log_path)
     assert store.header["dtype"] == "float32"
     assert torch.isfinite(store.rows(0, 3)).all(1).tolist() == [True, False, True]
+
+
+def test_the_saved_config_records_the_resolved_dtype_and_a_reopen_keeps_it(tmp_path):
+    run, _ = _logged(tmp_path)
+    saved = json.loads((run.state_path / "config.json").read_text())
+    assert saved["storage"]["dtype"] == "int8"  # what the rows are stored in, not 'auto'
+    # nonfinite='allow' would resolve 'auto' to float32 on a new project; this one stays int8 and appends
+    model = _model()
+    again = AnaLog("p", {"root_dir": str(tmp_path), "nonfinite": "allow", "storage": {"dtype": "auto"}})
+    assert again.config.store_dtype == "int8"
+    again.watch(model)
+    _log(again, model, [6, 7, 8])
+    again.finalize()
+    store = LogStore(again.log_path)
+    assert store.header["dtype"] == "int8" and store.ids == list(range(9))
+    with pytest.raises(ProjectError, match=r"storage.dtype: saved 'int8', given 'float32'"):
+        AnaLog("p", {"root_dir": str(tmp_path), "storage": {"dtype": "float32"}})
