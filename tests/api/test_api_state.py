@@ -29,7 +29,8 @@ COMMON = textwrap.dedent("""
         return torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
 
     def config(root, **compression):
-        return {"root_dir": root, "hessian": "kfac", "storage": {"flush_bytes": 1024},
+        # float32: the stored rows are compared with the recomputed gradients exactly (to float tolerance)
+        return {"root_dir": root, "hessian": "kfac", "storage": {"dtype": "float32", "flush_bytes": 1024},
                 "compression": {"rank": 4, "seed": 5, **compression}}
 """)
 _helpers: dict = {}

@@ -56,8 +56,9 @@ def flat(model, x, y):
 
 def query_run(root, model, x, y, xq, yq, rank, project="q", hessian="none"):
     """Statistics pass and log pass over (x, y), query pass over (xq, yq), all under AnaLogScheduler."""
+    # float32 store: scores over the stored rows are compared with explicit products to 1e-4
     run = AnaLog(project, {"root_dir": str(root), "compression": {"type": "logra", "rank": rank, "init": "query"},
-                           "hessian": hessian, "progress": False})
+                           "hessian": hessian, "progress": False, "storage": {"dtype": "float32"}})
     run.watch(model)
     phases = []
     for phase in AnaLogScheduler(run):

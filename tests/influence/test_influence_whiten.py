@@ -39,7 +39,9 @@ def flat(model, x, y):
 
 
 def whitened_run(root, model, x, y, compression, hessian="none"):
-    run = AnaLog("w", {"root_dir": str(root), "compression": compression, "progress": False})
+    # float32 store: scores over the stored rows are compared with explicit products to 2e-4
+    run = AnaLog("w", {"root_dir": str(root), "compression": compression, "progress": False,
+                       "storage": {"dtype": "float32"}})
     run.update({"hessian": hessian})
     run.watch(model)
     passes = 0

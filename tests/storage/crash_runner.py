@@ -1,9 +1,9 @@
 """Run logging scenarios in child processes that are killed with SIGKILL at a chosen point.
 
-Used by test_storage_recovery.py as ``python crash_runner.py ROOT KIND:POINT ...``. The runner imports
+Used by test_storage_recovery.py as ``python crash_runner.py ROOT KIND:POINT:DTYPE ...``. The runner imports
 torch and analog once, runs no tensor operation itself, and forks one child per scenario (a fresh
 interpreter per child would cost seconds each). A child logs the shared batches into project
-``KIND-POINT`` and sends itself SIGKILL at POINT — a real kill of a real process: no exception
+``KIND-POINT-DTYPE`` and sends itself SIGKILL at POINT — a real kill of a real process: no exception
 handler, ``finally`` or ``atexit`` runs — except for ``exit``, where it leaves the interpreter
 normally without calling ``finalize()``. The runner prints one JSON line: how each child ended.
 """
@@ -38,10 +38,15 @@ def batches():
         yield ids, torch.sin(k * 0.37 + torch.arange(6) * 1.3), torch.tensor(ids) % 3
 
 
-def config(root, kind):
-    # 4 examples × 18 values × 4 bytes = 288 bytes a batch: a chunk every two batches
-    return {"root_dir": root, "hessian": kind, "compression": {"rank": 3}, "storage": {"flush_bytes": 500},
-            "progress": False}
+#: the store dtypes of the matrix and their flush_bytes: a row holds 18 values in 2 fields (two modules'
+#: grad logs), a batch 4 rows — float32 18 × 4 = 72 bytes a row, 288 a batch; int8 (the default for
+#: LoGra) 2 × 4 + 18 = 26 bytes a row, 104 a batch — so that either writes a chunk every two batches
+FLUSH_BYTES = {"float32": 500, "int8": 180}
+
+
+def config(root, kind, dtype):
+    return {"root_dir": root, "hessian": kind, "compression": {"rank": 3},
+            "storage": {"dtype": dtype, "flush_bytes": FLUSH_BYTES[dtype]}, "progress": False}
 
 
 def log_batch(run, model, ids, x, y):
@@ -66,10 +71,10 @@ def kill_on_call(module, name, when):
     setattr(module, name, wrapper)
 
 
-def scenario(root, kind, point):
+def scenario(root, kind, point, dtype):
     torch.set_num_threads(1)
     model = make_model()
-    run = AnaLog(f"{kind}-{point}", config(root, kind)).watch(model)
+    run = AnaLog(f"{kind}-{point}-{dtype}", config(root, kind, dtype)).watch(model)
     if point == "chunk_write":  # the third chunk's rows are synced, its metadata never written
         calls = []
         kill_on_call(analog.storage.writer, "write_json_atomic",
@@ -92,10 +97,10 @@ def main():
     root, specs = sys.argv[1], sys.argv[2:]
     ended = {}
     for spec in specs:
-        kind, point = spec.split(":")
+        kind, point, dtype = spec.split(":")
         pid = os.fork()
         if pid == 0:
-            scenario(root, kind, point)
+            scenario(root, kind, point, dtype)
         _, status = os.waitpid(pid, 0)
         ended[spec] = ({"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status)
                        else {"exit": os.WEXITSTATUS(status)})

@@ -31,7 +31,9 @@ COMMON = textwrap.dedent("""
         return torch.sin(k * 0.37 + torch.arange(6) * 1.3), torch.tensor(ids) % 3
 
     def config(root):
-        return {"root_dir": root, "compression": {"rank": 4}, "storage": {"flush_bytes": 2048}}
+        # float32: the rows are compared with recomputed gradients to 1e-5, and flush_bytes makes a chunk
+        # every two batches of 128-byte rows (int8 kills and appends: test_storage_recovery.py)
+        return {"root_dir": root, "compression": {"rank": 4}, "storage": {"dtype": "float32", "flush_bytes": 2048}}
 """)
 _helpers: dict = {}
 exec(COMMON, _helpers)  # the same helpers in this process and in the child

@@ -159,7 +159,7 @@ def test_reopening_an_int8_store_with_another_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"unknown storage dtype 'int2'.*'int8', 'int4'"):
         LogWriter(tmp_path / "t", FIELDS, "int2")
     assert Config().update({"storage": {"dtype": "int8"}}).storage.dtype == "int8"
-    assert Config().storage.dtype == "float32"
+    assert Config().storage.dtype == "auto" and Config().store_dtype == "int8"  # the default for LoGra
     with pytest.raises(ValueError, match=r"storage.dtype.*'int8'"):
         Config().update({"storage": {"dtype": "uint8"}})
 

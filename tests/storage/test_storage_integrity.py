@@ -23,8 +23,10 @@ def _model():
 
 
 def _config(root, hessian="kfac"):
-    # 4 examples × 8 values × 4 bytes = 128 bytes a batch: one chunk per batch
-    return {"root_dir": str(root), "hessian": hessian, "compression": {"rank": 2}, "storage": {"flush_bytes": 100}}
+    # float32 rows: 4 examples × 8 values × 4 bytes = 128 bytes a batch, one chunk per batch (the chunk
+    # layout and the flipped offsets below assume it; int8 verify/repair: test_storage_int8.py)
+    return {"root_dir": str(root), "hessian": hessian, "compression": {"rank": 2},
+            "storage": {"dtype": "float32", "flush_bytes": 100}}
 
 
 def _log(run, model, batches):

@@ -1,6 +1,7 @@
 """The crash matrix: a logging process SIGKILLed at each point (or leaving without finalize()), then
 this process appends what is missing and finalizes, and gets the curvature of an uninterrupted run
-(to 1e-6) and its influence scores — for kfac, ekfac, raw and diagonal."""
+(to 1e-6) and its influence scores — for kfac, ekfac, raw and diagonal, and for float32 and int8 stores
+(the default for LoGra: both runs store the same rows quantised the same way, so the same bounds hold)."""
 
 import json
 import os
@@ -25,7 +26,7 @@ SIGKILL = 9
 def crashed(tmp_path_factory):
     """Every (kind, point) scenario run once, in children of one runner process."""
     root = tmp_path_factory.mktemp("crashed")
-    specs = [f"{k}:{p}" for k in KINDS for p in cr.POINTS]
+    specs = [f"{k}:{p}:{d}" for k in KINDS for p in cr.POINTS for d in cr.FLUSH_BYTES]
     repo = str(Path(__file__).resolve().parents[2])  # this checkout's analog, not an installed one
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(Path(cr.__file__)), str(root), *specs],
@@ -61,31 +62,35 @@ def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     out = {}
     for kind in KINDS:
-        model = cr.make_model()
-        run = AnaLog(f"ref-{kind}", cr.config(str(root), kind)).watch(model)
-        assert _log_missing(run, model) == cr.BATCHES
-        run.eval()
-        model.eval()
-        out[kind] = ({k: v.clone() for k, v in run.curvature.state.items()}, run.curvature.meta["n_samples"],
-                     _scores(run, model))
+        for dtype in cr.FLUSH_BYTES:
+            model = cr.make_model()
+            run = AnaLog(f"ref-{kind}-{dtype}", cr.config(str(root), kind, dtype)).watch(model)
+            assert _log_missing(run, model) == cr.BATCHES
+            run.eval()
+            assert len(list(run.log_path.glob("chunk_*.bin"))) == cr.BATCHES // 2  # a chunk every two batches
+            model.eval()
+            out[kind, dtype] = ({k: v.clone() for k, v in run.curvature.state.items()},
+                                run.curvature.meta["n_samples"], _scores(run, model))
     return out
 
 
+@pytest.mark.parametrize("dtype", list(cr.FLUSH_BYTES))
 @pytest.mark.parametrize("point", cr.POINTS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_recovery_reproduces_the_uninterrupted_run(crashed, uninterrupted, kind, point):
+def test_recovery_reproduces_the_uninterrupted_run(crashed, uninterrupted, kind, point, dtype):
     root, ended = crashed
     expected_end = {"exit": 0} if point == "exit" else {"signal": SIGKILL}
-    assert ended[f"{kind}:{point}"] == expected_end
+    assert ended[f"{kind}:{point}:{dtype}"] == expected_end
     model = cr.make_model()
-    run = AnaLog(f"{kind}-{point}", cr.config(str(root), kind)).watch(model)
+    run = AnaLog(f"{kind}-{point}-{dtype}", cr.config(str(root), kind, dtype)).watch(model)
     missing = _log_missing(run, model)
+    assert run.open_store().header["dtype"] == dtype
     # mid_chunk: batch 6 was buffered and chunk 2 (batches 4, 5) perhaps still being written;
     # chunk_write: chunk 2's metadata was never written, so batches 4.. are missing
     assert missing in {"mid_chunk": (4, 6), "chunk_write": (6,)}.get(point, (0,))
     run.eval()
     model.eval()
-    state, n, (ref_ids, ref_scores) = uninterrupted[kind]
+    state, n, (ref_ids, ref_scores) = uninterrupted[kind, dtype]
     assert run.curvature.meta["n_samples"] == n == cr.BATCH * cr.BATCHES
     assert run.curvature.state.keys() == state.keys() and len(state) >= 2
     for key, value in state.items():
