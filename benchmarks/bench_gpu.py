@@ -81,7 +81,8 @@ def run(args) -> dict:
 
     root = tempfile.mkdtemp(prefix="analog-bench-gpu-")
     analog = AnaLog("bench", {"root_dir": root, "log": ["grad"], "save": True, "hessian": "kfac",
-                              "compression": {"type": "logra", "rank": args.rank}})
+                              "compression": {"type": "logra", "rank": args.rank},
+                              "storage": {"dtype": "float32"}})  # as results/gpu.md was measured
     analog.watch(model, name_filter=["transformer.h.*"])
     next_id = [0]
 

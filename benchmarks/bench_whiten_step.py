@@ -36,8 +36,8 @@ def timed(fn) -> float:
 def measure(name: str, extra: dict, batch: int, batches: int, rank: int, model_name: str) -> dict:
     model, step, watch, desc = build(model_name, batch)
     with tempfile.TemporaryDirectory() as root:
-        run = AnaLog("w", {"root_dir": root, "hessian": "kfac", "progress": False,
-                           "compression": {"type": "logra", "rank": rank, **extra}})
+        run = AnaLog("w", {"root_dir": root, "hessian": "kfac", "progress": False,  # float32, as recorded
+                           "compression": {"type": "logra", "rank": rank, **extra}, "storage": {"dtype": "float32"}})
         run.watch(model, **watch)
         ids = iter(range(10**9))
 

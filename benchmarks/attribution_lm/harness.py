@@ -10,10 +10,12 @@ A *method* is a dict::
      "calibration": "heldout"}    # optional; the query pass's sample for init: query (tasks.py)
 
 ``config`` goes to ``AnaLog(project, config)`` as it is (``root_dir``, ``progress`` and ``log`` are set
-here), so any key analog accepts — new compression inits, curvatures, options — runs without a change
-to this file. The logging loop is ``for _ in AnaLogScheduler(run)``, so methods with a statistics pass
-(``init: pca`` and the like) get it; ``init: query``'s query pass runs over ``task.calibration_batches``
-(queries other than the evaluated ones, never the evaluated ones).
+here; ``storage.dtype``, when not given, is float32 — the dtype every recorded method without a dtype in
+its name was measured with, before analog's default became ``auto``), so any key analog accepts — new
+compression inits, curvatures, options — runs without a change to this file. The logging loop is
+``for _ in AnaLogScheduler(run)``, so methods with a statistics pass (``init: pca`` and the like) get it;
+``init: query``'s query pass runs over ``task.calibration_batches`` (queries other than the evaluated
+ones, never the evaluated ones).
 
 Measured per method (on the task's device; CUDA is synchronised around every timed interval):
 
@@ -114,6 +116,7 @@ def run_analog(task, method: Dict[str, Any], root: str = None) -> List[Dict[str,
     """One row per damping of ``method`` on ``task`` (see the module docstring)."""
     config = copy.deepcopy(method.get("config", {}))
     config.update({"progress": False, "log": ["grad"], "save": True})
+    config["storage"] = {"dtype": "float32", **config.get("storage", {})}  # see the module docstring
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         config["root_dir"] = tmp
         model = task.fresh_model()

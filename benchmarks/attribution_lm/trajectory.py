@@ -70,6 +70,7 @@ def run_trajectory(task, method: Dict[str, Any], root: str = None) -> List[Dict[
     config = copy.deepcopy(method.get("config", {}))
     config.update({"progress": False, "log": ["grad"], "save": True,
                    "segments": {"checkpoint": True, "rule": "manual"}})
+    config["storage"] = {"dtype": "float32", **config.get("storage", {})}  # as harness.py: float32 unless named
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         config["root_dir"] = tmp
         model = task.fresh_model()

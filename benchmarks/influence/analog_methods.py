@@ -25,7 +25,9 @@ BATCH = 250
 
 def _fit(task, root: str, hessian: str, compression: dict, damping: Optional[float]):
     model = task.fresh_model()
-    run = AnaLog("bench", {"root_dir": root, "compression": compression, "progress": False})
+    # float32 rows: the recorded results (results/compression*.md) were measured so (analog's default: auto)
+    run = AnaLog("bench", {"root_dir": root, "compression": compression, "progress": False,
+                           "storage": {"dtype": "float32"}})
     run.update({"log": ["grad"], "hessian": hessian, "save": True, "damping": damping})
     run.watch(model)
     for _ in AnaLogScheduler(run):  # two passes for LoGra init="pca", one otherwise
