@@ -75,7 +75,11 @@ def root_inv(m, lam):
     return (v * (e.clamp_min(0) + lam).rsqrt()) @ v.T
 
 
-def raw_scores(xq, xt, frac=0.1):
+FRAC = 0.1  # raw's damping: FRAC × the mean eigenvalue of the sketches' second moment (--frac)
+
+
+def raw_scores(xq, xt, frac=None):
+    frac = FRAC if frac is None else frac
     c = xt.T @ xt / len(xt)
     lam = frac * torch.trace(c) / len(c)
     sol = torch.linalg.solve(c + lam * torch.eye(len(c), dtype=c.dtype, device=c.device), xt.T)  # (k, N)
@@ -91,11 +95,12 @@ def main():
     p.add_argument("--plan", default="bytes",
                    choices=["bytes", "structure", "gpu", "mix", "query", "query_gpu", "alloc"])
     p.add_argument("--preset", default="cpu")
+    p.add_argument("--frac", type=float, default=0.1, help="raw damping as a fraction of the mean eigenvalue")
     p.add_argument("--device", default="cpu")
     p.add_argument("--subsets", type=int, default=2, help="retrained halves for the LDS (2: recall only)")
     args = p.parse_args()
-    global DEV
-    DEV = args.device
+    global DEV, FRAC
+    DEV, FRAC = args.device, args.frac
     torch.set_num_threads(2)
     model = {"d_model": args.width, "d_ff": 2 * args.width} if args.width else {}
     model.update({"epochs": args.epochs} if args.epochs else {})
