@@ -174,7 +174,10 @@ class AnaLog:
             self.projector.load_tensors(distributed.broadcast_tensors(self.projector.tensors))
 
     def _check_ranks(self) -> None:
-        """Once per pass, at the first logging block: all ranks log the same modules with the same projection."""
+        """Once per pass, at the first logging block: all ranks log the same modules with the same projection.
+        Not in the query pass (init='query'): a rank may hold no queries and reach no block, so its peers'
+        check would meet its all-reduce of the query Grams; those ranks are checked by the _sync_projector
+        that follows the fit."""
         if not distributed.is_distributed() or getattr(self, "_ranks_checked", None) == self.phase:
             return
         distributed.check_same("what they log (modules, projection fingerprint, settings)", {
@@ -207,7 +210,7 @@ class AnaLog:
                               stacklevel=2)
         if per_token and self.mode != "eval":
             raise ValueError("per_token=True is for queries in analysis mode: call analog.eval() first")
-        if self.mode == "log":
+        if self.mode == "log" and self.phase != "query":  # a rank may hold no queries: no collective here
             self._check_ranks()
         ids = to_ids(data_id) if data_id is not None else None
         if ids is not None and not ids:

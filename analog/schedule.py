@@ -21,6 +21,9 @@ so the loop picks its data by the pass's name::
             with analog(data_id=ids):
                 loss_fn(model(x), y).backward()
             model.zero_grad()
+
+Under torch.distributed each rank runs its own part of the query sample (a rank may have none; use
+the unwrapped model there, DDP's backward is a collective): the query Grams are summed over ranks.
 """
 
 from __future__ import annotations

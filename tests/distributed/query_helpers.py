@@ -18,6 +18,8 @@ N_SAMPLE = 6  # the query sample of the query pass (other inputs than the scorin
 RANK = 2  # LoGra rank per side: (d_out, d_in) = (8, 7) and (3, 9), so every side is fitted
 QUERY_SPLITS = {  # split -> the query-sample positions of rank 0 and rank 1
     "halves": ([0, 2, 4], [1, 3, 5]),
+    "rank0_all": (list(range(N_SAMPLE)), []),  # rank 1 adds zero Grams
+    "rank1_all": ([], list(range(N_SAMPLE))),  # rank 0, whose fit every rank takes, saw none itself
     "none": ([], []),
 }
 

@@ -5,8 +5,8 @@ that each saw half of the training data and half of the query sample must fit th
 single process that saw all of both: compared as P Pᵀ per module and side (eigenvectors' signs and the
 float reduction order may differ; the span may not), and through the ``raw`` influence scores of the
 scoring queries by training id (invariant to those signs). Every rank must hold bitwise the same
-projections. A query pass with no queries on any rank raises the same RuntimeError on every rank
-and does not hang (collectives time out after 20 s here).
+projections. A rank without queries adds zero Grams; a query pass with no queries on any rank raises
+the same RuntimeError on every rank — neither may hang (collectives time out after 20 s here).
 """
 
 import pytest
@@ -36,7 +36,7 @@ def _by_id(scores):
     return scores.scores[:, order]
 
 
-@pytest.mark.parametrize("split", ["halves"])
+@pytest.mark.parametrize("split", ["halves", "rank0_all", "rank1_all"])
 def test_projections_equal_the_single_process_fit(group, single, split):
     assert single["phases"] == ["pca", "query", "log"]
     compared = 0
@@ -53,7 +53,7 @@ def test_projections_equal_the_single_process_fit(group, single, split):
     assert compared == 2 * len(SIDES)
 
 
-@pytest.mark.parametrize("split", ["halves"])
+@pytest.mark.parametrize("split", ["halves", "rank0_all", "rank1_all"])
 def test_sharded_raw_scores_equal_the_single_process(group, single, split):
     ref = single["scores"]
     assert ref.scores.shape == (N_QUERY, N)
