@@ -31,6 +31,7 @@ def query_sample():
 
 def config(root):
     return {"root_dir": str(root), "log": ["grad"], "save": True, "hessian": "raw", "progress": False,
+            "storage": {"dtype": "float32"},  # exact comparisons: not the int8 default
             "compression": {"type": "logra", "rank": RANK, "init": "query"}}
 
 
