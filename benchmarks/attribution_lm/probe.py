@@ -75,6 +75,7 @@ def root_inv(m, lam):
     return (v * (e.clamp_min(0) + lam).rsqrt()) @ v.T
 
 
+NORMALISE = False  # --normalise: unit-norm whitened query gradients in the query Grams
 FRAC = 0.1  # raw's damping: FRAC × the mean eigenvalue of the sketches' second moment (--frac)
 
 
@@ -95,12 +96,13 @@ def main():
     p.add_argument("--plan", default="bytes",
                    choices=["bytes", "structure", "gpu", "mix", "query", "query_gpu", "alloc"])
     p.add_argument("--preset", default="cpu")
+    p.add_argument("--normalise", action="store_true", help="unit-norm query gradients in the query Grams")
     p.add_argument("--frac", type=float, default=0.1, help="raw damping as a fraction of the mean eigenvalue")
     p.add_argument("--device", default="cpu")
     p.add_argument("--subsets", type=int, default=2, help="retrained halves for the LDS (2: recall only)")
     args = p.parse_args()
-    global DEV, FRAC
-    DEV, FRAC = args.device, args.frac
+    global DEV, FRAC, NORMALISE
+    DEV, FRAC, NORMALISE = args.device, args.frac, args.normalise
     torch.set_num_threads(2)
     model = {"d_model": args.width, "d_ff": 2 * args.width} if args.width else {}
     model.update({"epochs": args.epochs} if args.epochs else {})
@@ -194,6 +196,8 @@ def main():
         if white:
             dq, aq = whitened(n, dq, aq)
         g = torch.einsum("nto,nti->noi", dq, aq)
+        if NORMALISE:  # every query the same weight in the Grams
+            g = g / g.flatten(1).norm(dim=1).clamp_min(1e-30)[:, None, None]
         out = (torch.linalg.eigh(torch.einsum("noi,npi->op", g, g)),
                torch.linalg.eigh(torch.einsum("noi,nop->ip", g, g)))
         return out if values else (out[0][1], out[1][1])
