@@ -6,6 +6,7 @@ numpy alone; every read path is checked against q · scale."""
 import numpy as np
 import pytest
 import torch
+from absmax_reference import absmax_reference
 
 from analog.cli import main as cli
 from analog.storage import LogStore, LogWriter, StoreError, build_log_dataloader
@@ -39,19 +40,8 @@ def make_rows(n=N, seed=0):
 
 
 def reference(x: np.ndarray):
-    """(scales (n, F), q (n, E) int8, x̂ (n, E)) by the formula, in float32 numpy."""
-    scales, qs, xhat = [], [], []
-    offset = 0
-    for size in SIZES:
-        xf = x[:, offset : offset + size]
-        s = (np.abs(xf).max(1) / np.float32(7)).astype(np.float32)
-        div = np.where(s > 0, s, np.float32(1)).astype(np.float32)
-        q = np.clip(np.rint(xf / div[:, None]), -7, 7).astype(np.int8)
-        scales.append(s)
-        qs.append(q)
-        xhat.append(q.astype(np.float32) * s[:, None])
-        offset += size
-    return np.stack(scales, 1), np.concatenate(qs, 1), np.concatenate(xhat, 1)
+    """(scales (n, F), q (n, E) int8, x̂ (n, E)) by the formula, in float32 numpy (L = 7)."""
+    return absmax_reference(x, SIZES, 7)
 
 
 def packed_reference(q: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ the formula (analog.storage.encoding), on the bytes on disk and through every re
 import numpy as np
 import pytest
 import torch
+from absmax_reference import absmax_reference
 
 from analog.cli import main as cli
 from analog.config import Config
@@ -34,19 +35,8 @@ def make_rows(n=N, seed=0):
 
 
 def reference(x: np.ndarray):
-    """(scales (n, F), q (n, E) int8, x̂ (n, E)) by the formula, in float32 numpy."""
-    scales, qs, xhat = [], [], []
-    offset = 0
-    for size in SIZES:
-        xf = x[:, offset : offset + size]
-        s = (np.abs(xf).max(1) / np.float32(127)).astype(np.float32)
-        div = np.where(s > 0, s, np.float32(1)).astype(np.float32)
-        q = np.clip(np.rint(xf / div[:, None]), -127, 127).astype(np.int8)
-        scales.append(s)
-        qs.append(q)
-        xhat.append(q.astype(np.float32) * s[:, None])
-        offset += size
-    return np.stack(scales, 1), np.concatenate(qs, 1), np.concatenate(xhat, 1)
+    """(scales (n, F), q (n, E) int8, x̂ (n, E)) by the formula, in float32 numpy (L = 127)."""
+    return absmax_reference(x, SIZES, 127)
 
 
 def write_store(path, x, flush_bytes=200):
