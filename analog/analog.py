@@ -38,6 +38,7 @@ from analog.compression.base import NoProjector
 from analog.compression.query import QueryGrams
 from analog.config import Config, given_values, load_config
 from analog.hessian import Curvature, CurvatureError, build_curvature
+from analog.hessian.base import add_sums
 from analog.ids import to_ids
 from analog.state import RUNTIME_KEYS, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
@@ -69,6 +70,7 @@ class AnaLog:
         self.phase = "log"
         self._pca_stats: Optional[Curvature] = None
         self._query_grams: Optional[QueryGrams] = None
+        self._block_stats: Dict[str, torch.Tensor] = {}  # the statistics pass's sums of the open block
         self._writer: Optional[LogWriter] = None
         self._logged = 0  # examples logged by this process
         self._stored = None  # the store as is_logged() first saw it (before this process wrote)
@@ -220,9 +222,15 @@ class AnaLog:
         batch_size = len(ids) if ids is not None else None
         self._observed: List[Tuple] = []
         if self.mode == "log" and self.phase in ("pca", "query"):
+            # a block's statistics count only once it ended without an error (see __exit__): an
+            # interrupted block's are dropped here, not mixed into the next block's
+            self._block_stats = {}
             if self.phase == "pca":
                 self._pca_stats = self._pca_stats or build_curvature("kfac")
-            observer = self._pca_stats.observe if self.phase == "pca" else self._query_grams.observe
+                observer = lambda *f: add_sums(self._block_stats, self._pca_stats.batch_stats([f]))  # noqa: E731
+            else:
+                self._query_grams.discard_block()
+                observer = self._query_grams.observe
             self._capture = Capture(self.modules, self.rules, NoProjector(), (), batch_size=batch_size,
                                     mask=mask, observer=observer, root=self._root)
         else:
@@ -254,7 +262,7 @@ class AnaLog:
         self._check_finite(ids, logs)
         self._last = (ids, logs)
         if self.phase == "pca" and self.mode == "log":
-            self._pca_stats.add_samples(len(ids))
+            self._pca_stats.absorb(self._block_stats, len(ids))
         elif self.phase == "query" and self.mode == "log":
             self._query_grams.add_block(len(self._ids) if self._ids is not None else None)
         elif self.mode == "log" and logs:

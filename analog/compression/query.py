@@ -52,6 +52,10 @@ class QueryGrams:
     def observe(self, name, a, d, mask) -> None:
         self._block.setdefault(name, []).append((a, d))
 
+    def discard_block(self) -> None:
+        """Drop the calls observed since the last ``add_block`` (a block that raised adds nothing)."""
+        self._block = {}
+
     def add_block(self, n_examples=None) -> None:
         """Add one block's Gram sums; it counts ``n_examples`` (default: the batch its calls had)."""
         block, self._block = self._block, {}

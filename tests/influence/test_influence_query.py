@@ -207,6 +207,43 @@ def test_too_few_query_directions_warn_naming_the_sides(tmp_path, data):
     assert run.phase == "log"
 
 
+def test_blocks_that_raise_add_nothing_to_either_pass(tmp_path, data):
+    """A block interrupted after its backward (an error in the loop body, a KeyboardInterrupt) adds nothing:
+    the fitted projections equal the explicit reference of the blocks that completed. Before, the statistics
+    pass kept the interrupted block's factor sums without its examples, and the query pass carried its calls
+    into the next block (as more positions of other queries; a different batch size made it crash)."""
+    x, y, xq, yq = data
+    model = make_mlp(h=5).eval()
+    run = AnaLog("i", {"root_dir": str(tmp_path), "progress": False,
+                       "compression": {"type": "logra", "rank": 2, "init": "query"}})
+    run.watch(model)
+    noise = make_data(n=3, seed=5)
+    interrupted = 0
+    for phase, (xi, yi) in (("pca", noise), ("query", (xq[:2], yq[:2]))):
+        with pytest.raises(KeyboardInterrupt):
+            with run(data_id=["a", "b", "c"][: len(xi)]):
+                loss_fn(model(xi), yi).backward()
+                raise KeyboardInterrupt
+        interrupted += 1
+        model.zero_grad()
+        xs, ys = (x, y) if phase == "pca" else (xq, yq)  # then every block of the pass completes
+        with run(data_id=list(range(len(xs)))):
+            loss_fn(model(xs), ys).backward()
+        model.zero_grad()
+        run.next_pass()
+    assert interrupted == 2 and run.phase == "log"
+    factors, gq = explicit_factors(model, x, y), flat(model, xq, yq)
+    compared = 0
+    for m in MLP_MODULES:
+        (a, s), (_, d_out, d_in) = factors[m], run.dims[m]
+        root_a, root_s, m_out, m_in = reference_grams(a, s, gq[m].reshape(-1, d_out, d_in))
+        for side, p in (("out", root_s @ top(m_out, 2)), ("in", root_a @ top(m_in, 2))):
+            mine = run.projector.tensors[f"{m}/{side}"][0].double()
+            torch.testing.assert_close(mine @ mine.T, p @ p.T, rtol=1e-4, atol=1e-6)
+            compared += 1
+    assert compared == 4
+
+
 class TinySequenceModel(nn.Module):
     """Embedding → tanh(mid) → tanh(mid) → out over (B, T, D): ``mid`` is called twice per forward."""
 
