@@ -71,6 +71,7 @@ class AnaLog:
         self._pca_stats: Optional[Curvature] = None
         self._query_grams: Optional[QueryGrams] = None
         self._block_stats: Dict[str, torch.Tensor] = {}  # the statistics pass's sums of the open block
+        self._block_batch = 0  # and the largest batch its calls had (its examples when no ids are given)
         self._writer: Optional[LogWriter] = None
         self._logged = 0  # examples logged by this process
         self._stored = None  # the store as is_logged() first saw it (before this process wrote)
@@ -224,10 +225,10 @@ class AnaLog:
         if self.mode == "log" and self.phase in ("pca", "query"):
             # a block's statistics count only once it ended without an error (see __exit__): an
             # interrupted block's are dropped here, not mixed into the next block's
-            self._block_stats = {}
+            self._block_stats, self._block_batch = {}, 0
             if self.phase == "pca":
                 self._pca_stats = self._pca_stats or build_curvature("kfac")
-                observer = lambda *f: add_sums(self._block_stats, self._pca_stats.batch_stats([f]))  # noqa: E731
+                observer = self._observe_statistics
             else:
                 self._query_grams.discard_block()
                 observer = self._query_grams.observe
@@ -262,7 +263,7 @@ class AnaLog:
         self._check_finite(ids, logs)
         self._last = (ids, logs)
         if self.phase == "pca" and self.mode == "log":
-            self._pca_stats.absorb(self._block_stats, len(ids))
+            self._end_statistics_block()
         elif self.phase == "query" and self.mode == "log":
             self._query_grams.add_block(len(self._ids) if self._ids is not None else None)
         elif self.mode == "log" and logs:
@@ -275,6 +276,22 @@ class AnaLog:
                 self.curvature.absorb(stats, len(ids))
             self.segments.logged(ids, list(self.modules))
             self._logged += len(ids)
+
+    def _observe_statistics(self, name, a, d, mask) -> None:
+        """Statistics pass: add one call's K-FAC factor sums to the open block's (kept until it ends)."""
+        add_sums(self._block_stats, self._pca_stats.batch_stats([(name, a, d, mask)]))
+        self._block_batch = max(self._block_batch, d.shape[0])
+
+    def _end_statistics_block(self) -> None:
+        """Add the block's factor sums and its examples (its ids, or the batch its calls had) to the
+        statistics pass; a block whose sums are not finite adds nothing and is an error naming the modules."""
+        flags = [~torch.isfinite(t).all() for t in self._block_stats.values()]
+        if flags and bool(torch.stack(flags).any()):
+            bad = sorted({key.rsplit("/", 1)[0] for key, t in self._block_stats.items()
+                          if not bool(torch.isfinite(t).all())})
+            raise FloatingPointError(f"non-finite activations or gradients in module(s) {bad[:5]} in the statistics "
+                                     "pass: this block was not added (the projections cannot be fitted from NaN/Inf)")
+        self._pca_stats.absorb(self._block_stats, len(self._ids) if self._ids is not None else self._block_batch)
 
     def _check_finite(self, ids, logs) -> None:
         if self.config.nonfinite != "error" or not logs:

@@ -57,25 +57,35 @@ class QueryGrams:
         self._block = {}
 
     def add_block(self, n_examples=None) -> None:
-        """Add one block's Gram sums; it counts ``n_examples`` (default: the batch its calls had)."""
+        """Add one block's Gram sums; it counts ``n_examples`` (default: the batch its calls had). A block
+        whose gradients are not finite adds nothing and raises FloatingPointError naming the modules."""
         block, self._block = self._block, {}
         if n_examples is None:
             n_examples = max((d.shape[0] for calls in block.values() for _, d in calls), default=0)
-        for name, calls in block.items():
-            batch = max(d.shape[0] for _, d in calls)
-            a = torch.cat([x.expand(batch, *x.shape[1:]) for x, _ in calls], 1)  # (B, T_total, G, d_in)
-            d = torch.cat([y.expand(batch, *y.shape[1:]) for _, y in calls], 1)
-            root_a, root_s = self._roots_on(name, a.device, a.dtype)
-            a = torch.einsum("btgi,gij->btgj", a, root_a)
-            d = torch.einsum("btgo,gop->btgp", d, root_s)
-            k_a = torch.einsum("btgi,bsgi->bgts", a, a)
-            k_d = torch.einsum("btgo,bsgo->bgts", d, d)
-            m_out = torch.einsum("btgo,bgts,bsgp->gop", d, k_a, d).double()
-            m_in = torch.einsum("btgi,bgts,bsgj->gij", a, k_d, a).double()
+        grams = {name: self._block_grams(name, calls) for name, calls in block.items()}
+        flags = [~torch.isfinite(m).all() for pair in grams.values() for m in pair]
+        if flags and bool(torch.stack(flags).any()):
+            bad = sorted(name for name, pair in grams.items() if not all(bool(torch.isfinite(m).all()) for m in pair))
+            raise FloatingPointError(f"non-finite query gradients in module(s) {bad[:5]}: this query block was not "
+                                     "added to the query pass (the projections cannot be fitted from NaN/Inf)")
+        for name, (m_out, m_in) in grams.items():
             sums = self.sums.setdefault(name, {"out": torch.zeros_like(m_out), "in": torch.zeros_like(m_in)})
             sums["out"] += m_out
             sums["in"] += m_in
         self.n_samples += n_examples
+
+    def _block_grams(self, name, calls):
+        """(M_out (G, d_out, d_out), M_in (G, d_in, d_in)) of one block's calls of module ``name``, float64."""
+        batch = max(d.shape[0] for _, d in calls)
+        a = torch.cat([x.expand(batch, *x.shape[1:]) for x, _ in calls], 1)  # (B, T_total, G, d_in)
+        d = torch.cat([y.expand(batch, *y.shape[1:]) for _, y in calls], 1)
+        root_a, root_s = self._roots_on(name, a.device, a.dtype)
+        a = torch.einsum("btgi,gij->btgj", a, root_a)
+        d = torch.einsum("btgo,gop->btgp", d, root_s)
+        k_a = torch.einsum("btgi,bsgi->bgts", a, a)
+        k_d = torch.einsum("btgo,bsgo->bgts", d, d)
+        return (torch.einsum("btgo,bgts,bsgp->gop", d, k_a, d).double(),
+                torch.einsum("btgi,bgts,bsgj->gij", a, k_d, a).double())
 
     def _roots_on(self, name: str, device: torch.device, dtype: torch.dtype):
         """The module's roots on the logs' device and dtype, converted once for the whole pass."""

@@ -244,6 +244,42 @@ def test_blocks_that_raise_add_nothing_to_either_pass(tmp_path, data):
     assert compared == 4
 
 
+def test_passes_without_ids_and_nonfinite_blocks(tmp_path, data):
+    """Blocks without data_id count their batch in the statistics pass too (it counted 0, then claimed it
+    "saw no data"); a block with NaN gradients in either pass is a FloatingPointError naming the modules
+    (it was an unexplained eigh failure at next_pass) and adds nothing: the projections equal the reference."""
+    x, y, xq, yq = data
+    model = make_mlp(h=5).eval()
+    run = AnaLog("n", {"root_dir": str(tmp_path), "progress": False,
+                       "compression": {"type": "logra", "rank": 2, "init": "query"}})
+    run.watch(model)
+    errors = 0
+    for phase, (xs, ys) in (("pca", (x, y)), ("query", (xq, yq))):
+        with pytest.raises(FloatingPointError, match=r"non-finite .*in module\(s\) \['0', '2'\]"):
+            with run():
+                (loss_fn(model(xs[:3]), ys[:3]) * float("nan")).backward()
+        errors += 1
+        model.zero_grad()
+        for i in range(0, len(xs), 20):
+            with run():
+                loss_fn(model(xs[i : i + 20]), ys[i : i + 20]).backward()
+            model.zero_grad()
+        if phase == "pca":
+            assert run._pca_stats.meta["n_samples"] == len(x) == 40
+        run.next_pass()
+    assert errors == 2 and run.phase == "log"
+    factors, gq = explicit_factors(model, x, y), flat(model, xq, yq)
+    compared = 0
+    for m in MLP_MODULES:
+        (a, s), (_, d_out, d_in) = factors[m], run.dims[m]
+        root_a, root_s, m_out, m_in = reference_grams(a, s, gq[m].reshape(-1, d_out, d_in))
+        for side, p in (("out", root_s @ top(m_out, 2)), ("in", root_a @ top(m_in, 2))):
+            mine = run.projector.tensors[f"{m}/{side}"][0].double()
+            torch.testing.assert_close(mine @ mine.T, p @ p.T, rtol=1e-4, atol=1e-6)
+            compared += 1
+    assert compared == 4
+
+
 class TinySequenceModel(nn.Module):
     """Embedding → tanh(mid) → tanh(mid) → out over (B, T, D): ``mid`` is called twice per forward."""
 
