@@ -15,7 +15,9 @@ sample accumulates the two per-side Gram matrices
 
 without forming Q̃_b: with Ã_b = a_b R_A (T × d_in) and D̃_b = δ_b R_S (T × d_out),
 M_out += D̃_bᵀ (Ã_b Ã_bᵀ) D̃_b and M_in += Ã_bᵀ (D̃_b D̃_bᵀ) Ã_b (several calls of one module in a
-block are more positions t of the same example). The projections are then
+block are more positions t of the same example). Where T² > d_out·d_in (long sequences, narrow layers)
+the T × T kernels are the larger object, and Q̃_b = D̃_bᵀ Ã_b is formed instead; both give the same sums.
+The projections are then
 
     P_out = R_S U_out,   P_in = R_A U_in,   U_side = the top-r eigenvectors of M_side,
 
@@ -82,6 +84,10 @@ class QueryGrams:
         root_a, root_s = self._roots_on(name, a.device, a.dtype)
         a = torch.einsum("btgi,gij->btgj", a, root_a)
         d = torch.einsum("btgo,gop->btgp", d, root_s)
+        t, d_out, d_in = a.shape[1], d.shape[-1], a.shape[-1]
+        if t * t > d_out * d_in:  # long sequences: the per-query gradients are smaller than the T × T kernels
+            q = torch.einsum("btgo,btgi->bgoi", d, a)
+            return (torch.einsum("bgoi,bgpi->gop", q, q).double(), torch.einsum("bgoi,bgoj->gij", q, q).double())
         k_a = torch.einsum("btgi,bsgi->bgts", a, a)
         k_d = torch.einsum("btgo,bsgo->bgts", d, d)
         return (torch.einsum("btgo,bgts,bsgp->gop", d, k_a, d).double(),
@@ -94,14 +100,19 @@ class QueryGrams:
             self._converted[key] = tuple(r.to(device, dtype) for r in self.roots[name])
         return self._converted[key]
 
-    def grams(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """{module: {"out": M_out, "in": M_in}} summed over every rank (on the CPU)."""
+    def reduced(self) -> Tuple[int, Dict[str, Dict[str, torch.Tensor]]]:
+        """(examples, {module: {"out": M_out, "in": M_in}}) summed over every rank, on the CPU. Does not
+        change the running sums, so calling it again (a retried fit) does not count anything twice."""
+        n, sums = self.n_samples, {n: dict(sides) for n, sides in self.sums.items()}
         if distributed.is_distributed():
-            total = distributed.all_reduce_sum(torch.tensor(float(self.n_samples), dtype=torch.float64))
-            self.n_samples = int(total.item())
+            n = int(distributed.all_reduce_sum(torch.tensor(float(n), dtype=torch.float64)).item())
             for name in sorted(self.roots):  # the same order on every rank; a rank that saw none adds zeros
                 root_a, root_s = self.roots[name]
                 for side, root in (("out", root_s), ("in", root_a)):
-                    local = self.sums.get(name, {}).get(side, torch.zeros(root.shape, dtype=torch.float64))
-                    self.sums.setdefault(name, {})[side] = distributed.all_reduce_sum(local)
-        return {n: {s: t.cpu() for s, t in sides.items()} for n, sides in self.sums.items()}
+                    local = sums.get(name, {}).get(side, torch.zeros(root.shape, dtype=torch.float64))
+                    sums.setdefault(name, {})[side] = distributed.all_reduce_sum(local)
+        return n, {name: {s: t.cpu() for s, t in sides.items()} for name, sides in sums.items()}
+
+    def grams(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{module: {"out": M_out, "in": M_in}} summed over every rank (on the CPU)."""
+        return self.reduced()[1]

@@ -355,3 +355,31 @@ def test_sequence_grams_equal_explicit_per_example_grams(tmp_path):
             torch.testing.assert_close(grams[name][side][0], ref, rtol=1e-4, atol=1e-7)
             compared += 1
     assert compared == 4
+
+
+@pytest.mark.parametrize("t", [3, 40])  # 3² < d_out·d_in: T × T kernels; 40² > 4·6: the per-query gradients
+def test_query_grams_equal_the_formula_on_both_paths(t):
+    """QueryGrams on random (a, δ) of two calls per block equals Σ_b Q̃_b Q̃_bᵀ, Σ_b Q̃_bᵀ Q̃_b with
+    Q̃_b = R_S (Σ_calls Σ_t δ_t a_tᵀ) R_A formed explicitly, whichever path it takes (T × T kernels or
+    the per-query gradients)."""
+    gen = torch.Generator().manual_seed(t)
+    b, g, d_out, d_in = 3, 2, 4, 6
+    def spd(d):
+        m = torch.randn(g, d, d, generator=gen, dtype=torch.float64)
+        return m @ m.transpose(-1, -2) + torch.eye(d, dtype=torch.float64)
+    root_a, root_s = spd(d_in), spd(d_out)
+    grams = QueryGrams({"m": (root_a, root_s)})
+    calls = [(torch.randn(b, t, g, d_in, generator=gen), torch.randn(b, t, g, d_out, generator=gen)) for _ in range(2)]
+    for a, d in calls:
+        grams.observe("m", a, d, None)
+    grams.add_block()
+    q = sum(torch.einsum("btgo,btgi->bgoi", d.double(), a.double()) for a, d in calls)
+    q = torch.einsum("gpo,bgoi,gij->bgpj", root_s.transpose(-1, -2), q, root_a)  # R_S Q R_A (R symmetric)
+    expected = {"out": torch.einsum("bgoi,bgpi->gop", q, q), "in": torch.einsum("bgoi,bgoj->gij", q, q)}
+    n, got = grams.reduced()
+    assert n == b
+    compared = 0
+    for side in ("out", "in"):
+        torch.testing.assert_close(got["m"][side], expected[side], rtol=1e-4, atol=1e-3)
+        compared += 1
+    assert compared == 2
