@@ -357,8 +357,8 @@ class AnaLog:
         self.phase = "log"
 
     def _end_query_pass(self) -> None:
-        grams = self._query_grams.grams()
-        if not self._query_grams.n_samples:
+        n_queries, grams = self._query_grams.reduced()
+        if not n_queries:
             raise RuntimeError("LoGra init='query' needs a pass over a sample of queries inside `with analog(...)` "
                                "after the statistics pass (AnaLogScheduler yields 'query' for it); this query "
                                "pass saw no queries")

@@ -93,3 +93,28 @@ def worker_query(rank, world, tmp, root, splits):
         out[split] = {"phases": phases, "tensors": dict(run.projector.tensors),
                       "scores": score(run, model, distributed=True)}
     torch.save(out, Path(tmp) / f"query_rank{rank}.pt")
+
+
+def worker_reduce_twice(rank, world, tmp, root):
+    """The statistics pass and a query pass split 3/3 over the ranks, then the query Grams read twice (as a
+    fit retried after an error reads them): both reads must be the same sums over the ranks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from analog import AnaLog
+
+    model = make_model().eval()
+    x, y, _, _ = make_data()
+    xs, ys = query_sample()
+    run = AnaLog("retry", config(root)).watch(model)
+    net = DDP(model)
+    for ids in shard(rank, world):
+        with run(data_id=ids):
+            loss_fn(net(x[ids]), y[ids]).backward()
+        model.zero_grad()
+    run.next_pass()  # -> the query pass
+    pos = QUERY_SPLITS["halves"][rank]
+    with run():
+        loss_fn(model(xs[pos]), ys[pos]).backward()
+    model.zero_grad()
+    first, second = run._query_grams.reduced(), run._query_grams.reduced()
+    torch.save({"first": first, "second": second}, Path(tmp) / f"reduce_rank{rank}.pt")

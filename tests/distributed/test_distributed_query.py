@@ -69,3 +69,23 @@ def test_query_pass_without_queries_on_any_rank_raises_everywhere(group):
     assert len(messages) == 2
     for message in messages:
         assert message is not None and "this query pass saw no queries" in message
+
+
+def test_reading_the_query_grams_twice_counts_nothing_twice(tmp_path):
+    """A retried fit reads the Grams again: the all-reduce must not be applied to already-reduced sums."""
+    from query_helpers import worker_reduce_twice
+
+    codes = run_group(worker_reduce_twice, tmp_path, root=str(tmp_path / "logs"), timeout=120)
+    assert codes == [0, 0], f"exit codes {codes}\n{errors(tmp_path)}"
+    compared = 0
+    for rank in range(2):
+        got = torch.load(tmp_path / f"reduce_rank{rank}.pt", weights_only=False)
+        (n1, g1), (n2, g2) = got["first"], got["second"]
+        assert n1 == n2 == len(QUERY_SPLITS["halves"][0]) + len(QUERY_SPLITS["halves"][1])
+        assert sorted(g1) == sorted(g2) == ["0", "2"]
+        for name in g1:
+            for side in ("out", "in"):
+                assert g1[name][side].abs().max() > 0
+                torch.testing.assert_close(g2[name][side], g1[name][side], atol=0, rtol=0)
+                compared += 1
+    assert compared == 8
