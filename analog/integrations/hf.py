@@ -8,6 +8,10 @@ label −100, and the attention mask passed to ``analog(mask=...)`` never change
 only keeps padding out of the curvature statistics, see analog.capture.masks). With left padding the
 last pad position's logits predict the first real token, a term of ℓ_i that is logged as it should be.
 
+LoGra inits fitted from passes (``pca``, ``whiten``, ``whiten_pca``: statistics then logging; ``query``:
+statistics, a pass over a sample of queries, logging) run all their passes inside ``log_causal_lm``
+(``queries=`` feeds the query pass; see its docstring for who calls ``finalize()``).
+
 ``AnaLogTrainer`` wraps each training step in ``with analog(...)``. The Trainer's loss is the mean
 over the batch's tokens, so the logged gradients are ∇θ ℓ_i / (number of tokens in the batch):
 use it to watch training, and ``log_causal_lm`` (a separate pass) for attribution. Put the model in
@@ -17,6 +21,7 @@ would make the logged and the query gradients those of different random sub-netw
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -24,6 +29,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from analog.capture.masks import CROSS_ATTENTION_KV, SideMasks, seq2seq_masks
+from analog.schedule import AnaLogScheduler
+
+PASS_NAMES = {"pca": "statistics (training batches)", "query": "query sample", "log": "logging sequences"}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,19 +41,72 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
 
 
-def log_causal_lm(analog, model, batches: Iterable[dict], progress: Optional[bool] = None) -> None:
-    """Log every batch ``{"input_ids", "attention_mask", "ids"}`` (ids: one per sequence)."""
+def _lm_step(analog, model, batch: dict, device, data_id) -> None:
+    """One block: per-sequence loss of ``batch`` backpropagated inside ``with analog(data_id, mask)``.
+    Labels: ``batch["labels"]`` when given (−100 = not scored), else the input ids with −100 on padding."""
+    input_ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+    labels = batch.get("labels")
+    labels = input_ids.masked_fill(mask == 0, -100) if labels is None else labels.to(device)
+    with analog(data_id=data_id, mask=mask):
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        causal_lm_loss(logits, labels).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _check_passes(analog, batches, queries) -> None:
+    """Refuse, before any pass runs, what the remaining passes cannot be run with."""
+    init = analog.projector.init
+    if init == "query" and queries is None:
+        raise ValueError("LoGra init='query' needs a sample of queries for its query pass: call "
+                         "log_causal_lm(analog, model, batches, queries=query_batches) with batches "
+                         "{'input_ids', 'attention_mask'} (optionally 'labels', 'ids')")
+    if analog.phase == "pca" and iter(batches) is batches:
+        raise TypeError(f"LoGra init={init!r} runs a statistics pass and then the logging pass over the same "
+                        f"training batches, but batches is a one-shot iterator ({type(batches).__name__}): pass "
+                        "a list or a DataLoader (nothing was run)")
+
+
+def log_causal_lm(analog, model, batches: Iterable[dict], progress: Optional[bool] = None,
+                  queries: Optional[Iterable[dict]] = None) -> None:
+    """Log every batch ``{"input_ids", "attention_mask", "ids"}`` (ids: one per sequence).
+
+    One pass when the run needs no other (``analog.phase == "log"``: random LoGra, dense, none, or fitted
+    projections already loaded): each batch is logged and **the caller calls** ``analog.finalize()``
+    (so more batches can be logged first), as before passes existed.
+
+    LoGra ``init`` ``pca``/``whiten``/``whiten_pca`` (a statistics pass over ``batches``, then the logging
+    pass) and ``query`` (statistics over ``batches``, a query pass over ``queries``, then logging) run every
+    remaining pass through ``AnaLogScheduler``, which **calls** ``analog.finalize()`` **after the logging
+    pass** here. ``batches`` must then be re-iterable (a list or DataLoader; a generator is refused with
+    a TypeError before anything runs). ``queries``: batches ``{"input_ids", "attention_mask"}``, ``ids``
+    optional, with the same per-sequence loss ℓ_i as the training data; a ``labels`` key, when present,
+    replaces the labels built from the mask (put −100 on the prompt to score only the answer). ``queries``
+    is required by ``init: query`` (ValueError otherwise) and is warned about and unused when no query
+    pass remains. ``ids`` are optional in the statistics pass; the logging pass needs them.
+    """
     show = analog.progress if progress is None else progress
     device = next(model.parameters()).device
-    for batch in tqdm(batches, desc="logging sequences", disable=not show):
-        input_ids = batch["input_ids"].to(device)
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-        labels = input_ids.masked_fill(mask == 0, -100)
-        with analog(data_id=batch["ids"], mask=mask):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-            causal_lm_loss(logits, labels).backward()
-        model.zero_grad(set_to_none=True)
+    query_pass = analog.phase == "query" or (analog.phase == "pca" and analog.projector.init == "query")
+    if queries is not None and not query_pass:
+        warnings.warn(f"log_causal_lm: queries= is unused: this run has no query pass left (LoGra init='query' "
+                      f"only; phase {analog.phase!r})", stacklevel=2)
+    if analog.phase == "log":
+        for batch in tqdm(batches, desc="logging sequences", disable=not show):
+            _lm_step(analog, model, {k: v for k, v in batch.items() if k != "labels"}, device, batch["ids"])
+        return
+    _check_passes(analog, batches, queries)
+    scheduler = AnaLogScheduler(analog)
+    for i, phase in enumerate(scheduler, 1):
+        data = queries if phase == "query" else batches
+        desc = f"pass {i}/{len(scheduler)}: {PASS_NAMES[phase]}"
+        for batch in tqdm(data, desc=desc, disable=not show):
+            if phase == "query":
+                _lm_step(analog, model, batch, device, batch.get("ids"))
+            else:
+                plain = {k: v for k, v in batch.items() if k != "labels"}
+                _lm_step(analog, model, plain, device, batch["ids"] if phase == "log" else batch.get("ids"))
 
 
 def query_causal_lm(analog, model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
