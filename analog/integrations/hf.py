@@ -41,13 +41,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
 
 
-def _lm_step(analog, model, batch: dict, device, data_id) -> None:
+def _lm_step(analog, model, batch: dict, device, data_id, own_labels: bool = False) -> None:
     """One block: per-sequence loss of ``batch`` backpropagated inside ``with analog(data_id, mask)``.
-    Labels: ``batch["labels"]`` when given (−100 = not scored), else the input ids with −100 on padding."""
+    Labels: the input ids with −100 on padding, or ``batch["labels"]`` (−100 = not scored) when
+    ``own_labels`` and the batch has them (query batches only)."""
     input_ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-    labels = batch.get("labels")
+    labels = batch.get("labels") if own_labels else None
     labels = input_ids.masked_fill(mask == 0, -100) if labels is None else labels.to(device)
     with analog(data_id=data_id, mask=mask):
         logits = model(input_ids=input_ids, attention_mask=mask).logits
@@ -84,7 +85,8 @@ def log_causal_lm(analog, model, batches: Iterable[dict], progress: Optional[boo
     optional, with the same per-sequence loss ℓ_i as the training data; a ``labels`` key, when present,
     replaces the labels built from the mask (put −100 on the prompt to score only the answer). ``queries``
     is required by ``init: query`` (ValueError otherwise) and is warned about and unused when no query
-    pass remains. ``ids`` are optional in the statistics pass; the logging pass needs them.
+    pass remains. ``ids`` are optional in the statistics pass; the logging pass needs them. A ``labels`` key in
+    the training ``batches`` is not used: their logged gradient is always ∇θ ℓ_i (module docstring).
     """
     show = analog.progress if progress is None else progress
     device = next(model.parameters()).device
@@ -94,19 +96,16 @@ def log_causal_lm(analog, model, batches: Iterable[dict], progress: Optional[boo
                       f"only; phase {analog.phase!r})", stacklevel=2)
     if analog.phase == "log":
         for batch in tqdm(batches, desc="logging sequences", disable=not show):
-            _lm_step(analog, model, {k: v for k, v in batch.items() if k != "labels"}, device, batch["ids"])
+            _lm_step(analog, model, batch, device, batch["ids"])
         return
     _check_passes(analog, batches, queries)
     scheduler = AnaLogScheduler(analog)
+    total = len(scheduler)  # counted before the first pass: it shrinks as the run moves on
     for i, phase in enumerate(scheduler, 1):
         data = queries if phase == "query" else batches
-        desc = f"pass {i}/{len(scheduler)}: {PASS_NAMES[phase]}"
-        for batch in tqdm(data, desc=desc, disable=not show):
-            if phase == "query":
-                _lm_step(analog, model, batch, device, batch.get("ids"))
-            else:
-                plain = {k: v for k, v in batch.items() if k != "labels"}
-                _lm_step(analog, model, plain, device, batch["ids"] if phase == "log" else batch.get("ids"))
+        for batch in tqdm(data, desc=f"pass {i}/{total}: {PASS_NAMES[phase]}", disable=not show):
+            data_id = batch["ids"] if phase == "log" else batch.get("ids")
+            _lm_step(analog, model, batch, device, data_id, own_labels=phase == "query")
 
 
 def query_causal_lm(analog, model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):

@@ -199,3 +199,12 @@ def test_readme_hf_block_runs_as_written(tmp_path, monkeypatch):
     run = namespace["run"]
     assert run.phase == "log" and run.curvature.meta["finalized"]  # the scheduler finalized
     assert stored(run)[0] == list(range(12))
+
+
+def test_one_bar_per_pass_names_the_pass(tmp_path, capsys):
+    model = tiny_llama()
+    run = make_run(tmp_path, "query").watch(model)
+    log_causal_lm(run, model, lm_batches(2, 2, seed=1), progress=True, queries=lm_batches(1, 2, seed=2))
+    err = capsys.readouterr().err
+    names = ["pass 1/3: statistics (training batches)", "pass 2/3: query sample", "pass 3/3: logging sequences"]
+    assert [n in err for n in names] == [True] * 3
