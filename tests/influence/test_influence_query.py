@@ -207,6 +207,21 @@ def test_too_few_query_directions_warn_naming_the_sides(tmp_path, data):
     assert run.phase == "log"
 
 
+def assert_rank2_projections_equal_reference(run, model, x, y, xq, yq):
+    """P Pᵀ of every module and side of a rank-2 query fit equal R · top-2 eigenvectors of the explicit whitened
+    query Grams (training data x, y; query sample xq, yq)."""
+    factors, gq = explicit_factors(model, x, y), flat(model, xq, yq)
+    compared = 0
+    for m in MLP_MODULES:
+        (a, s), (_, d_out, d_in) = factors[m], run.dims[m]
+        root_a, root_s, m_out, m_in = reference_grams(a, s, gq[m].reshape(-1, d_out, d_in))
+        for side, p in (("out", root_s @ top(m_out, 2)), ("in", root_a @ top(m_in, 2))):
+            mine = run.projector.tensors[f"{m}/{side}"][0].double()
+            torch.testing.assert_close(mine @ mine.T, p @ p.T, rtol=1e-4, atol=1e-6)
+            compared += 1
+    assert compared == 4
+
+
 def test_blocks_that_raise_add_nothing_to_either_pass(tmp_path, data):
     """A block interrupted after its backward (an error in the loop body, a KeyboardInterrupt) adds nothing:
     the fitted projections equal the explicit reference of the blocks that completed. Before, the statistics
@@ -232,16 +247,7 @@ def test_blocks_that_raise_add_nothing_to_either_pass(tmp_path, data):
         model.zero_grad()
         run.next_pass()
     assert interrupted == 2 and run.phase == "log"
-    factors, gq = explicit_factors(model, x, y), flat(model, xq, yq)
-    compared = 0
-    for m in MLP_MODULES:
-        (a, s), (_, d_out, d_in) = factors[m], run.dims[m]
-        root_a, root_s, m_out, m_in = reference_grams(a, s, gq[m].reshape(-1, d_out, d_in))
-        for side, p in (("out", root_s @ top(m_out, 2)), ("in", root_a @ top(m_in, 2))):
-            mine = run.projector.tensors[f"{m}/{side}"][0].double()
-            torch.testing.assert_close(mine @ mine.T, p @ p.T, rtol=1e-4, atol=1e-6)
-            compared += 1
-    assert compared == 4
+    assert_rank2_projections_equal_reference(run, model, x, y, xq, yq)
 
 
 def test_passes_without_ids_and_nonfinite_blocks(tmp_path, data):
@@ -268,16 +274,7 @@ def test_passes_without_ids_and_nonfinite_blocks(tmp_path, data):
             assert run._pca_stats.meta["n_samples"] == len(x) == 40
         run.next_pass()
     assert errors == 2 and run.phase == "log"
-    factors, gq = explicit_factors(model, x, y), flat(model, xq, yq)
-    compared = 0
-    for m in MLP_MODULES:
-        (a, s), (_, d_out, d_in) = factors[m], run.dims[m]
-        root_a, root_s, m_out, m_in = reference_grams(a, s, gq[m].reshape(-1, d_out, d_in))
-        for side, p in (("out", root_s @ top(m_out, 2)), ("in", root_a @ top(m_in, 2))):
-            mine = run.projector.tensors[f"{m}/{side}"][0].double()
-            torch.testing.assert_close(mine @ mine.T, p @ p.T, rtol=1e-4, atol=1e-6)
-            compared += 1
-    assert compared == 4
+    assert_rank2_projections_equal_reference(run, model, x, y, xq, yq)
 
 
 class TinySequenceModel(nn.Module):

@@ -18,3 +18,31 @@ def absmax_reference(x: np.ndarray, sizes, levels: int):
         xhat.append(q.astype(np.float32) * s[:, None])
         offset += size
     return np.stack(scales, 1), np.concatenate(qs, 1), np.concatenate(xhat, 1)
+
+
+def check_read_paths(store, ref_x: np.ndarray, fields, sizes) -> None:
+    """Single rows, slices across chunk boundaries, gather, a batch (every field, by its offset) and the
+    DataLoader read back exactly ``ref_x`` (n = 37 rows, the stores of the int8/int4 tests)."""
+    import torch
+
+    from analog.storage import build_log_dataloader
+
+    compared = 0
+    for start, stop in [(0, 1), (4, 13), (9, 31), (36, 37)]:
+        np.testing.assert_array_equal(store.rows(start, stop).numpy(), ref_x[start:stop])
+        compared += stop - start
+    picks = [30, 2, 17, 17, 0]
+    np.testing.assert_array_equal(store.gather(picks).numpy(), ref_x[picks])
+    ids, logs = store.batch(5, 12)
+    assert ids == [f"ex{i}" for i in range(5, 12)]
+    offset = 0
+    for field, size in zip(fields, sizes):
+        got = logs[field["module"]][field["kind"]]
+        assert got.shape == (7, *field["shape"])
+        np.testing.assert_array_equal(got.reshape(7, -1).numpy(), ref_x[5:12, offset : offset + size])
+        offset += size
+    first = fields[0]
+    batches = list(build_log_dataloader(store, batch_size=6, num_workers=0))
+    got = torch.cat([b[1][first["module"]][first["kind"]].reshape(len(b[0]), -1) for b in batches])
+    np.testing.assert_array_equal(got.numpy(), ref_x[:, : sizes[0]])
+    assert compared == 1 + 9 + 22 + 1 and len(batches) == 7 and offset == ref_x.shape[1]
