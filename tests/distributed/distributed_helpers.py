@@ -101,9 +101,10 @@ def _entry(worker, rank, world, tmp, pg_timeout, kwargs):
     except BaseException:
         (Path(tmp) / f"error_rank{rank}.txt").write_text(traceback.format_exc())
         os._exit(1)
-    # The worker's results are on disk and the group is destroyed: leave without the interpreter's teardown,
-    # where a C++ thread still joinable at exit once aborted a rank ("terminate called without an active
-    # exception", exit -6) after it had finished, in one of ~8 runs of test_distributed_query on this machine.
+    # The worker's results are on disk and the group is destroyed: leave without the interpreter's teardown.
+    # A rank once died with SIGABRT ("terminate called without an active exception", exit -6, no Python
+    # error) in one of ~8 runs of test_distributed_query; a C++ thread destroyed while joinable at exit is
+    # the usual cause of that message. If it recurs, `errors()` says which ranks' result files exist.
     os._exit(0)
 
 
@@ -127,7 +128,9 @@ def run_group(worker, tmp_path, world=2, timeout=90.0, pg_timeout=20.0, **kwargs
 
 
 def errors(tmp_path):
-    return "\n".join(f.read_text() for f in sorted(Path(tmp_path).glob("error_rank*.txt")))
+    """The ranks' tracebacks, and which files the ranks left (a rank killed by a signal writes no traceback)."""
+    files = sorted(p.name for p in Path(tmp_path).iterdir() if p.is_file())
+    return "\n".join([f.read_text() for f in sorted(Path(tmp_path).glob("error_rank*.txt"))] + [f"files: {files}"])
 
 
 # -- workers --------------------------------------------------------------------------------------------
