@@ -93,6 +93,16 @@ def make_arm(model, step, batch: int, rank: int, dtype: str, root: str):
     return analog, logging, counter
 
 
+def encode_ms(dtype: str, fields, batch: int, repeats: int = 21) -> float:
+    """Median ms to encode one batch of rows (batch × row_elems, float32) by the store's codec, alone."""
+    from analog.storage.encoding import row_codec
+
+    codec = row_codec(dtype, fields)
+    rows = torch.randn(batch, codec.row_elems)
+    codec.encode(rows)
+    return 1e3 * statistics.median(timed(lambda: codec.encode(rows)) for _ in range(repeats))
+
+
 def store_summary(analog, examples: int) -> dict:
     """Modules, fields and values per row from store.json; bytes per example = chunk bytes / examples."""
     files = [p for p in analog.log_path.rglob("*") if p.is_file()]
@@ -101,7 +111,7 @@ def store_summary(analog, examples: int) -> dict:
     data = sum(p.stat().st_size for p in files if "chunk" in p.name) or sum(p.stat().st_size for p in files)
     return {"fields": len(fields), "modules": len({f["module"] for f in fields}),
             "row_elems": sum(int(torch.Size(f["shape"]).numel()) for f in fields),
-            "store_dtype": meta["dtype"], "bytes_per_example": data / examples}
+            "store_dtype": meta["dtype"], "bytes_per_example": data / examples, "field_list": fields}
 
 
 def timed(fn) -> float:
@@ -151,7 +161,7 @@ def run_one(name: str, batch: int, batches: int, rank: int, dtypes) -> dict:
         rows.append({"dtype": d, "log_s": med, "overhead": paired(t_arm[d], t_plain),
                      "vs_float32": paired(t_arm[d], base) if base else None,
                      "ex_per_s": batch / med, "finalize_s": time.perf_counter() - t, "examples": counter[0],
-                     **summary})
+                     "encode_ms": encode_ms(d, summary.pop("field_list"), batch), **summary})
     return {"model": desc, "batch": batch, "rank": rank, "rounds": 4 * batches,
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "plain_s": med_plain,
             "plain_ex_per_s": batch / med_plain, "arms": rows, "rss_1x": rss[batches], "rss_4x": rss[4 * batches],
@@ -161,9 +171,9 @@ def run_one(name: str, batch: int, batches: int, rank: int, dtypes) -> dict:
 def table(results) -> str:
     """One row per (model, dtype); RSS columns are the model's process (all arms together)."""
     head = ("| model | batch | modules / fields | store dtype | plain step (s) | LoGra step (s) | overhead vs plain "
-            "| vs float32 LoGra | examples/s | bytes/example | RSS after 1× (MiB) | RSS after 4× (MiB) "
-            "| peak RSS (MiB) |")
-    lines = [head, "|" + "---|" * 13]
+            "| vs float32 LoGra | encode alone (ms/batch) | examples/s | bytes/example | RSS after 1× (MiB) "
+            "| RSS after 4× (MiB) | peak RSS (MiB) |")
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         rss = (f"{r['rss_1x']:.0f} ({r['examples_1x']} ex./arm) | {r['rss_4x']:.0f} ({r['examples_4x']} ex./arm) "
                f"| {r['peak_rss']:.0f}")
@@ -171,7 +181,8 @@ def table(results) -> str:
             vs = f"{a['vs_float32']:.2f}" if a["vs_float32"] is not None else "–"
             lines.append(
                 f"| {r['model']} | {r['batch']} | {a['modules']} / {a['fields']} | {a['dtype']} | {r['plain_s']:.4f} "
-                f"| {a['log_s']:.4f} | {a['overhead']:.2f} | {vs} | {a['ex_per_s']:.0f} | {a['bytes_per_example']:.0f} "
+                f"| {a['log_s']:.4f} | {a['overhead']:.2f} | {vs} | {a['encode_ms']:.2f} | {a['ex_per_s']:.0f} "
+                f"| {a['bytes_per_example']:.0f} "
                 f"| {rss} |")
     return "\n".join(lines)
 
@@ -192,8 +203,9 @@ def write_results(results, args, load: str) -> None:
         "Step times are medians over rounds (a round = the plain step and every arm once, the order rotated each "
         "round). Overhead = median over rounds of LoGra logging step / plain forward+backward step of the same "
         "round; vs float32 = median of that step / the float32 LoGra step of the same round (the int8/int4 "
-        "encoding cost, net of the smaller writes). bytes/example = chunk bytes on disk / "
-        "examples. RSS is of the model's process, which runs the plain step and every arm.\n\n"
+        "encoding cost, net of the smaller writes); encode alone = median time of the store codec's encode of one "
+        "batch of random rows (batch × values per row), nothing else running in the process. bytes/example = "
+        "chunk bytes on disk / examples. RSS is of the model's process, which runs the plain step and every arm.\n\n"
         f"{table(results)}\n")
     if old is not None:
         text += "\n## Before" + old
