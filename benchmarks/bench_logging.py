@@ -233,7 +233,7 @@ def main() -> None:
         result = run_one(args.model, {"mlp": 64, "gpt2": 8}[args.model], args.batches, args.rank, args.dtypes)
         print(json.dumps(result) if args.json else table([result]))
         return
-    load = "{:.2f} / {:.2f} / {:.2f} (1 / 5 / 15 min)".format(*os.getloadavg())
+    load = "{:.2f} / {:.2f} / {:.2f} over 1 / 5 / 15 min".format(*os.getloadavg())
     results = []
     for name in ("mlp", "gpt2"):
         cmd = [sys.executable, "-m", "benchmarks.bench_logging", "--model", name, "--batches", str(args.batches),
