@@ -46,3 +46,41 @@ def check_read_paths(store, ref_x: np.ndarray, fields, sizes) -> None:
     got = torch.cat([b[1][first["module"]][first["kind"]].reshape(len(b[0]), -1) for b in batches])
     np.testing.assert_array_equal(got.numpy(), ref_x[:, : sizes[0]])
     assert compared == 1 + 9 + 22 + 1 and len(batches) == 7 and offset == ref_x.shape[1]
+
+
+def check_verify_flip_repair(path, n: int, flip_at: int, flip_mask: int, reference_rows: np.ndarray, capsys) -> None:
+    """`analog store verify` passes on the store at ``path`` (n rows ``ex0..``), fails once byte ``flip_at`` of
+    its second chunk is XOR-ed with ``flip_mask`` (reads refuse that chunk), and after `store repair` the store
+    verifies again and holds exactly ``reference_rows`` of the ids it kept (some, not all)."""
+    import pytest
+
+    from analog.cli import main as cli
+    from analog.storage import LogStore, StoreError
+
+    assert cli(["store", "verify", str(path)]) == 0
+    report = capsys.readouterr().out
+    assert f"{n} examples" in report and "ok" in report
+    chunk = path / "chunk_000001.bin"
+    data = bytearray(chunk.read_bytes())
+    data[flip_at] ^= flip_mask
+    chunk.write_bytes(bytes(data))
+    assert cli(["store", "verify", str(path)]) == 1
+    assert "chunk_000001.bin does not match its checksum" in capsys.readouterr().out
+    with pytest.raises(StoreError, match="chunk_000001.bin does not match the checksum"):
+        LogStore(path).rows(0, n)
+    assert cli(["store", "repair", str(path)]) == 0
+    assert cli(["store", "verify", str(path)]) == 0
+    store = LogStore(path)
+    kept = [i for i in range(n) if f"ex{i}" in store.ids]
+    assert 0 < len(kept) < n
+    np.testing.assert_array_equal(store.rows(0, len(store)).numpy(), reference_rows[kept])
+
+
+def cuda_logs(x, fields, sizes):
+    """{module: {kind: (n, *shape) CUDA tensor}} of rows ``x`` (n, E) laid out as ``fields``."""
+    logs = {f["module"]: {} for f in fields}
+    offset = 0
+    for f, size in zip(fields, sizes):
+        logs[f["module"]][f["kind"]] = x[:, offset : offset + size].reshape(len(x), *f["shape"]).cuda()
+        offset += size
+    return logs

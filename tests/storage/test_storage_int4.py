@@ -6,9 +6,8 @@ numpy alone; every read path is checked against q · scale."""
 import numpy as np
 import pytest
 import torch
-from absmax_reference import absmax_reference, check_read_paths
+from absmax_reference import absmax_reference, check_read_paths, check_verify_flip_repair, cuda_logs
 
-from analog.cli import main as cli
 from analog.storage import LogStore, LogWriter, StoreError
 
 FIELDS = [
@@ -148,34 +147,14 @@ def test_reopening_an_int4_store_with_another_dtype_is_refused(tmp_path):
 def test_verify_and_repair_of_an_int4_store(tmp_path, capsys):
     path = tmp_path / "s"
     write_store(path, make_rows())
-    assert cli(["store", "verify", str(path)]) == 0
-    report = capsys.readouterr().out
-    assert f"{N} examples" in report and "ok" in report
-    chunk = path / "chunk_000001.bin"
-    data = bytearray(chunk.read_bytes())
-    data[4 * F] ^= 0x10  # the high nibble of the first row's first value byte
-    chunk.write_bytes(bytes(data))
-    assert cli(["store", "verify", str(path)]) == 1
-    assert "chunk_000001.bin does not match its checksum" in capsys.readouterr().out
-    with pytest.raises(StoreError, match="chunk_000001.bin does not match the checksum"):
-        LogStore(path).rows(0, N)
-    assert cli(["store", "repair", str(path)]) == 0
-    assert cli(["store", "verify", str(path)]) == 0
-    store = LogStore(path)
-    kept = [i for i in range(N) if f"ex{i}" in store.ids]
-    assert 0 < len(kept) < N
-    np.testing.assert_array_equal(store.rows(0, len(store)).numpy(), reference(make_rows().numpy())[2][kept])
+    check_verify_flip_repair(path, N, 4 * F, 0x10, reference(make_rows().numpy())[2], capsys)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_int4_rows_encoded_on_cuda_equal_the_formula(tmp_path):
     """Logs on the GPU are quantised and packed there (only the int4 bytes cross to the CPU), bit for bit."""
     x = make_rows()
-    logs = {f["module"]: {} for f in FIELDS}
-    offset = 0
-    for f, size in zip(FIELDS, SIZES):
-        logs[f["module"]][f["kind"]] = x[:, offset : offset + size].reshape(N, *f["shape"]).cuda()
-        offset += size
+    logs = cuda_logs(x, FIELDS, SIZES)
     w = LogWriter(tmp_path / "s", FIELDS, "int4", flush_bytes=100)
     w.write_logs([f"ex{i}" for i in range(N)], logs)
     w.close()

@@ -4,9 +4,8 @@ the formula (analog.storage.encoding), on the bytes on disk and through every re
 import numpy as np
 import pytest
 import torch
-from absmax_reference import absmax_reference, check_read_paths
+from absmax_reference import absmax_reference, check_read_paths, check_verify_flip_repair, cuda_logs
 
-from analog.cli import main as cli
 from analog.config import Config
 from analog.storage import LogStore, LogWriter, StoreError
 
@@ -143,35 +142,14 @@ def test_reopening_an_int8_store_with_another_dtype_is_refused(tmp_path):
 def test_verify_and_repair_of_an_int8_store(tmp_path, capsys):
     path = tmp_path / "s"
     write_store(path, make_rows())
-    assert cli(["store", "verify", str(path)]) == 0
-    report = capsys.readouterr().out
-    assert f"{N} examples" in report and "ok" in report
-    chunk = path / "chunk_000001.bin"
-    data = bytearray(chunk.read_bytes())
-    data[2] ^= 0x01  # inside the first row's scales
-    chunk.write_bytes(bytes(data))
-    assert cli(["store", "verify", str(path)]) == 1
-    assert "chunk_000001.bin does not match its checksum" in capsys.readouterr().out
-    with pytest.raises(StoreError, match="chunk_000001.bin does not match the checksum"):
-        LogStore(path).rows(0, N)
-    assert cli(["store", "repair", str(path)]) == 0
-    assert cli(["store", "verify", str(path)]) == 0
-    store = LogStore(path)
-    x = make_rows()
-    kept = [i for i in range(N) if f"ex{i}" in store.ids]
-    assert 0 < len(kept) < N
-    np.testing.assert_array_equal(store.rows(0, len(store)).numpy(), reference(x.numpy())[2][kept])
+    check_verify_flip_repair(path, N, 2, 0x01, reference(make_rows().numpy())[2], capsys)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_int8_rows_encoded_on_cuda_equal_the_formula(tmp_path):
     """Logs on the GPU are quantised there (only the int8 bytes cross to the CPU), bit for bit as the formula."""
     x = make_rows()
-    logs = {f["module"]: {} for f in FIELDS}
-    offset = 0
-    for f, size in zip(FIELDS, SIZES):
-        logs[f["module"]][f["kind"]] = x[:, offset : offset + size].reshape(N, *f["shape"]).cuda()
-        offset += size
+    logs = cuda_logs(x, FIELDS, SIZES)
     w = LogWriter(tmp_path / "s", FIELDS, "int8", flush_bytes=200)
     w.write_logs([f"ex{i}" for i in range(N)], logs)
     w.close()
