@@ -39,6 +39,13 @@ from analog.compression.whiten import whitening
 FITTED_INITS = ("pca", "whiten", "whiten_pca", "query")
 
 
+def top_eigenvectors(m: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(all eigenvalues ascending (G, d), the eigenvectors of the r largest, largest first (G, d, r)) of
+    symmetric (G, d, d) ``m``, in float64."""
+    evals, evecs = torch.linalg.eigh(m.double())
+    return evals, evecs[..., -r:].flip(-1)
+
+
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(rows, cols, generator=gen) / cols**0.5
@@ -101,7 +108,7 @@ class LoGraProjector(Projector, kind="logra"):
                 elif self.init == "whiten":
                     p = root @ random[f"{name}/{side}"].double()
                 else:  # the root maps eigenvector q to q / sqrt(e + λ): keep the top r of them
-                    p = root @ torch.linalg.eigh(factors[name][side].double())[1][..., -r:].flip(-1)
+                    p = root @ top_eigenvectors(factors[name][side], r)[1]
                 tensors[f"{name}/{side}"] = p.float().contiguous()
         self.load_tensors(tensors)
 
@@ -122,11 +129,11 @@ class LoGraProjector(Projector, kind="logra"):
                 if r >= d:
                     p = root
                 else:
-                    evals, evecs = torch.linalg.eigh(grams[name][side].double())
+                    evals, top = top_eigenvectors(grams[name][side], r)
                     # the Grams are float32 sums: eigenvalues below d·eps32 of the largest are rounding
                     if int((evals > evals[..., -1:] * d * torch.finfo(torch.float32).eps).sum(-1).min()) < r:
                         short.append(f"{name}/{side}")
-                    p = root.double() @ evecs[..., -r:].flip(-1)
+                    p = root.double() @ top
                 tensors[f"{name}/{side}"] = p.float().contiguous()
         if short:
             warnings.warn(f"LoGra init='query': the query pass spans fewer directions than the rank in {short[:5]}"
@@ -157,8 +164,7 @@ class LoGraProjector(Projector, kind="logra"):
             r_out, r_in = self._rank(name)
             for side, d, r in (("out", d_out, r_out), ("in", d_in, r_in)):
                 if r < d:
-                    _, vecs = torch.linalg.eigh(covariances[name][side].double())
-                    tensors[f"{name}/{side}"] = vecs[..., -r:].flip(-1).float().contiguous()
+                    tensors[f"{name}/{side}"] = top_eigenvectors(covariances[name][side], r)[1].float().contiguous()
         self.load_tensors(tensors)
 
     def grad_shape(self, name, dims):
