@@ -33,7 +33,6 @@ from analog.storage.layout import (
     chunk_name,
     read_chunk_meta,
     read_header,
-    row_bytes,
     stored_world_size,
 )
 from analog.storage.rows import split
@@ -68,7 +67,7 @@ class LogStore:
         self.fields = self.header["fields"]
         self.row_elems = int(self.header["row_elems"])
         self.codec = row_codec(self.header["dtype"], self.fields)
-        self.row_bytes = row_bytes(self.header)
+        self.row_bytes = self.codec.row_bytes  # = layout.row_bytes(header), from the codec built here
         self.torch_dtype = self.codec.value_dtype  # of the rows returned (int8 and int4 stores: float32)
         self._check("fields", self.fields, expect_fields)
         self._check("compression", self.header.get("compression"), expect_compression)

@@ -52,7 +52,6 @@ from analog.storage.layout import (
     rank_tmp_suffix,
     read_chunk_meta,
     read_header,
-    row_bytes,
     stored_world_size,
     write_json_atomic,
 )
@@ -100,7 +99,7 @@ class LogWriter:
             "world_size": self.world_size,
         }
         self.codec = row_codec(dtype, fields)
-        self.row_bytes = row_bytes(self.header)
+        self.row_bytes = self.codec.row_bytes  # = layout.row_bytes(header), from the codec built here
         self.flush_bytes = int(flush_bytes)
         # a lock handed in (by the project's state owner, which holds it across logging and fitting)
         # stays with its owner; otherwise the writer takes its own and releases it in close()
