@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,9 +36,9 @@ from analog.capture.hooks import Capture
 from analog.compression import build_projector
 from analog.compression.base import NoProjector
 from analog.compression.query import QueryGrams
+from analog.compression.statistics import StatisticsPass
 from analog.config import Config, given_values, load_config
 from analog.hessian import Curvature, CurvatureError, build_curvature
-from analog.hessian.base import add_sums
 from analog.ids import to_ids
 from analog.state import RUNTIME_KEYS, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
@@ -68,10 +68,9 @@ class AnaLog:
         self.curvature: Optional[Curvature] = None
         self.mode = "log"
         self.phase = "log"
-        self._pca_stats: Optional[Curvature] = None
-        self._query_grams: Optional[QueryGrams] = None
-        self._block_stats: Dict[str, torch.Tensor] = {}  # the statistics pass's sums of the open block
-        self._block_batch = 0  # and the largest batch its calls had (its examples when no ids are given)
+        # what the pass before logging gathers: the statistics pass's K-FAC sums, then (init='query') the
+        # query pass's Grams; None once logging starts
+        self._pass_stats: Optional[Union[StatisticsPass, QueryGrams]] = None
         self._writer: Optional[LogWriter] = None
         self._logged = 0  # examples logged by this process
         self._stored = None  # the store as is_logged() first saw it (before this process wrote)
@@ -223,17 +222,13 @@ class AnaLog:
         batch_size = len(ids) if ids is not None else None
         self._observed: List[Tuple] = []
         if self.mode == "log" and self.phase in ("pca", "query"):
-            # a block's statistics count only once it ended without an error (see __exit__): an
-            # interrupted block's are dropped here, not mixed into the next block's
-            self._block_stats, self._block_batch = {}, 0
-            if self.phase == "pca":
-                self._pca_stats = self._pca_stats or build_curvature("kfac")
-                observer = self._observe_statistics
-            else:
-                self._query_grams.discard_block()
-                observer = self._query_grams.observe
+            if self._pass_stats is None:  # the statistics pass's first block (the query pass's is made by next_pass)
+                self._pass_stats = StatisticsPass()
+            # a block counts only once it ended without an error (see __exit__): an interrupted block's
+            # sums are dropped here, not mixed into this one's
+            self._pass_stats.discard_block()
             self._capture = Capture(self.modules, self.rules, NoProjector(), (), batch_size=batch_size,
-                                    mask=mask, observer=observer, root=self._root)
+                                    mask=mask, observer=self._pass_stats.observe, root=self._root)
         else:
             training = self.mode == "log"
             if training and self.curvature.meta["finalized"] and self.curvature.kind != "none":
@@ -262,10 +257,8 @@ class AnaLog:
         ids = self._ids if self._ids is not None else list(range(_batch_size(logs)))
         self._check_finite(ids, logs)
         self._last = (ids, logs)
-        if self.phase == "pca" and self.mode == "log":
-            self._end_statistics_block()
-        elif self.phase == "query" and self.mode == "log":
-            self._query_grams.add_block(len(self._ids) if self._ids is not None else None)
+        if self.phase in ("pca", "query") and self.mode == "log":
+            self._pass_stats.add_block(len(self._ids) if self._ids is not None else None)
         elif self.mode == "log" and logs:
             # what the curvature needs from this pass goes with the rows into the store (committed with
             # their chunk), or into the in-memory curvature when logs are not saved
@@ -276,22 +269,6 @@ class AnaLog:
                 self.curvature.absorb(stats, len(ids))
             self.segments.logged(ids, list(self.modules))
             self._logged += len(ids)
-
-    def _observe_statistics(self, name, a, d, mask) -> None:
-        """Statistics pass: add one call's K-FAC factor sums to the open block's (kept until it ends)."""
-        add_sums(self._block_stats, self._pca_stats.batch_stats([(name, a, d, mask)]))
-        self._block_batch = max(self._block_batch, d.shape[0])
-
-    def _end_statistics_block(self) -> None:
-        """Add the block's factor sums and its examples (its ids, or the batch its calls had) to the
-        statistics pass; a block whose sums are not finite adds nothing and is an error naming the modules."""
-        flags = [~torch.isfinite(t).all() for t in self._block_stats.values()]
-        if flags and bool(torch.stack(flags).any()):
-            bad = sorted({key.rsplit("/", 1)[0] for key, t in self._block_stats.items()
-                          if not bool(torch.isfinite(t).all())})
-            raise FloatingPointError(f"non-finite activations or gradients in module(s) {bad[:5]} in the statistics "
-                                     "pass: this block was not added (the projections cannot be fitted from NaN/Inf)")
-        self._pca_stats.absorb(self._block_stats, len(self._ids) if self._ids is not None else self._block_batch)
 
     def _check_finite(self, ids, logs) -> None:
         if self.config.nonfinite != "error" or not logs:
@@ -341,30 +318,27 @@ class AnaLog:
             return
         if self.phase != "pca":
             return
-        if self._pca_stats is None or not self._pca_stats.meta["n_samples"]:
+        if self._pass_stats is None or not self._pass_stats.n_samples:
             raise RuntimeError(f"LoGra init={self.projector.init!r} needs a first statistics pass over the data inside "
                                "`with analog(...)` (run the loop under AnaLogScheduler); this statistics pass saw "
                                "no data")
-        self._pca_stats.finalize()
-        state = self._pca_stats.state
-        self.projector.fit({m: {"in": state[f"{m}/A"], "out": state[f"{m}/S"]} for m in self.modules
-                            if f"{m}/A" in state})
-        self._pca_stats = None
+        self.projector.fit(self._pass_stats.factors(self.modules))
+        self._pass_stats = None
         if self.projector.init == "query":
-            self._query_grams, self.phase = QueryGrams(self.projector.roots), "query"
+            self._pass_stats, self.phase = QueryGrams(self.projector.roots), "query"
             return
         self._sync_projector()
         self.phase = "log"
 
     def _end_query_pass(self) -> None:
-        n_queries, grams = self._query_grams.reduced()
+        n_queries, grams = self._pass_stats.reduced()
         if not n_queries:
             raise RuntimeError("LoGra init='query' needs a pass over a sample of queries inside `with analog(...)` "
                                "after the statistics pass (AnaLogScheduler yields 'query' for it); this query "
                                "pass saw no queries")
         self.projector.fit_query(grams)
         self._sync_projector()
-        self._query_grams, self.phase = None, "log"
+        self._pass_stats, self.phase = None, "log"
 
     # -- end of logging (analog.fitting) ----------------------------------------------------
     def finalize(self) -> None:

@@ -36,7 +36,7 @@ def finalize(run) -> None:
             "LoGra init='query': the loop so far was its statistics pass and query pass and nothing was logged; "
             "call next_pass() and run the logging loop over the training data, or wrap the loops in "
             "`for phase in AnaLogScheduler(analog)`")
-    if run.phase == "pca" and run._pca_stats is not None:
+    if run.phase == "pca" and run._pass_stats is not None:
         raise RuntimeError(
             f"LoGra init={run.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "
             "call next_pass() and run the logging loop again, or wrap the loop in "

@@ -34,6 +34,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from analog import distributed
+from analog.compression.statistics import nonfinite_modules
 
 
 class QueryGrams:
@@ -65,9 +66,8 @@ class QueryGrams:
         if n_examples is None:
             n_examples = max((d.shape[0] for calls in block.values() for _, d in calls), default=0)
         grams = {name: self._block_grams(name, calls) for name, calls in block.items()}
-        flags = [~torch.isfinite(m).all() for pair in grams.values() for m in pair]
-        if flags and bool(torch.stack(flags).any()):
-            bad = sorted(name for name, pair in grams.items() if not all(bool(torch.isfinite(m).all()) for m in pair))
+        bad = nonfinite_modules((name, m) for name, pair in grams.items() for m in pair)
+        if bad:
             raise FloatingPointError(f"non-finite query gradients in module(s) {bad[:5]}: this query block was not "
                                      "added to the query pass (the projections cannot be fitted from NaN/Inf)")
         for name, (m_out, m_in) in grams.items():
@@ -112,7 +112,3 @@ class QueryGrams:
                     local = sums.get(name, {}).get(side, torch.zeros(root.shape, dtype=torch.float64))
                     sums.setdefault(name, {})[side] = distributed.all_reduce_sum(local)
         return n, {name: {s: t.cpu() for s, t in sides.items()} for name, sides in sums.items()}
-
-    def grams(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """{module: {"out": M_out, "in": M_in}} summed over every rank (on the CPU)."""
-        return self.reduced()[1]

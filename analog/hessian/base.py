@@ -55,9 +55,6 @@ class Curvature:
         self.meta: Dict[str, float] = {"n_samples": 0, "finalized": False}
 
     # -- collection -------------------------------------------------------------------------
-    def observe(self, name: str, a: torch.Tensor, d: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        """Factors of one forward/backward call: a (B, T, G, r_in), d (B, T, G, r_out)."""
-
     def batch_stats(self, observed) -> Dict[str, torch.Tensor]:
         """Sums over one batch's observed calls ``[(name, a, d, mask), ...]`` that this kind needs from
         the logging pass (K-FAC: factor sums); a stored batch commits them with its rows."""
@@ -69,9 +66,6 @@ class Curvature:
             raise CurvatureError("curvature is already finalized; start a new project to log more")
         add_sums(self.state, stats)
         self.meta["n_samples"] += int(n)
-
-    def add_samples(self, n: int) -> None:
-        self.absorb({}, n)
 
     def finalize(self, store=None, progress: bool = False) -> None:
         """Fit once. With a store (logs saved), the store is the one source: N = len(store), and

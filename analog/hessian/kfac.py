@@ -26,10 +26,6 @@ from analog.hessian.base import Curvature, CurvatureError, add_sums, damping_val
 class KFAC(Curvature, kind="kfac"):
     needs_factors = True
 
-    def observe(self, name, a, d, mask):
-        """Add one call's factor sums (see ``factor_sums``) to the running state."""
-        add_sums(self.state, factor_sums(name, a, d, mask))
-
     def batch_stats(self, observed):
         """Σ over one batch's calls of their factor sums: what the store commits with the batch's rows."""
         stats = {}

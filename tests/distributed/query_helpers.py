@@ -116,5 +116,5 @@ def worker_reduce_twice(rank, world, tmp, root):
     with run():
         loss_fn(model(xs[pos]), ys[pos]).backward()
     model.zero_grad()
-    first, second = run._query_grams.reduced(), run._query_grams.reduced()
+    first, second = run._pass_stats.reduced(), run._pass_stats.reduced()
     torch.save({"first": first, "second": second}, Path(tmp) / f"reduce_rank{rank}.pt")

@@ -271,7 +271,7 @@ def test_passes_without_ids_and_nonfinite_blocks(tmp_path, data):
                 loss_fn(model(xs[i : i + 20]), ys[i : i + 20]).backward()
             model.zero_grad()
         if phase == "pca":
-            assert run._pca_stats.meta["n_samples"] == len(x) == 40
+            assert run._pass_stats.n_samples == len(x) == 40
         run.next_pass()
     assert errors == 2 and run.phase == "log"
     assert_rank2_projections_equal_reference(run, model, x, y, xq, yq)
@@ -334,11 +334,11 @@ def test_sequence_grams_equal_explicit_per_example_grams(tmp_path):
         next_token_loss(model, x).backward()
     model.zero_grad()
     run.next_pass()
-    assert isinstance(run._query_grams, QueryGrams)
+    assert isinstance(run._pass_stats, QueryGrams)
     with run():
         next_token_loss(model, xq).backward()
     model.zero_grad()
-    grams, n = run._query_grams.grams(), run._query_grams.n_samples
+    grams, n = run._pass_stats.reduced()[1], run._pass_stats.n_samples
     assert n == 3
     params = {k: v.detach() for k, v in model.named_parameters()}
     per_example = vmap(grad(lambda p, s: next_token_loss(lambda z: functional_call(model, p, (z,)), s[None])),

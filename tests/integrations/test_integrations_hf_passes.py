@@ -152,11 +152,11 @@ def test_refusals_before_anything_runs(tmp_path):
     run = make_run(tmp_path, "whiten").watch(model)
     with pytest.raises(TypeError, match="one-shot iterator.*generator"):
         log_causal_lm(run, model, (b for b in train), progress=False)
-    assert run.phase == "pca" and run._pca_stats is None  # no statistics block ran
+    assert run.phase == "pca" and run._pass_stats is None  # no statistics block ran
     run = make_run(tmp_path, "query", project="q").watch(model)
     with pytest.raises(ValueError, match="queries="):
         log_causal_lm(run, model, train, progress=False)
-    assert run.phase == "pca" and run._pca_stats is None
+    assert run.phase == "pca" and run._pass_stats is None
     run = make_run(tmp_path, "random", project="r").watch(model)
     with pytest.warns(UserWarning, match="queries= is unused"):
         log_causal_lm(run, model, train, progress=False, queries=queries)
