@@ -6,8 +6,11 @@ Top-level keys (``AnaLog(config=...)`` or ``analog.update({...})``):
 root_dir       directory holding one folder per project (default ``./analog_logs``)
 log            any of ``"grad"``, ``"forward"``, ``"backward"`` (default ``["grad"]``)
 save           write logs to the store on disk (default ``True``)
-hessian        ``"none"`` (identity), ``"diagonal"``, ``"kfac"``, ``"ekfac"``, ``"raw"``; ``True`` means
-               ``"kfac"`` (one pass, cheap, works with ``save=False``); ``False`` means ``"none"``
+hessian        ``"none"`` (identity), ``"diagonal"``, ``"kfac"``, ``"ekfac"``, ``"raw"``, or ``"auto"``
+               (= ``True``): per module, ``raw`` where the store holds at least as many examples as
+               the module logs numbers per example (its k × k second moment is then determined),
+               K-FAC elsewhere and without a store (analog.hessian.auto; measured in
+               benchmarks/results/attribution_lm.md); ``False`` means ``"none"``
 damping        λ added to the curvature: a float, or ``None`` for 0.1 × mean eigenvalue per module
 compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: rank},
                init: random|pca|whiten|whiten_pca|query, seed: int, damping: float|None}`` (default
@@ -53,7 +56,7 @@ import yaml
 from analog.storage.encoding import STORE_DTYPES
 
 LOG_KINDS = ("grad", "forward", "backward")
-HESSIANS = ("none", "diagonal", "kfac", "ekfac", "raw")
+HESSIANS = ("none", "diagonal", "kfac", "ekfac", "raw", "auto")
 INITS = ("random", "pca", "whiten", "whiten_pca", "query")
 
 
@@ -155,7 +158,7 @@ class Config:
         if bad:
             raise ValueError(f"config 'log': unknown kind(s) {bad}; choose from {list(LOG_KINDS)}")
         if self.hessian is True:
-            self.hessian = "kfac"
+            self.hessian = "auto"
         elif self.hessian is False or self.hessian is None:
             self.hessian = "none"
         if self.hessian not in HESSIANS:
@@ -181,9 +184,9 @@ class Config:
         if c.damping is not None and (isinstance(c.damping, bool) or not isinstance(c.damping, (int, float))
                                       or not c.damping > 0):
             raise ValueError(f"config 'compression.damping' must be a number > 0 or None, got {c.damping!r}")
-        if self.compression.type == "dense" and self.hessian in ("kfac", "ekfac"):
-            raise ValueError("K-FAC and EK-FAC need Kronecker factors, which a dense projection does not keep; "
-                             "use hessian 'raw', 'diagonal' or 'none' with compression type 'dense'")
+        if self.compression.type == "dense" and self.hessian in ("kfac", "ekfac", "auto"):
+            raise ValueError(f"hessian {self.hessian!r} uses Kronecker factors (K-FAC), which a dense projection "
+                             "does not keep; use hessian 'raw', 'diagonal' or 'none' with compression type 'dense'")
         if self.segments.rule not in ("repeat", "manual"):
             raise ValueError(f"config 'segments.rule' must be 'repeat' or 'manual', got {self.segments.rule!r}")
         if not isinstance(self.segments.checkpoint, bool):

@@ -16,7 +16,9 @@ Everything here is read and written through this class, never elsewhere:
   with what the user passes (``reconcile``): keys that fix what was logged (``log``, ``save``,
   ``hessian``, ``compression.*``, ``storage.dtype``) must equal the saved ones — an error naming
   each key and both values otherwise; ``storage.dtype`` is saved resolved (``auto`` → the dtype
-  the rows are stored in) and a given ``auto`` keeps the saved one — and runtime keys
+  the rows are stored in) and a given ``auto`` keeps the saved one, as a given ``hessian: auto``
+  (= True) keeps a saved kind (projects saved before ``auto`` existed recorded True as ``kfac``) —
+  and runtime keys
   (``RUNTIME_KEYS``: damping, progress, ...) may differ; a runtime key the user does not pass
   keeps its saved value.
 * **lock**: one process (per rank) writes a project. ``acquire()`` takes the store's advisory
@@ -129,6 +131,8 @@ class ProjectState:
         wanted = {k for k in flatten(explicit) if k in given}
         if given["storage.dtype"] == "auto":  # "analog chooses": the project chose when it was first logged
             wanted.discard("storage.dtype")
+        if given["hessian"] == "auto":  # True: a project saved before 'auto' existed recorded it as kfac
+            wanted.discard("hessian")
         differ = sorted(k for k in wanted - RUNTIME_KEYS if given[k] != stored.get(k))
         if differ:
             details = "; ".join(f"{k}: saved {stored.get(k)!r}, given {given[k]!r}" for k in differ)

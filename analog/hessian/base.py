@@ -140,11 +140,12 @@ def store_batches(store, batch_size: int = 512, progress: bool = False, desc: st
                if "grad" in kinds}
 
 
-def reduce_sums(sums: Dict[str, torch.Tensor], store, shape_of) -> Dict[str, torch.Tensor]:
-    """Σ over ranks of per-module sums; a module this rank saw no batch of counts as zeros."""
+def reduce_sums(sums: Dict[str, torch.Tensor], store, shape_of, modules=None) -> Dict[str, torch.Tensor]:
+    """Σ over ranks of per-module sums (of every logged module, or of those in ``modules``); a module
+    this rank saw no batch of counts as zeros."""
     out = {}
     for field in store.fields:
-        if field["kind"] == "grad":
+        if field["kind"] == "grad" and (modules is None or field["module"] in modules):
             name = field["module"]
             local = sums.get(name)
             out[name] = all_reduce_sum(local if local is not None else torch.zeros(shape_of(name, field["shape"]),

@@ -29,6 +29,7 @@ class Identity(Curvature, kind="none"):
 
 class _FromStore(Curvature):
     needs_store = True
+    only = None  # a set of module names: fit those alone (analog.hessian.auto); None: every module
 
     def _finalize(self, store, progress):
         if store is None:
@@ -36,10 +37,12 @@ class _FromStore(Curvature):
         sums = {}
         for logs in store_batches(store, progress=progress, desc=f"fitting {self.kind}"):
             for name, g in logs.items():
+                if self.only is not None and name not in self.only:
+                    continue
                 term = self._term(g)
                 sums[name] = term if name not in sums else sums[name] + term
         n = len(store)
-        for name, total in reduce_sums(sums, store, self._sum_shape).items():
+        for name, total in reduce_sums(sums, store, self._sum_shape, self.only).items():
             self._fit(name, total / n)
 
     def _term(self, g: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_bad_values_are_named(values, error, match):
 
 
 def test_hessian_booleans_and_single_log_kind():
-    assert load_config({"hessian": True}).hessian == "kfac"
+    assert load_config({"hessian": True}).hessian == "auto"
     assert load_config({"hessian": False}).hessian == "none"
     assert load_config({"log": "forward"}).log == ["forward"]
     assert load_config({"storage": {"flush_bytes": 1e6}}).storage.flush_bytes == 1_000_000
@@ -93,7 +93,7 @@ def test_update_and_its_alias_setup(tmp_path):
     assert AnaLog.setup is AnaLog.update
     run = AnaLog("p", {"root_dir": str(tmp_path)})
     assert run.setup({"log": ["forward"], "save": False, "hessian": True}) is run
-    assert (run.config.log, run.config.save, run.config.hessian) == (["forward"], False, "kfac")
+    assert (run.config.log, run.config.save, run.config.hessian) == (["forward"], False, "auto")
     run.update({"compression": {"rank": 4}})
     assert run.config.compression.rank == 4 and run.config.log == ["forward"]  # merged, not replaced
     assert run.config.root_dir == str(tmp_path)
