@@ -9,7 +9,9 @@ gradients would make them differ from the loss.
 The mask (1 = a real position, 0 = padding) is used for what is *about positions*:
 
 * statistics — the K-FAC/EK-FAC factors A = E[a aᵀ] and S, and LoGra's PCA covariances, are taken over
-  real positions only (the token count T_total = Σ mask);
+  real positions only (the token count T_total = Σ mask); so are the query pass's Gram matrices
+  (LoGra ``init: query``, analog.compression.query): a query gradient's directions are those of
+  Σ_t m_t δ_t a_tᵀ over its real positions;
 * per-token positions — ``analog(per_token=True)`` keeps every position's share δ̃_t ã_tᵀ (they sum to
   the logged gradient); the mask tells the caller which positions are real.
 

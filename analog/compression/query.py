@@ -15,7 +15,9 @@ sample accumulates the two per-side Gram matrices
 
 without forming Q̃_b: with Ã_b = a_b R_A (T × d_in) and D̃_b = δ_b R_S (T × d_out),
 M_out += D̃_bᵀ (Ã_b Ã_bᵀ) D̃_b and M_in += Ã_bᵀ (D̃_b D̃_bᵀ) Ã_b (several calls of one module in a
-block are more positions t of the same example). Where T² > d_out·d_in (long sequences, narrow layers)
+block are more positions t of the same example; with ``analog(mask=...)`` the positions are the real
+ones only: a and δ arrive zeroed where the mask is 0, as for K-FAC's statistics, analog.capture.masks).
+Where T² > d_out·d_in (long sequences, narrow layers)
 the T × T kernels are the larger object, and Q̃_b = D̃_bᵀ Ã_b is formed instead; both give the same sums.
 The projections are then
 

@@ -380,3 +380,49 @@ def test_query_grams_equal_the_formula_on_both_paths(t):
         torch.testing.assert_close(got["m"][side], expected[side], rtol=1e-4, atol=1e-3)
         compared += 1
     assert compared == 2
+
+
+def test_masked_positions_are_left_out_of_the_query_grams(tmp_path):
+    """With ``analog(mask=...)`` in the query pass, a query's whitened gradient is Σ_t m_t δ_t a_tᵀ over its
+    real positions (analog.capture.masks): the Grams equal that explicit sum over hooked (a, δ), and differ
+    from the unmasked ones."""
+    torch.manual_seed(1)
+    model = TinySequenceModel().eval()
+    gen = torch.Generator().manual_seed(1)
+    x, xq = torch.randint(0, 7, (12, 5), generator=gen), torch.randint(0, 7, (3, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    run = AnaLog("m", {"root_dir": str(tmp_path), "progress": False,
+                       "compression": {"type": "logra", "rank": 2, "init": "query"}})
+    run.watch(model, type_filter=[nn.Linear])
+    with run(data_id=list(range(12))):
+        next_token_loss(model, x).backward()
+    model.zero_grad()
+    run.next_pass()
+    with run(mask=mask):
+        next_token_loss(model, xq).backward()
+    model.zero_grad()
+    grams = run._pass_stats.reduced()[1]
+
+    seen = {"mid": [], "out": []}  # (a with its bias column, δ) of every call, by plain hooks
+    def hook(name):
+        def keep(module, inputs, output):
+            entry = [torch.cat([inputs[0].detach(), torch.ones(*inputs[0].shape[:-1], 1)], -1), None]
+            output.register_hook(lambda g: entry.__setitem__(1, g))
+            seen[name].append(entry)
+        return keep
+    handles = [getattr(model, n).register_forward_hook(hook(n)) for n in seen]
+    next_token_loss(model, xq).backward()
+    model.zero_grad()
+    for h in handles:
+        h.remove()
+    factors, compared = sequence_factors(model, x), 0
+    for name, calls in seen.items():
+        masked = sum(torch.einsum("bt,bto,bti->boi", mask.double(), d.double(), a.double()) for a, d in calls)
+        full = sum(torch.einsum("bto,bti->boi", d.double(), a.double()) for a, d in calls)
+        _, _, m_out, m_in = reference_grams(*factors[name], masked)
+        _, _, u_out, _ = reference_grams(*factors[name], full)
+        assert not torch.allclose(m_out, u_out, rtol=1e-2)  # the mask matters for this query batch
+        for side, ref in (("out", m_out), ("in", m_in)):
+            torch.testing.assert_close(grams[name][side][0], ref, rtol=1e-4, atol=1e-7)
+            compared += 1
+    assert compared == 4
