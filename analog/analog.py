@@ -10,7 +10,8 @@ and writes them only through ``self.state``. Reopening a project reads its saved
 Distributed (torch.distributed initialised, world size > 1): every rank watches the same model
 (a DistributedDataParallel wrapper is looked through: module names carry no ``module.`` prefix),
 enters the logging ``with`` blocks for its own shard of the data (ids must be disjoint across
-ranks) and calls ``finalize``/``eval``: these are collective. Projections are seeded and broadcast
+ranks; a shard may be empty in any pass) and calls ``next_pass``/``finalize``/``eval``: these are
+collective, and a rank that saw no data adds zeros to their reductions. Projections are seeded and broadcast
 from rank 0; the first logging block of each pass checks that all ranks watch the same modules with
 the same projection (a clear error on every rank otherwise). Each rank appends to the one store
 (see analog.storage.layout), ``finalize`` waits until every rank's chunks are on disk before the
@@ -176,11 +177,14 @@ class AnaLog:
             self.projector.load_tensors(distributed.broadcast_tensors(self.projector.tensors))
 
     def _check_ranks(self) -> None:
-        """Once per pass, at the first logging block: all ranks log the same modules with the same projection.
-        Not in the query pass (init='query'): a rank may hold no queries and reach no block, so its peers'
-        check would meet its all-reduce of the query Grams; those ranks are checked by the _sync_projector
-        that follows the fit."""
+        """Once per pass: all ranks log the same modules with the same projection. Each rank checks at its
+        first logging block of the statistics or logging pass, or, where it had none (a rank may get no
+        batch), when it leaves the pass (``next_pass``, ``finalize``): so on every rank this is the pass's
+        first collective and the check of a rank without data meets its peers'. Not in the query pass
+        (init='query'): those ranks are checked by the _sync_projector that follows the fit."""
         if not distributed.is_distributed() or getattr(self, "_ranks_checked", None) == self.phase:
+            return
+        if self.phase not in ("pca", "log"):
             return
         distributed.check_same("what they log (modules, projection fingerprint, settings)", {
             "modules": {n: list(d) for n, d in self.dims.items()},
@@ -318,11 +322,14 @@ class AnaLog:
             return
         if self.phase != "pca":
             return
-        if self._pass_stats is None or not self._pass_stats.n_samples:
+        self._check_ranks()  # a rank that had no block in this pass meets its peers' first-block check here
+        # a rank that reached no block adds zeros to the sums (and its count, 0, to the examples)
+        stats = self._pass_stats if self._pass_stats is not None else StatisticsPass()
+        if not stats.examples():  # summed over ranks: the same answer, and error, on every rank
             raise RuntimeError(f"LoGra init={self.projector.init!r} needs a first statistics pass over the data inside "
                                "`with analog(...)` (run the loop under AnaLogScheduler); this statistics pass saw "
-                               "no data")
-        self.projector.fit(self._pass_stats.factors(self.modules))
+                               f"no data{' on any rank' if distributed.is_distributed() else ''}")
+        self.projector.fit(stats.factors(self.modules))
         self._pass_stats = None
         if self.projector.init == "query":
             self._pass_stats, self.phase = QueryGrams(self.projector.roots), "query"

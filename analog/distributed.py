@@ -56,6 +56,18 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
+def total(n: int) -> int:
+    """Σ over ranks of the integer ``n`` (collective; ``n`` itself without a process group)."""
+    if not is_distributed():
+        return int(n)
+    return int(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64)).item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (collective; ``flag`` itself without a process group)."""
+    return total(1 if flag else 0) > 0
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -7,7 +7,9 @@ owning those attributes; the facade's ``finalize``, ``refit`` and ``is_logged`` 
   under the project's lock — from the store alone when logs are saved (so after a crash, logging
   what is missing and finalizing gives the uninterrupted result), from the in-memory statistics
   otherwise — save the state and release the lock. A curvature whose ``fitted_on`` digest differs
-  from the store's is fitted again, with a warning; a fitted, current one is left as it is.
+  from the store's is fitted again, with a warning; a fitted, current one is left as it is. Under
+  torch.distributed it is collective, also for a rank that logged nothing: that rank fits too, adding
+  zeros to every reduction, so the curvature is that of one process over every rank's logs.
 * ``refit``: fit again from the store, whatever was fitted before (e.g. after ``analog store repair``).
 * ``is_logged``: which ids the store (or this process's writer) holds, to skip them on resume.
 * ``track_writer``/``collect_dropped``: an AnaLog dropped without ``finalize()`` (e.g. an interrupted
@@ -36,7 +38,11 @@ def finalize(run) -> None:
             "LoGra init='query': the loop so far was its statistics pass and query pass and nothing was logged; "
             "call next_pass() and run the logging loop over the training data, or wrap the loops in "
             "`for phase in AnaLogScheduler(analog)`")
-    if run.phase == "pca" and run._pass_stats is not None:
+    # A rank with no batch in the pass makes its pass check here, meeting its peers' first-block check
+    # (AnaLog._check_ranks); every decision below that leads to a collective is taken alike on every rank.
+    if run.mode == "log":
+        run._check_ranks()
+    if run.phase == "pca" and distributed.any_rank(run._pass_stats is not None):
         raise RuntimeError(
             f"LoGra init={run.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "
             "call next_pass() and run the logging loop again, or wrap the loop in "
@@ -54,8 +60,8 @@ def finalize(run) -> None:
                           "curvature was fitted; fitting it again from the store", stacklevel=3)
             fit(run, store)
         elif not run.curvature.meta["finalized"] and (len(store) if store is not None
-                                                      else run.curvature.meta["n_samples"]):
-            fit(run, store)
+                                                      else distributed.total(run.curvature.meta["n_samples"])):
+            fit(run, store)  # also on a rank that logged nothing: it adds zeros to the reductions
         elif run._writer is not None:
             run._save_state()
     finally:

@@ -24,6 +24,8 @@ so the loop picks its data by the pass's name::
 
 Under torch.distributed each rank runs its own part of the query sample (a rank may have none; use
 the unwrapped model there, DDP's backward is a collective): the query Grams are summed over ranks.
+A rank may likewise have no batch in the statistics or logging pass: it still iterates the scheduler
+(next_pass and finalize are collective) and adds zeros to every sum.
 """
 
 from __future__ import annotations

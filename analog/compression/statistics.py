@@ -6,7 +6,8 @@ K-FAC factor sums (analog.hessian.kfac) to the open block's. A block's sums and 
 pass only when it ends cleanly (``add_block``): a block that raised is dropped by the next block's
 ``discard_block``, and one whose sums are not finite is refused, naming the modules. After the pass,
 ``factors()`` gives each module's A = E[a aᵀ] (over positions) and S = E[δ δᵀ] (over examples),
-summed over torch.distributed ranks.
+summed over torch.distributed ranks; a rank that ran no block of the pass adds zeros (the facade gives
+it an empty ``StatisticsPass``), so the factors are those of one process over every rank's data.
 
 ``QueryGrams`` (analog.compression.query) is the same kind of object for the query pass of
 ``init="query"``: ``observe``, ``discard_block``, ``add_block``.
@@ -18,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from analog import distributed
 from analog.hessian import build_curvature
 from analog.hessian.base import add_sums
 
@@ -64,6 +66,12 @@ class StatisticsPass:
             raise FloatingPointError(f"non-finite activations or gradients in module(s) {bad[:5]} in the statistics "
                                      "pass: this block was not added (the projections cannot be fitted from NaN/Inf)")
         self.curvature.absorb(block, batch if n_examples is None else n_examples)
+
+    def examples(self) -> int:
+        """The examples of the pass summed over ranks (collective until ``factors`` summed them, then the sum)."""
+        if self.curvature.meta["finalized"]:
+            return self.n_samples
+        return distributed.total(self.n_samples)
 
     def factors(self, modules: Iterable[str]) -> Dict[str, Dict[str, torch.Tensor]]:
         """{module: {"in": A, "out": S}} of the ``modules`` the pass reached (summed over ranks)."""
