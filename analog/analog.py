@@ -179,9 +179,9 @@ class AnaLog:
     def _check_ranks(self) -> None:
         """Once per pass: all ranks log the same modules with the same projection. Each rank checks at its
         first logging block of the statistics or logging pass, or, where it had none (a rank may get no
-        batch), when it leaves the pass (``next_pass``, ``finalize``): so on every rank this is the pass's
-        first collective and the check of a rank without data meets its peers'. Not in the query pass
-        (init='query'): those ranks are checked by the _sync_projector that follows the fit."""
+        batch), when it leaves the pass (``next_pass``, ``new_segment``, ``finalize``): so on every rank
+        this is the pass's first collective and the check of a rank without data meets its peers'. Not in
+        the query pass (init='query'): those ranks are checked by the _sync_projector after the fit."""
         if not distributed.is_distributed() or getattr(self, "_ranks_checked", None) == self.phase:
             return
         if self.phase not in ("pca", "log"):

@@ -25,7 +25,7 @@ import weakref
 from pathlib import Path
 from typing import Optional
 
-from analog import distributed
+from analog import distributed, segmenting
 from analog.hessian import CurvatureError, build_curvature
 from analog.ids import to_ids
 from analog.storage import LogStore, LogWriter
@@ -51,6 +51,7 @@ def finalize(run) -> None:
         run._writer.close()
     distributed.barrier()  # every rank's chunks are on disk before the curvature reads the store
     try:
+        segmenting.end_of_segment(run)
         if run.curvature is None:
             return
         store = store_if_any(run) if run.config.save else None

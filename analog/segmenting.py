@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Dict, Optional
 
+from analog import distributed
 from analog.hessian import Curvature, build_curvature
 from analog.trajectory import SegmentError, load_checkpoint, parameters_of
 
@@ -20,7 +21,8 @@ def new_segment(run, lr: Optional[float], info: Dict[str, Any]) -> int:
     if run.segments is None or run.mode != "log":
         raise RuntimeError("new_segment() is for logging: call analog.watch(model) first, and not after eval()")
     segments = run.segments
-    if not segments.has_logs():
+    run._check_ranks()  # a rank that logged no batch yet makes the pass check here, meeting its peers'
+    if not distributed.any_rank(segments.has_logs()):  # the same answer on every rank, also one that logged none
         segments.annotate(lr, info)
         return segments.current.index
     run.finalize()
@@ -28,6 +30,29 @@ def new_segment(run, lr: Optional[float], info: Dict[str, Any]) -> int:
     segments.open_next(lr, info)
     run._writer, run.curvature, run._stored = None, build_curvature(run.config.hessian), None
     return segments.current.index
+
+
+def end_of_segment(run) -> None:
+    """At ``finalize`` under torch.distributed (collective): when any rank logged into the current segment,
+    every rank counts it as logged (so rank 0 writes its record and state also when it logged none of it).
+    With ``segments.checkpoint``, a segment this run logged into but rank 0 logged no batch of has no
+    checkpoint (rank 0 takes it before its own first batch): a SegmentError on every rank, before anything
+    is fitted."""
+    if not distributed.is_distributed() or run.segments is None:
+        return
+    segments = run.segments
+    run._check_ranks()  # a rank that logged no batch yet makes the pass check here, meeting its peers'
+    if not distributed.any_rank(segments.has_logs()):
+        return
+    segments.logged_elsewhere(list(run.modules))
+    if not run.config.segments.checkpoint or not distributed.any_rank(segments.batches > 0):
+        return  # nothing logged into it by this run: its checkpoint (or none) is what an earlier run left
+    if distributed.any_rank(distributed.rank() == 0 and segments.current.checkpoint is None and segments.batches == 0):
+        index = segments.current.index
+        raise SegmentError(
+            f"segment {index} has no checkpoint: rank 0 writes a segment's checkpoint (the watched parameters) "
+            f"before its own first batch of it, and logged no batch of segment {index}; give rank 0 a batch of "
+            "every segment, or set segments.checkpoint false (its logs are kept: finalize() again fits them)")
 
 
 def segment_step(run, ids) -> None:

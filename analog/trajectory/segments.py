@@ -21,7 +21,11 @@ trajectory scores.
 Under torch.distributed every rank logs its shard of each segment into the segment's store; segment
 switches are collective (closing a segment fits its curvature across ranks), so every rank must
 start a segment at the same step — as with a ``DistributedSampler``, whose epochs start together on
-every rank. Rank 0 writes the records, the manifest and the checkpoints.
+every rank. Rank 0 writes the records, the manifest and the checkpoints. A rank may log no batch of a
+segment as long as it still takes part in the switch (an explicit ``new_segment()``, or ``finalize``):
+whether the segment has logs is decided over every rank. Rank 0 takes a segment's checkpoint before its
+own first batch of it, so with ``segments.checkpoint`` a segment in which rank 0 logged nothing has no
+checkpoint: its end (``new_segment``/``finalize``) raises a SegmentError on every rank, before fitting.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class Trajectory:
         self._ids: set = set()
         self._ids_loaded = False
         self._batches = 0  # batches logged into the current segment by this process
+        self._elsewhere = False  # another rank logged into the current segment (see logged_elsewhere)
 
     # -- where things are ------------------------------------------------------------------------
     @property
@@ -123,7 +128,20 @@ class Trajectory:
     def has_logs(self) -> bool:
         """Has the current segment logged anything (here, or on disk before this process)?"""
         self._load_ids()
-        return bool(self._ids) or self._batches > 0
+        return bool(self._ids) or self._batches > 0 or self._elsewhere
+
+    def logged_elsewhere(self, modules) -> None:
+        """At the end of a segment under torch.distributed, when some rank logged into it: it has logs here
+        too, of ``modules`` (every rank watches the same ones, checked), so rank 0 writes its record even
+        when it logged no batch of it itself."""
+        self._elsewhere = True
+        if not self.current.modules:
+            self.current.modules = list(modules)
+
+    @property
+    def batches(self) -> int:
+        """Batches this process logged into the current segment."""
+        return self._batches
 
     # -- opening and closing ---------------------------------------------------------------------
     def close(self) -> SegmentRecord:
@@ -156,7 +174,7 @@ class Trajectory:
             raise SegmentError(f"{root} exists already and is not a segment of this run; remove it")
         self.records.append(SegmentRecord(self.run, previous.index + 1, previous.lr if lr is None else float(lr),
                                           dict(info or {})))
-        self._ids, self._ids_loaded, self._batches = set(), True, 0
+        self._ids, self._ids_loaded, self._batches, self._elsewhere = set(), True, 0, False
         self.save()
         distributed.barrier()  # rank 0 checked and wrote the new segment before any rank logs into it
         return self.current

@@ -37,6 +37,10 @@ SCENARIOS = {  # name -> config, ids per rank in the statistics pass (fitted ini
     "diagonal_one_example": {"config": _config("diagonal"), "log": ([5], [])},
 }
 ERROR_SCENARIOS = ("stats_nobody", "finalize_in_stats_pass", "log_nobody")
+#: two segments switched by an explicit new_segment() (rule "manual"): rank 0 logs nothing in the first,
+#: rank 1 nothing in the second
+SEGMENTS = (RANK1, RANK0)
+SEGMENT_CONFIG = {**_config("kfac"), "segments": {"rule": "manual", "checkpoint": False}}
 
 
 def union(split):
@@ -76,6 +80,19 @@ def outcome(run, model, phases, distributed):
     return out
 
 
+def log_segments(run, model, splits, lrs=(1.0, 0.5)):
+    """Segment k logs the ids of ``splits[k]``; an explicit new_segment(lr) between them; then finalize()."""
+    x, y, _, _ = make_data()
+    for k, ids_k in enumerate(splits):
+        if k:
+            run.new_segment(lr=lrs[k])
+        for ids in batches(ids_k):
+            with run(data_id=ids):
+                loss_fn(model(x[ids]), y[ids]).backward()
+            model.zero_grad()
+    run.finalize()
+
+
 def single_process(root):
     """The reference of every scenario: one process, the union of the ranks' ids."""
     from analog import AnaLog
@@ -86,6 +103,9 @@ def single_process(root):
         run = AnaLog(name, {"root_dir": str(root), **s["config"]}).watch(model)
         phases = log_passes(run, model, union(s.get("stats", NOBODY)), union(s["log"]))
         out[name] = outcome(run, model, phases, distributed=False)
+    model = make_model().eval()
+    log_segments(AnaLog("segments", {"root_dir": str(root), **SEGMENT_CONFIG}).watch(model), model,
+                 [union(split) for split in SEGMENTS])
     return out
 
 
@@ -99,6 +119,7 @@ def worker_empty_rank(rank, world, tmp, root):
         run = AnaLog(name, {"root_dir": str(root), **s["config"]}).watch(model)
         phases = log_passes(run, model, s.get("stats", NOBODY)[rank], s["log"][rank])
         out[name] = outcome(run, model, phases, distributed=True)
+        out[name]["segment_modules"] = run.segments.current.modules
 
     def attempt(key, fn):
         try:
@@ -130,4 +151,15 @@ def worker_empty_rank(rank, world, tmp, root):
                                    "n_samples": run.curvature.meta["n_samples"]}
 
     attempt("log_nobody", log_nobody)
+    log_segments(AnaLog("segments", {"root_dir": str(root), **SEGMENT_CONFIG}).watch(model), model,
+                 [split[rank] for split in SEGMENTS])
+
+    checkpointed = {"root_dir": str(root), **SEGMENT_CONFIG, "segments": {"rule": "manual", "checkpoint": True}}
+    # rank 0, which writes the checkpoints before its own first batch of a segment, logs none of this one
+    attempt("no_checkpoint", lambda: log_segments(AnaLog("no_checkpoint", checkpointed).watch(model), model,
+                                                  [RANK1[rank]]))
+    # its logs are on disk: the project reopened without checkpoints fits them
+    reopened = AnaLog("no_checkpoint", {**checkpointed, "segments": {"rule": "manual", "checkpoint": False}})
+    reopened.watch(model).finalize()
+    out["no_checkpoint_refit"] = reopened.curvature.meta["n_samples"]
     torch.save(out, Path(tmp) / f"empty_rank{rank}.pt")

@@ -13,9 +13,11 @@ alone in a collective fails the test instead of hanging it.
 import pytest
 import torch
 from distributed_helpers import N_QUERY, errors, run_group
-from empty_rank_helpers import ERROR_SCENARIOS, SCENARIOS, single_process, union, worker_empty_rank
+from empty_rank_helpers import ERROR_SCENARIOS, SCENARIOS, SEGMENTS, single_process, union, worker_empty_rank
 
+from analog.hessian import Curvature
 from analog.storage import LogStore
+from analog.trajectory.layout import load_records
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 SIDES = ["0/in", "0/out", "2/in", "2/out"]
@@ -89,6 +91,7 @@ def test_curvature_equals_the_single_process(group, single, name):
                 assert ref["state"][f"{m}/{key}"].abs().max() > 0
                 torch.testing.assert_close(got["state"][f"{m}/{key}"], ref["state"][f"{m}/{key}"], **TOL)
                 compared += 1
+        assert got["segment_modules"] == ["0", "2"], "the segment record names the modules whichever rank logged"
     assert compared == 2 * 2 * len(keys)
 
 
@@ -120,3 +123,26 @@ def test_no_data_on_any_rank_gives_the_same_error_everywhere(group):
     assert messages["log_nobody"] == [None, None]
     for result in group[1]:
         assert result["log_nobody_state"] == {"finalized": False, "n_samples": 0}
+
+
+def test_segments_where_one_rank_logs_nothing_equal_the_single_process(group, single):
+    """An explicit new_segment() on every rank, with rank 0 idle in segment 0 and rank 1 idle in segment 1."""
+    ddp, one = load_records(group[0] / "segments"), load_records(single[0] / "segments")
+    assert [(r.index, r.lr, r.closed, r.modules) for r in ddp] == [(r.index, r.lr, r.closed, r.modules) for r in one] \
+        == [(0, 1.0, True, ["0", "2"]), (1, 0.5, False, ["0", "2"])]
+    compared = 0
+    for k, (mine, ref) in enumerate(zip(ddp, one)):
+        assert sorted(LogStore(mine.logs(group[0] / "segments")).ids) == union(SEGMENTS[k])
+        got, want = Curvature.load(mine.state(group[0] / "segments")), Curvature.load(ref.state(single[0] / "segments"))
+        assert got.meta["n_samples"] == want.meta["n_samples"] == len(union(SEGMENTS[k]))
+        for key in ("0/A", "0/S", "2/A", "2/S"):
+            torch.testing.assert_close(got.state[key], want.state[key], **TOL)
+            compared += 1
+    assert compared == 8
+
+
+def test_segment_without_rank_0_has_no_checkpoint_error_on_every_rank(group):
+    messages = [result["no_checkpoint"]["error"] for result in group[1]]
+    assert len(messages) == 2 and messages[0] == messages[1]
+    assert messages[0].startswith("SegmentError: segment 0 has no checkpoint: rank 0 writes")
+    assert [result["no_checkpoint_refit"] for result in group[1]] == [32, 32]
