@@ -75,8 +75,9 @@ def outcome(run, model, phases, distributed):
            "n_samples": run.curvature.meta["n_samples"], "finalized": run.curvature.meta["finalized"]}
     if run.config.save:
         run.add_analysis({"influence": InfluenceFunction})
-        out["scores"] = run.influence.compute_influence_all(query(run, model), distributed=distributed,
-                                                            progress=False)
+        q = query(run, model)
+        out["scores"] = run.influence.compute_influence_all(q, distributed=distributed, progress=False)
+        out["top"] = run.influence.compute_influence_all(q, topk=2, distributed=distributed, progress=False)
     return out
 
 

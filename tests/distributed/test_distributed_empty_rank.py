@@ -109,6 +109,11 @@ def test_sharded_scores_equal_the_single_process(group, single, name):
         got = result[name]["scores"]
         assert sorted(got.train_ids) == ids and got.query_ids == ref.query_ids
         torch.testing.assert_close(_by_id(got), _by_id(ref), **TOL)
+        # top-k merged over the ranks' shares (one of them may be empty)
+        top, ref_top = result[name]["top"], single[1][name]["top"]
+        assert top.n_train == len(ids) and len(top.helpful_ids) == N_QUERY
+        assert top.helpful_ids == ref_top.helpful_ids and top.harmful_ids == ref_top.harmful_ids
+        torch.testing.assert_close(top.helpful_scores, ref_top.helpful_scores, **TOL)
 
 
 def test_no_data_on_any_rank_gives_the_same_error_everywhere(group):
