@@ -6,10 +6,12 @@ the device that backend needs and back, and nothing calls ``.cuda()`` unless the
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
+
+_T = TypeVar("_T")
 
 
 def is_distributed() -> bool:
@@ -66,6 +68,30 @@ def total(n: int) -> int:
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on any rank (collective; ``flag`` itself without a process group)."""
     return total(1 if flag else 0) > 0
+
+
+class RankError(RuntimeError):
+    """An error some ranks raised in a step of their own, raised on every rank (see ``local_step``)."""
+
+
+def local_step(what: str, fn: Callable[[], _T]) -> _T:
+    """``fn()``, this rank's own part of a collective operation (e.g. reading its share of the store),
+    then one collective: when ``fn`` raised an Exception on any rank, every rank raises the same
+    RankError naming ``what``, each rank that failed and its error (chained to this rank's own, if
+    any), instead of its peers waiting alone in the reduction that follows. Without a process group
+    ``fn``'s error propagates as it is."""
+    if not is_distributed():
+        return fn()
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - any error, reported on every rank
+        error = e
+    messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    failed = [f"rank {r} ({m})" for r, m in enumerate(messages) if m is not None]
+    if failed:
+        raise RankError(f"{what} failed on {'; '.join(failed)}") from error
+    return result
 
 
 def barrier() -> None:

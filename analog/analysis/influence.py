@@ -188,15 +188,34 @@ class InfluenceFunction:
         ``distributed=True`` (collective: every rank calls it with the same queries): each rank scores
         a contiguous share of the training logs (of ``log_loader``'s store range, or of the whole
         store) and every rank gets the gathered result — the full matrix, or the top-k merged across
-        ranks — equal to the single-process one. Without a process group it is the plain call.
+        ranks — equal to the single-process one; a rank whose share is empty adds nothing, and an error
+        in any rank's share is raised on every rank (a RankError naming the ranks and their errors).
+        Without a process group it is the plain call.
         """
-        from tqdm.auto import tqdm
-
-        offset = 0
-        if distributed:
-            log_loader, offset = self._shard_loader(log_loader)
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
             raise ValueError(f"topk must be a positive integer (the number of best and worst kept), got {topk!r}")
+        args = (query_log, mode, damping, per_module, topk, progress)
+        if distributed:
+            from analog.distributed import local_step
+
+            def share():
+                loader, offset = self._shard_loader(log_loader)
+                return self._score(loader, offset, *args)
+
+            return self._gather(*local_step("scoring a share of the store", share), topk)
+        q_ids, train_ids, chunks, parts_all, best = self._score(log_loader, 0, *args)
+        if not train_ids:
+            raise ValueError("the training log loader yielded no examples")
+        if topk is not None:
+            return _topk_result(best, q_ids, train_ids)
+        return InfluenceScores(torch.cat(chunks, 1), q_ids, train_ids,
+                               {m: torch.cat(p, 1) for m, p in parts_all.items()})
+
+    def _score(self, log_loader, offset, query_log, mode, damping, per_module, topk, progress):
+        """(query ids, training ids, score chunks, per-module chunks, top-k so far) of ``log_loader``'s
+        logs; ``offset``: the position of its first row in the range scored (for top-k positions)."""
+        from tqdm.auto import tqdm
+
         self._check_ready()
         log_loader = self._loader(log_loader)
         q_ids, q, pre_q, q_self = self._prepare(query_log, mode, damping, self._store_shapes(log_loader),
@@ -215,14 +234,7 @@ class InfluenceFunction:
             else:
                 best = _merge_topk(best, scores.cpu(), offset + len(train_ids), topk)
             train_ids.extend(t_ids)
-        if distributed:
-            return self._gather(q_ids, train_ids, chunks, parts_all, best, topk)
-        if not train_ids:
-            raise ValueError("the training log loader yielded no examples")
-        if topk is not None:
-            return _topk_result(best, q_ids, train_ids)
-        return InfluenceScores(torch.cat(chunks, 1), q_ids, train_ids,
-                               {m: torch.cat(p, 1) for m, p in parts_all.items()})
+        return q_ids, train_ids, chunks, parts_all, best
 
     def _shard_loader(self, log_loader):
         """(this rank's loader over its contiguous share, the share's first position in the full range)."""

@@ -20,7 +20,7 @@ from typing import ClassVar, Dict, Optional, Type
 
 import torch
 
-from analog.distributed import all_reduce_sum, rank, world_size
+from analog.distributed import all_reduce_sum, local_step, rank, world_size
 
 _KINDS: Dict[str, Type["Curvature"]] = {}
 HEURISTIC_DAMPING = 0.1
@@ -138,6 +138,25 @@ def store_batches(store, batch_size: int = 512, progress: bool = False, desc: st
         _, logs = store.batch(start, min(start + batch_size, len(store)))
         yield {m: kinds["grad"].reshape(kinds["grad"].shape[0], -1).double() for m, kinds in logs.items()
                if "grad" in kinds}
+
+
+def share_sums(store, term, progress: bool = False, desc: str = "fitting curvature",
+               modules=None) -> Dict[str, torch.Tensor]:
+    """{module: Σ term(module, g) over this rank's share of the store} (see store_batches), of every logged
+    module or of those in ``modules``; a module of which it read no batch is absent. An error on any rank
+    is raised on every rank (a RankError naming each rank that failed: analog.distributed.local_step), so
+    none waits alone in ``reduce_sums``."""
+    def local():
+        sums: Dict[str, torch.Tensor] = {}
+        for logs in store_batches(store, progress=progress, desc=desc):
+            for name, g in logs.items():
+                if modules is not None and name not in modules:
+                    continue
+                value = term(name, g)
+                sums[name] = value if name not in sums else sums[name] + value
+        return sums
+
+    return local_step(desc, local)
 
 
 def reduce_sums(sums: Dict[str, torch.Tensor], store, shape_of, modules=None) -> Dict[str, torch.Tensor]:

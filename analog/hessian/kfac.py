@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from analog.distributed import all_gather_object, all_reduce_sum
-from analog.hessian.base import Curvature, CurvatureError, add_sums, damping_value, reduce_sums, store_batches
+from analog.hessian.base import Curvature, CurvatureError, add_sums, damping_value, reduce_sums, share_sums
 
 
 class KFAC(Curvature, kind="kfac"):
@@ -92,13 +92,12 @@ class EKFAC(KFAC, kind="ekfac"):
         if store is None:
             raise CurvatureError("EK-FAC corrects eigenvalues from the logged gradients: set save=True")
         super()._finalize(store, progress)
-        sums = {}
-        for logs in store_batches(store, progress=progress, desc="EK-FAC eigenvalue correction"):
-            for name, g in logs.items():
-                q_s, q_a = self.state[f"{name}/QS"], self.state[f"{name}/QA"]
-                rotated = q_s.transpose(-1, -2) @ g.reshape(g.shape[0], *self._shape(name)) @ q_a
-                term = (rotated**2).sum(0)
-                sums[name] = term if name not in sums else sums[name] + term
+        def term(name, g):
+            q_s, q_a = self.state[f"{name}/QS"], self.state[f"{name}/QA"]
+            rotated = q_s.transpose(-1, -2) @ g.reshape(g.shape[0], *self._shape(name)) @ q_a
+            return (rotated**2).sum(0)
+
+        sums = share_sums(store, term, progress, "EK-FAC eigenvalue correction")
         sums = reduce_sums(sums, store, lambda name, shape: self._shape(name))
         for name in self.modules():
             if name not in sums:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from analog.hessian.base import Curvature, damping_value, reduce_sums, store_batches
+from analog.hessian.base import Curvature, damping_value, reduce_sums, share_sums
 
 
 class Identity(Curvature, kind="none"):
@@ -34,13 +34,7 @@ class _FromStore(Curvature):
     def _finalize(self, store, progress):
         if store is None:
             raise RuntimeError(f"hessian {self.kind!r} is fitted from the logged gradients: set save=True")
-        sums = {}
-        for logs in store_batches(store, progress=progress, desc=f"fitting {self.kind}"):
-            for name, g in logs.items():
-                if self.only is not None and name not in self.only:
-                    continue
-                term = self._term(g)
-                sums[name] = term if name not in sums else sums[name] + term
+        sums = share_sums(store, lambda name, g: self._term(g), progress, f"fitting {self.kind}", self.only)
         n = len(store)
         for name, total in reduce_sums(sums, store, self._sum_shape, self.only).items():
             self._fit(name, total / n)

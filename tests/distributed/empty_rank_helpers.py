@@ -114,13 +114,14 @@ def worker_empty_rank(rank, world, tmp, root):
     """Every scenario under the group, then the cases that must fail the same way on every rank."""
     from analog import AnaLog
 
-    out = {}
+    out, runs = {}, {}
     for name, s in SCENARIOS.items():
         model = make_model().eval()
         run = AnaLog(name, {"root_dir": str(root), **s["config"]}).watch(model)
         phases = log_passes(run, model, s.get("stats", NOBODY)[rank], s["log"][rank])
         out[name] = outcome(run, model, phases, distributed=True)
         out[name]["segment_modules"] = run.segments.current.modules
+        runs[name] = run, model
 
     def attempt(key, fn):
         try:
@@ -163,4 +164,36 @@ def worker_empty_rank(rank, world, tmp, root):
     reopened = AnaLog("no_checkpoint", {**checkpointed, "segments": {"rule": "manual", "checkpoint": False}})
     reopened.watch(model).finalize()
     out["no_checkpoint_refit"] = reopened.curvature.meta["n_samples"]
+    out["rank_fails"] = rank_fails(rank, runs)
     torch.save(out, Path(tmp) / f"empty_rank{rank}.pt")
+
+
+def rank_fails(rank, runs):
+    """Rank 0 alone fails (an injected out-of-memory error) in its share of a store fit (rank 1 reads no
+    batch of the 32-row store) and of sharded scoring: every rank must raise, not wait for it."""
+    from analog.analysis.influence import InfluenceFunction
+    from analog.distributed import RankError
+    from analog.hessian.simple import Diagonal
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected on rank 0")
+
+    out = {}
+    for key, cls, method, call in [
+        ("refit", Diagonal, "_term", lambda: runs["diagonal_one_example"][0].refit()),
+        ("scores", InfluenceFunction, "_pairwise",
+         lambda: runs["pca_stats_rank1"][0].influence.compute_influence_all(query(*runs["pca_stats_rank1"]),
+                                                                             distributed=True, progress=False)),
+    ]:
+        original = getattr(cls, method)
+        if rank == 0:
+            setattr(cls, method, fail)
+        try:
+            call()
+            out[key] = None
+        except RankError as e:
+            out[key] = str(e)
+        finally:
+            setattr(cls, method, original)
+        out[f"{key}_after"] = call()  # the group is intact: the same call succeeds on every rank now
+    return out

@@ -151,3 +151,17 @@ def test_segment_without_rank_0_has_no_checkpoint_error_on_every_rank(group):
     assert len(messages) == 2 and messages[0] == messages[1]
     assert messages[0].startswith("SegmentError: segment 0 has no checkpoint: rank 0 writes")
     assert [result["no_checkpoint_refit"] for result in group[1]] == [32, 32]
+
+
+def test_an_error_in_one_ranks_share_is_raised_on_every_rank(group, single):
+    """Rank 0 fails alone while fitting from its share of the store and while scoring its share."""
+    results = [result["rank_fails"] for result in group[1]]
+    expected = {"refit": "fitting diagonal failed on rank 0 (OutOfMemoryError: injected on rank 0)",
+                "scores": "scoring a share of the store failed on rank 0 (OutOfMemoryError: injected on rank 0)"}
+    for result in results:
+        assert {key: result[key] for key in expected} == expected
+        # afterwards the same calls succeed on every rank: nothing was left waiting in the group
+        assert result["refit_after"] is None
+        reference = single[1]["pca_stats_rank1"]["scores"]
+        torch.testing.assert_close(_by_id(result["scores_after"]), _by_id(reference), **TOL)
+    assert len(results) == 2
