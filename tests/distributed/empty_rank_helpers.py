@@ -33,6 +33,8 @@ SCENARIOS = {  # name -> config, ids per rank in the statistics pass (fitted ini
     "whiten_pca_log_rank0": {"config": _config("raw", init="whiten_pca"), "stats": HALVES, "log": RANK0},
     # logs not saved: the K-FAC sums are in memory, and rank 0's are zeros
     "kfac_memory_log_rank1": {"config": _config("kfac", save=False), "log": RANK1},
+    # hessian auto: module "0" logs 8·6 = 48 numbers > 32 examples (K-FAC), module "2" 2·2 (raw from the store)
+    "auto_log_rank1": {"config": _config("auto", rank={"0": [8, 6], "default": 2}), "log": RANK1},
     # one stored example: rank 1's share of the store is empty when scoring
     "diagonal_one_example": {"config": _config("diagonal"), "log": ([5], [])},
 }
