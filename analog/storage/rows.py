@@ -48,7 +48,8 @@ def pack(logs: Logs, fields: Fields, dtype: torch.dtype) -> torch.Tensor:
     parts = [logs[f["module"]][f["kind"]] for f in fields]
     if not parts:
         return torch.empty(0, 0, dtype=dtype)
-    return torch.cat([t.reshape(t.shape[0], -1).to(dtype) for t in parts], 1)
+    # the field's size, not -1: a batch of 0 rows or an empty field has 0 elements, which -1 cannot split
+    return torch.cat([t.reshape(t.shape[0], field_size(f)).to(dtype) for t, f in zip(parts, fields)], 1)
 
 
 def split(rows: torch.Tensor, fields: Fields) -> Logs:
