@@ -62,8 +62,12 @@ class FloatRows:
         self.row_elems = row_elems(fields)
         self.row_bytes = self.row_elems * np.dtype(np_dtype).itemsize
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """(B, row_elems) values -> (B, row_bytes) uint8: the values cast to the store dtype, as bytes."""
+    #: encode may return a view of its input (the writer then keeps the rows it was given)
+    copies = False
+
+    def encode(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """(B, row_elems) values -> (B, row_bytes) uint8: the values cast to the store dtype, as bytes
+        (a view of ``rows`` when they already are contiguous in that dtype; ``overwrite`` is ignored)."""
         values = rows.detach().to(self.value_dtype).contiguous()
         if not values.numel():
             return torch.empty(len(values), self.row_bytes, dtype=torch.uint8)
@@ -99,10 +103,23 @@ class AbsmaxRows:
         # rounded reciprocal, which differs from max/levels in the last bit
         return amax / torch.full_like(amax, float(self.levels))
 
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+    #: encode returns new bytes, never a view of its input: the writer may hand it a reused float32
+    #: staging buffer to overwrite (``overwrite=True``) instead of a copy of the rows
+    copies = True
+
+    def encode(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """(B, row_elems) values -> (B, row_bytes) uint8: [scales as float32 bytes | packed q], on the
-        rows' device."""
-        x = rows.detach().to(torch.float32).clone()
+        rows' device. ``overwrite=True``: ``rows`` are float32 and may be overwritten (they are divided,
+        rounded and clamped in place: the writer's staging buffer); otherwise they are copied first.
+
+        Passes over the values: |x| and its max per field, x / divisor per field (a division by a
+        tensor), round, clamp, and the cast to int8 written straight into the output's value bytes
+        (int4: into an int8 q, then packed into them)."""
+        x = rows.detach()
+        if not overwrite:
+            x = x.to(torch.float32, copy=True)
+        elif x.dtype != torch.float32:
+            raise TypeError(f"{self.name} encode(overwrite=True) needs float32 rows, got {x.dtype}")
         scales = self.scales(x)
         bad = ~torch.isfinite(scales)
         if bool(bad.any()):
@@ -111,8 +128,12 @@ class AbsmaxRows:
         divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
         for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
             x[:, o : o + s].div_(divisor[:, j : j + 1])
-        q = x.round_().clamp_(-self.levels, self.levels).to(torch.int8)
-        return torch.cat([scales.contiguous().view(torch.uint8), self.pack(q)], 1)
+        x.round_().clamp_(-self.levels, self.levels)
+        nf = 4 * len(self.fields)
+        out = torch.empty(len(x), self.row_bytes, dtype=torch.uint8, device=x.device)
+        out[:, :nf].copy_(scales.contiguous().view(torch.uint8))
+        self.pack_into(x, out[:, nf:])
+        return out
 
     def decode(self, raw: np.ndarray) -> torch.Tensor:
         """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = q · scale (a new tensor)."""
@@ -129,8 +150,9 @@ class AbsmaxRows:
         """Bytes holding a row's ``n`` quantised values."""
         raise NotImplementedError
 
-    def pack(self, q: torch.Tensor) -> torch.Tensor:
-        """(B, row_elems) int8 q -> (B, value_bytes) uint8, on q's device."""
+    def pack_into(self, q: torch.Tensor, dest: torch.Tensor) -> None:
+        """Write (B, row_elems) q — float32 holding integers in [-levels, levels] — into ``dest``, a
+        (B, value_bytes) uint8 view (the value bytes of the output rows), on q's device."""
         raise NotImplementedError
 
     def unpack(self, raw: np.ndarray) -> torch.Tensor:
@@ -146,8 +168,8 @@ class Int8Rows(AbsmaxRows):
     def value_bytes(self, n: int) -> int:
         return n
 
-    def pack(self, q: torch.Tensor) -> torch.Tensor:
-        return q.view(torch.uint8)
+    def pack_into(self, q: torch.Tensor, dest: torch.Tensor) -> None:
+        dest.view(torch.int8).copy_(q)  # the cast of an integral float32 to int8 is exact
 
     def unpack(self, raw: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(raw.view(np.int8))
@@ -161,11 +183,16 @@ class Int4Rows(AbsmaxRows):
     def value_bytes(self, n: int) -> int:
         return (n + 1) // 2
 
-    def pack(self, q: torch.Tensor) -> torch.Tensor:
-        nib = q.view(torch.uint8) & 0x0F
-        if nib.shape[1] % 2:
-            nib = torch.cat([nib, nib.new_zeros(len(nib), 1)], 1)
-        return nib[:, 0::2] | (nib[:, 1::2] << 4)
+    def pack_into(self, q: torch.Tensor, dest: torch.Tensor) -> None:
+        # q's two's complement bytes: a byte b's low nibble is b & 0x0F, and b << 4 in uint8 (mod 256)
+        # is that nibble moved up
+        b = q.to(torch.int8).view(torch.uint8)
+        half = b.shape[1] // 2
+        pairs = dest[:, :half]
+        torch.bitwise_left_shift(b[:, 1 : 2 * half : 2], 4, out=pairs)  # odd values: high nibbles
+        pairs.bitwise_or_(b[:, 0 : 2 * half : 2] & 0x0F)  # even values: low nibbles
+        if b.shape[1] % 2:  # the last value alone in the last byte, its high nibble 0
+            torch.bitwise_and(b[:, -1:], 0x0F, out=dest[:, half:])
 
     def unpack(self, raw: np.ndarray) -> torch.Tensor:
         nib = np.empty((len(raw), 2 * raw.shape[1]), dtype=np.uint8)
