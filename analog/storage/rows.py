@@ -12,7 +12,7 @@ of that layout: the writer packs with it and the reader splits with it, so they 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -35,10 +35,13 @@ def row_elems(fields: Fields) -> int:
     return sum(field_size(f) for f in fields)
 
 
-def pack(logs: Logs, fields: Fields, dtype: torch.dtype) -> torch.Tensor:
+def pack(logs: Logs, fields: Fields, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, row_elems) rows of ``logs`` in ``dtype``, laid out as ``fields`` says, on the logs' device
     (the writer encodes them there and moves the encoded bytes to the CPU: for an int8 store a
     quarter of the float32 bytes cross from a GPU, for int4 an eighth).
+
+    ``out``: a contiguous (B, row_elems) tensor of ``dtype`` on the logs' device to pack into (and
+    return), e.g. a buffer reused from batch to batch; None: a new tensor.
 
     The batch's fields must be exactly ``fields`` (same modules, kinds, shapes and order); a batch
     that differs is an error naming both, so a store never mixes layouts."""
@@ -49,7 +52,13 @@ def pack(logs: Logs, fields: Fields, dtype: torch.dtype) -> torch.Tensor:
     if not parts:
         return torch.empty(0, 0, dtype=dtype)
     # the field's size, not -1: a batch of 0 rows or an empty field has 0 elements, which -1 cannot split
-    return torch.cat([t.reshape(t.shape[0], field_size(f)).to(dtype) for t, f in zip(parts, fields)], 1)
+    flat = [t.reshape(t.shape[0], field_size(f)).to(dtype) for t, f in zip(parts, fields)]
+    if out is None:
+        return torch.cat(flat, 1)
+    if out.shape != (len(flat[0]), row_elems(fields)) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"pack: out must be a contiguous ({len(flat[0])}, {row_elems(fields)}) {dtype} tensor, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    return torch.cat(flat, 1, out=out)
 
 
 def split(rows: torch.Tensor, fields: Fields) -> Logs:

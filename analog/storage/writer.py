@@ -10,6 +10,14 @@ logging. The buffer holds the encoded rows, so ``flush_bytes`` counts bytes as t
 disk. The writer may keep references to the rows it is given (a float store of the rows' own dtype
 encodes without a copy): do not modify them in place after ``write``.
 
+An int8 or int4 store's codec copies (it returns new bytes), so the writer stages the values it
+quantises in one float32 buffer of (largest batch so far) × row_elems, reused batch after batch on
+the rows' device: ``write_logs`` packs the logs into it and ``write`` copies the rows into it (the
+caller's rows are never modified), and the codec divides, rounds and clamps there in place. Reusing
+it saves a copy and, on the CPU, the page faults of a fresh batch-sized allocation per batch (memory
+the allocator had returned to the OS), which cost about as much as the quantisation itself. It is
+held until ``close``, in addition to the two chunks above.
+
 An exception in the thread is kept and raised in the caller at its next ``write``, ``flush`` or
 ``close`` — never lost — and at every later call: a writer that failed once writes nothing more.
 
@@ -115,6 +123,7 @@ class LogWriter:
         self._buffer_ids: List[Any] = []
         self._buffer_bytes = 0
         self._buffer_stats: Dict[str, torch.Tensor] = {}
+        self._staging: Optional[torch.Tensor] = None  # float32 values to quantise (int8/int4), reused
         self._error: Optional[BaseException] = None
         self._queue: "queue.Queue" = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="analog-log-writer", daemon=True)
@@ -178,7 +187,13 @@ class LogWriter:
                              f"{self.header['row_elems']} values per example")
         self._check_new(ids)
         try:
-            data = self.codec.encode(rows).to("cpu")
+            if self.codec.copies:
+                staged = self._stage(len(ids), rows.device)
+                if staged.data_ptr() != rows.data_ptr():
+                    staged.copy_(rows.detach())  # not packed there by write_logs: copied (and cast)
+                data = self.codec.encode(staged, overwrite=True).to("cpu")
+            else:
+                data = self.codec.encode(rows).to("cpu")
         except NonFiniteRows as e:
             raise ValueError(f"non-finite values in module {e.field['module']!r} ({e.field['kind']} log) for ids "
                              f"{[ids[i] for i in e.rows][:10]}: an {self.header['dtype']} store cannot hold NaN or "
@@ -194,8 +209,20 @@ class LogWriter:
             self._submit()
 
     def write_logs(self, ids: Sequence[Any], logs, stats: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """Append a batch's logs ``{module: {kind: (B, *shape)}}``, packed by analog.storage.rows.pack."""
-        self.write(ids, pack(logs, self.header["fields"], self.codec.value_dtype), stats)
+        """Append a batch's logs ``{module: {kind: (B, *shape)}}``, packed by analog.storage.rows.pack
+        (for an int8/int4 store into the staging buffer, which ``write`` then quantises in place)."""
+        first = next((t for kinds in logs.values() for t in kinds.values()), None)
+        out = None
+        if self.codec.copies and first is not None and first.dim() and len(first) == len(ids):
+            out = self._stage(len(first), first.device)
+        self.write(ids, pack(logs, self.header["fields"], self.codec.value_dtype, out), stats)
+
+    def _stage(self, n: int, device: torch.device) -> torch.Tensor:
+        """The first ``n`` rows of the float32 staging buffer on ``device`` (grown or moved as needed)."""
+        if self._staging is None or len(self._staging) < n or self._staging.device != device:
+            self._staging = None  # released before its successor is allocated
+            self._staging = torch.empty(n, self.header["row_elems"], dtype=torch.float32, device=device)
+        return self._staging[:n]
 
     def holds(self, data_id: Any) -> bool:
         """Whether ``data_id`` is on disk or handed to this writer."""
@@ -229,6 +256,7 @@ class LogWriter:
             self.flush()
         finally:
             self.closed = True
+            self._staging = None
             self._queue.put(None)
             self._thread.join()
             if self._own_lock:
