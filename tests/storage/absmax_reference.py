@@ -10,14 +10,36 @@ def absmax_reference(x: np.ndarray, sizes, levels: int):
     offset = 0
     for size in sizes:
         xf = x[:, offset : offset + size]
-        s = (np.abs(xf).max(1) / np.float32(levels)).astype(np.float32)
+        s = (np.abs(xf).max(1, initial=np.float32(0)) / np.float32(levels)).astype(np.float32)  # 0 if empty
         div = np.where(s > 0, s, np.float32(1)).astype(np.float32)  # an all-zero field: scale 0, q 0
         q = np.clip(np.rint(xf / div[:, None]), -levels, levels).astype(np.int8)
         scales.append(s)
         qs.append(q)
         xhat.append(q.astype(np.float32) * s[:, None])
         offset += size
+    if not sizes:
+        return np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int8), np.zeros((len(x), 0), np.float32)
     return np.stack(scales, 1), np.concatenate(qs, 1), np.concatenate(xhat, 1)
+
+
+def reference_bytes(x: np.ndarray, sizes, levels: int) -> np.ndarray:
+    """(n, row_bytes) uint8 rows of an int8 (levels 127) or int4 (levels 7) store, built by plain Python:
+    the F scales' float32 little-endian bytes, then q as bytes (int8), or as nibbles q mod 16, value j
+    of the row in byte j // 2, low nibble when j is even (int4)."""
+    scales, q, _ = absmax_reference(x, sizes, levels)
+    rows = []
+    for s_row, q_row in zip(scales, q.tolist()):
+        head = s_row.astype("<f4").tobytes()
+        if levels == 127:
+            body = bytes(v % 256 for v in q_row)
+        else:
+            packed = bytearray((len(q_row) + 1) // 2)
+            for j, v in enumerate(q_row):
+                packed[j // 2] |= (v % 16) << (4 * (j % 2))
+            body = bytes(packed)
+        rows.append(np.frombuffer(head + body, dtype=np.uint8))
+    width = 4 * len(sizes) + (sum(sizes) if levels == 127 else (sum(sizes) + 1) // 2)
+    return np.stack(rows) if rows else np.zeros((0, width), np.uint8)
 
 
 def check_read_paths(store, ref_x: np.ndarray, fields, sizes) -> None:
