@@ -37,12 +37,17 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
 
 from analog.storage.rows import Fields, field_size, row_elems
+
+
+#: int4 packing reads byte pairs as int16 where the first byte is the low one
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 class NonFiniteRows(ValueError):
@@ -184,15 +189,23 @@ class Int4Rows(AbsmaxRows):
         return (n + 1) // 2
 
     def pack_into(self, q: torch.Tensor, dest: torch.Tensor) -> None:
-        # q's two's complement bytes: a byte b's low nibble is b & 0x0F, and b << 4 in uint8 (mod 256)
-        # is that nibble moved up
-        b = q.to(torch.int8).view(torch.uint8)
-        half = b.shape[1] // 2
-        pairs = dest[:, :half]
-        torch.bitwise_left_shift(b[:, 1 : 2 * half : 2], 4, out=pairs)  # odd values: high nibbles
-        pairs.bitwise_or_(b[:, 0 : 2 * half : 2] & 0x0F)  # even values: low nibbles
-        if b.shape[1] % 2:  # the last value alone in the last byte, its high nibble 0
-            torch.bitwise_and(b[:, -1:], 0x0F, out=dest[:, half:])
+        # q's two's complement bytes b (an odd row padded with a 0 byte): byte k of the output is
+        # (b[2k] & 0x0F) | (b[2k+1] & 0x0F) << 4
+        n, width = q.shape[1], 2 * dest.shape[1]
+        if not width * len(q):
+            return
+        b = torch.empty(len(q), width, dtype=torch.int8, device=q.device)
+        if width > n:
+            b[:, n:] = 0
+        b[:, :n].copy_(q)
+        if _LITTLE_ENDIAN:  # each pair of bytes as one int16 w = b[2k] + 256·b[2k+1] (mod 2¹⁶), contiguous
+            w = b.view(torch.int16)
+            high = (w >> 4).bitwise_and_(0xF0)  # b[2k+1]'s low nibble, as bits 4..7
+            dest.copy_(w.bitwise_and_(0x0F).bitwise_or_(high))  # values 0..255: the cast to uint8 is exact
+        else:  # strided byte by byte (the same bytes, slower)
+            u = b.view(torch.uint8)
+            torch.bitwise_left_shift(u[:, 1::2], 4, out=dest)  # uint8 shift, mod 256: the low nibble moved up
+            dest.bitwise_or_(u[:, 0::2] & 0x0F)
 
     def unpack(self, raw: np.ndarray) -> torch.Tensor:
         nib = np.empty((len(raw), 2 * raw.shape[1]), dtype=np.uint8)

@@ -4,7 +4,8 @@ its reused float32 staging buffer and quantised there in place), ``write`` (copi
 the caller's rows untouched), the codec's ``encode`` (a copy) and ``encode(overwrite=True)``; over
 odd and empty fields, all-zero fields and rows, subnormal scales, exact ties, inputs in other dtypes
 or non-contiguous, and batch sizes that grow and shrink the staging buffer while earlier batches
-still wait in the writer's buffer."""
+still wait in the writer's buffer. int4 is checked with both of its packings (int16 byte pairs on
+little-endian machines, byte by byte otherwise)."""
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from absmax_reference import reference_bytes
 
 from analog.storage import LogWriter
+from analog.storage import encoding
 from analog.storage.encoding import row_codec
 from analog.storage.rows import pack, split
 
@@ -57,9 +59,12 @@ def on_disk(path, row_bytes: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8).reshape(-1, row_bytes)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "int4-strided"])
 @pytest.mark.parametrize("layout", list(SIZES))
-def test_every_path_to_the_codec_gives_the_formulas_bytes(tmp_path, dtype, layout):
+def test_every_path_to_the_codec_gives_the_formulas_bytes(tmp_path, monkeypatch, dtype, layout):
+    if dtype == "int4-strided":  # the packing of big-endian machines (byte by byte, not int16 pairs)
+        monkeypatch.setattr(encoding, "_LITTLE_ENDIAN", False)
+        dtype = "int4"
     sizes = SIZES[layout]
     fields, e, levels = fields_of_sizes(sizes), sum(sizes), LEVELS[dtype]
     codec = row_codec(dtype, fields)
