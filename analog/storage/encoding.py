@@ -118,8 +118,9 @@ class AbsmaxRows:
         rounded and clamped in place: the writer's staging buffer); otherwise they are copied first.
 
         Passes over the values: |x| and its max per field, x / divisor per field (a division by a
-        tensor), round, clamp, and the cast to int8 written straight into the output's value bytes
-        (int4: into an int8 q, then packed into them)."""
+        tensor), round, the clamp (only where a scale is subnormal: otherwise it changes nothing), and
+        the cast to int8 written straight into the output's value bytes (int4: into an int8 q, then
+        packed into them as int16 byte pairs)."""
         x = rows.detach()
         if not overwrite:
             x = x.to(torch.float32, copy=True)
@@ -127,13 +128,21 @@ class AbsmaxRows:
             raise TypeError(f"{self.name} encode(overwrite=True) needs float32 rows, got {x.dtype}")
         scales = self.scales(x)
         bad = ~torch.isfinite(scales)
-        if bool(bad.any()):
+        subnormal = (scales > 0) & (scales < torch.finfo(torch.float32).tiny)
+        any_bad, any_subnormal = torch.stack([bad.any(), subnormal.any()]).tolist()  # one sync on a GPU
+        if any_bad:
             f = int(bad.any(0).nonzero()[0])
             raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f], self.name)
         divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
         for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
             x[:, o : o + s].div_(divisor[:, j : j + 1])
-        x.round_().clamp_(-self.levels, self.levels)
+        x.round_()
+        # The clamp changes nothing unless a scale is subnormal: a normal scale = (m / L)(1 + d) with
+        # |d| <= 2^-24 (m = the field's max |x|), so |x| / scale <= m / scale, rounded, <= L (1 + 2^-22)
+        # < L + 1/2, and rounds to at most L (a zero scale divides by 1 values |x| <= L·2^-150: q = 0).
+        # A subnormal scale's relative error is up to 1/2 (m = 190·2^-149: scale 2^-149, m / scale 190).
+        if any_subnormal:
+            x.clamp_(-self.levels, self.levels)
         nf = 4 * len(self.fields)
         out = torch.empty(len(x), self.row_bytes, dtype=torch.uint8, device=x.device)
         out[:, :nf].copy_(scales.contiguous().view(torch.uint8))
