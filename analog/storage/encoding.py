@@ -45,7 +45,6 @@ import torch
 
 from analog.storage.rows import Fields, field_size, row_elems
 
-
 #: int4 packing reads byte pairs as int16 where the first byte is the low one
 _LITTLE_ENDIAN = sys.byteorder == "little"
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 from absmax_reference import reference_bytes
 
-from analog.storage import LogWriter
-from analog.storage import encoding
+from analog.storage import LogWriter, encoding
 from analog.storage.encoding import row_codec
 from analog.storage.rows import pack, split
 
