@@ -4,41 +4,76 @@ ternary, sign. Query rows stay float. Results: sketch_probe.md section 6.
 
     python -m benchmarks.attribution_lm.probe_bits [cache dir]
 """
-import math, sys, time, zlib
+
+import math
+import sys
+import time
+import zlib
 from pathlib import Path
-import numpy as np, torch
+
+import torch
+
+from benchmarks.attribution_lm.probe import capture, raw_scores, root_inv
 from benchmarks.attribution_lm.run import build_lm
-from benchmarks.attribution_lm.probe import capture, root_inv, raw_scores
+
 torch.set_num_threads(2)
-task = build_lm("cpu", "cpu", Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"), False, {"model": {}, "subsets": 50}, min_accuracy=0.5)
+task = build_lm(
+    "cpu",
+    "cpu",
+    Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"),
+    False,
+    {"model": {}, "subsets": 50},
+    min_accuracy=0.5,
+)
 train = capture(task, [b for _, b in task.train_batches()], task.train_loss)
 query = capture(task, [task.corpus.query_tokens], lambda m, b: task.query_loss(m))
+
+
 def whiten_fn(n):
     d, a = train[n]
-    A = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1]); S = torch.einsum("nti,ntj->ij", d, d) / (d.shape[0] * d.shape[1])
+    A = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1])
+    S = torch.einsum("nti,ntj->ij", d, d) / (d.shape[0] * d.shape[1])
     ra, rs = root_inv(A, math.sqrt(0.1) * A.trace() / len(A)), root_inv(S, math.sqrt(0.1) * S.trace() / len(S))
     return lambda d, a: (d @ rs, a @ ra)
+
+
 def q_absmax(x, L):
     s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / L
     return torch.round(x / s).clamp(-L, L) * s
+
+
 def q_lloyd2(x):  # 4 levels, Gaussian Lloyd-Max by the row's RMS: ±0.4528σ, ±1.510σ, thresholds 0, ±0.9816σ
     s = x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
     z = x / s
     mag = torch.where(z.abs() > 0.9816, 1.510, 0.4528)
     return torch.sign(z) * mag * s
+
+
 def q_ternary(x):  # {-1,0,1}·c, threshold 0.6σ; c = mean |x| over kept
     s = x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
-    keep = (x.abs() > 0.6 * s)
+    keep = x.abs() > 0.6 * s
     c = (x.abs() * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True).clamp_min(1)
     return torch.sign(x) * keep * c
+
+
 def q_sign(x):
     return torch.sign(x) * x.abs().mean(-1, keepdim=True)
-Q = {"fp32": lambda x: x, "int8": lambda x: q_absmax(x, 127), "int4": lambda x: q_absmax(x, 7),
-     "int2-absmax": lambda x: q_absmax(x, 1), "2bit-lloyd": q_lloyd2, "ternary": q_ternary, "1bit-sign": q_sign}
+
+
+Q = {
+    "fp32": lambda x: x,
+    "int8": lambda x: q_absmax(x, 127),
+    "int4": lambda x: q_absmax(x, 7),
+    "int2-absmax": lambda x: q_absmax(x, 1),
+    "2bit-lloyd": q_lloyd2,
+    "ternary": q_ternary,
+    "1bit-sign": q_sign,
+}
 for k in (256, 1024):
     for init in ("random-white",):
         for qn, qf in Q.items():
-            t = time.time(); total = 0
+            t = time.time()
+            total = 0
             for n in train:
                 w = whiten_fn(n)
                 gen = torch.Generator().manual_seed(zlib.crc32(n.encode()) % 997)
@@ -50,4 +85,8 @@ for k in (256, 1024):
                 xq = torch.einsum("ntr,nts->nrs", dq @ po, aq @ pi).flatten(1)
                 total = total + raw_scores(xq, xt)
             res = task.evaluate(total.numpy())
-            print(f"k={k:5d} {init} {qn:12s} recall@2 {res['recall@2']:.3f} lds {res['lds']:.3f} ({time.time()-t:.1f}s)", flush=True)
+            print(
+                f"k={k:5d} {init} {qn:12s} recall@2 {res['recall@2']:.3f} lds {res['lds']:.3f} "
+                f"({time.time() - t:.1f}s)",
+                flush=True,
+            )

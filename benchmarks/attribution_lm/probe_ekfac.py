@@ -8,35 +8,64 @@ Results: sketch_probe.md section 7.
 
     python -m benchmarks.attribution_lm.probe_ekfac [cache dir]
 """
-import math, sys, time, zlib
+
+import math
+import sys
+import zlib
 from pathlib import Path
-import numpy as np, torch
-from benchmarks.attribution_lm.run import build_lm
+
+import numpy as np
+import torch
+
 from benchmarks.attribution_lm.probe import capture, raw_scores
+from benchmarks.attribution_lm.run import build_lm
+
 torch.set_num_threads(2)
-task = build_lm("cpu", "cpu", Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"), False, {"model": {}, "subsets": 50}, min_accuracy=0.5)
+task = build_lm(
+    "cpu",
+    "cpu",
+    Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"),
+    False,
+    {"model": {}, "subsets": 50},
+    min_accuracy=0.5,
+)
 train = capture(task, [b for _, b in task.train_batches()], task.train_loss)
 query = capture(task, [task.corpus.query_tokens], lambda m, b: task.query_loss(m))
+
+
 def ekfac_scores(xq, xt, qs, qa, ro, ri):
     """EK-FAC in the (r_out, r_in) space with eigenbases qs (ro×ro), qa (ri×ri): corrected eigenvalues from xt."""
     gt = qs.T @ xt.reshape(-1, ro, ri) @ qa
     gq = qs.T @ xq.reshape(-1, ro, ri) @ qa
-    lam_e = (gt ** 2).mean(0)
+    lam_e = (gt**2).mean(0)
     lam = 0.1 * lam_e.mean()
     return gq.flatten(1) @ (gt / (lam_e + lam)).flatten(1).T
+
+
 def kfac_scores(xq, xt, S, A, ro, ri):
-    es, qs = torch.linalg.eigh(S); ea, qa = torch.linalg.eigh(A)
+    es, qs = torch.linalg.eigh(S)
+    ea, qa = torch.linalg.eigh(A)
     ev = es.clamp_min(0)[:, None] * ea.clamp_min(0)[None, :]
     lam = 0.1 * ev.mean()
-    gt = qs.T @ xt.reshape(-1, ro, ri) @ qa; gq = qs.T @ xq.reshape(-1, ro, ri) @ qa
+    gt = qs.T @ xt.reshape(-1, ro, ri) @ qa
+    gq = qs.T @ xq.reshape(-1, ro, ri) @ qa
     return gq.flatten(1) @ (gt / (ev + lam)).flatten(1).T
+
+
 def nearest_kron(C, ro, ri):
     R = C.reshape(ro, ri, ro, ri).permute(0, 2, 1, 3).reshape(ro * ro, ri * ri)
     U, s, Vh = torch.linalg.svd(R, full_matrices=False)
-    S = (U[:, 0] * s[0].sqrt()).reshape(ro, ro); A = (Vh[0] * s[0].sqrt()).reshape(ri, ri)
-    if S.trace() < 0: S, A = -S, -A
+    S = (U[:, 0] * s[0].sqrt()).reshape(ro, ro)
+    A = (Vh[0] * s[0].sqrt()).reshape(ri, ri)
+    if S.trace() < 0:
+        S, A = -S, -A
     return (S + S.T) / 2, (A + A.T) / 2
-def rel_err(C, M): return float((C - M).norm() / C.norm())
+
+
+def rel_err(C, M):
+    return float((C - M).norm() / C.norm())
+
+
 for k in (64, 256):
     r = int(round(math.sqrt(k)))
     totals = {m: 0 for m in ("raw", "ekfac-hooks", "ekfac-nkp", "kfac-hooks", "kfac-nkp", "ekfac-eig-raw-blocks")}
@@ -50,7 +79,8 @@ for k in (64, 256):
         xt = torch.einsum("ntr,nts->nrs", dt_, at_).flatten(1)
         xq = torch.einsum("ntr,nts->nrs", dq @ po, aq @ pi).flatten(1)
         N, T = d.shape[0], d.shape[1]
-        A = torch.einsum("nti,ntj->ij", at_, at_) / (N * T); S = torch.einsum("nto,ntp->op", dt_, dt_) / N
+        A = torch.einsum("nti,ntj->ij", at_, at_) / (N * T)
+        S = torch.einsum("nto,ntp->op", dt_, dt_) / N
         C = xt.T @ xt / N
         Sn, An = nearest_kron(C, r, r)
         totals["raw"] += raw_scores(xq, xt)
@@ -60,12 +90,17 @@ for k in (64, 256):
         totals["ekfac-hooks"] += ekfac_scores(xq, xt, qs, qa, r, r)
         qsn, qan = torch.linalg.eigh(Sn)[1], torch.linalg.eigh(An)[1]
         totals["ekfac-nkp"] += ekfac_scores(xq, xt, qsn, qan, r, r)
-        errs["kfac-hooks"].append(rel_err(C, torch.kron(S, A))); errs["kfac-nkp"].append(rel_err(C, torch.kron(Sn, An)))
+        errs["kfac-hooks"].append(rel_err(C, torch.kron(S, A)))
+        errs["kfac-nkp"].append(rel_err(C, torch.kron(Sn, An)))
         for name, (q1, q2) in (("ekfac-hooks", (qs, qa)), ("ekfac-nkp", (qsn, qan))):
-            Q = torch.kron(q1, q2); lam_e = ((q1.T @ xt.reshape(-1, r, r) @ q2) ** 2).mean(0).flatten()
+            Q = torch.kron(q1, q2)
+            lam_e = ((q1.T @ xt.reshape(-1, r, r) @ q2) ** 2).mean(0).flatten()
             errs[name].append(rel_err(C, Q @ torch.diag(lam_e) @ Q.T))
     for m, t in totals.items():
-        if isinstance(t, int): continue
+        if isinstance(t, int):
+            continue
         res = task.evaluate(t.numpy())
         e = np.mean(errs[m]) if m in errs else 0.0
-        print(f"k={k} {m:14s} recall@2 {res['recall@2']:.3f} lds {res['lds']:.3f}  ‖C − approx‖/‖C‖ {e:.3f}", flush=True)
+        print(
+            f"k={k} {m:14s} recall@2 {res['recall@2']:.3f} lds {res['lds']:.3f}  ‖C − approx‖/‖C‖ {e:.3f}", flush=True
+        )

@@ -6,14 +6,28 @@ pairs) against a Kronecker random sketch + raw, at the same numbers per module (
 The SVD keeps ρ = budget // (d_out + d_in) rank-one terms σ_j u_j v_jᵀ of G̃ = R_S G R_A (the best rank-ρ
 approximation); scores are ⟨Q̃, G̃_ρ⟩ with the query whitened and uncompressed. Results: sketch_probe.md §5.
 """
-import math, sys, time, zlib
+
+import math
+import sys
+import time
+import zlib
 from pathlib import Path
-import numpy as np, torch
+
+import numpy as np
+import torch
+
+from benchmarks.attribution_lm.probe import capture, raw_scores, root_inv
 from benchmarks.attribution_lm.run import build_lm
-from benchmarks.attribution_lm.probe import capture, root_inv, raw_scores
 
 torch.set_num_threads(2)
-task = build_lm("cpu", "cpu", Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"), False, {"model": {}, "subsets": 50}, min_accuracy=0.5)
+task = build_lm(
+    "cpu",
+    "cpu",
+    Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"),
+    False,
+    {"model": {}, "subsets": 50},
+    min_accuracy=0.5,
+)
 corpus = task.corpus
 train = capture(task, [b for _, b in task.train_batches()], task.train_loss)
 query = capture(task, [corpus.query_tokens], lambda m, b: task.query_loss(m))
@@ -22,28 +36,50 @@ for n, (d, a) in train.items():
     A = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1])
     S = torch.einsum("nti,ntj->ij", d, d) / (d.shape[0] * d.shape[1])
     stats[n] = (A, S)
+
+
 def whitened(n, d, a):
     A, S = stats[n]
     lam_a, lam_s = math.sqrt(0.1) * A.trace() / len(A), math.sqrt(0.1) * S.trace() / len(S)
     return d @ root_inv(S, lam_s), a @ root_inv(A, lam_a)
+
+
 W = {n: whitened(n, *train[n]) for n in train}
 WQ = {n: whitened(n, *query[n]) for n in train}
 G = {n: torch.einsum("nto,nti->noi", d, a) for n, (d, a) in W.items()}
 Q = {n: torch.einsum("nto,nti->noi", d, a) for n, (d, a) in WQ.items()}
 print({n: tuple(g.shape[1:]) for n, g in G.items()})
 SV = {n: torch.linalg.svd(g, full_matrices=False) for n, g in G.items()}
+
+
 def quant(x, how):
-    if how == "fp32": return x
+    if how == "fp32":
+        return x
     L = 127 if how == "int8" else 7
     s = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / L
     return torch.round(x / s).clamp(-L, L) * s
-def ev(scores): return task.evaluate(scores.numpy())
-def show(name, res, t): print(f"{name:40s} recall@2 {res['recall@2']:.3f} mrr {res['mrr']:.3f} lds {res.get('lds', float('nan')):.3f} ({time.time()-t:.1f}s)", flush=True)
-t = time.time(); show("full white dot (K-FAC-ish)", ev(sum(Q[n].flatten(1) @ G[n].flatten(1).T for n in G)), t)
+
+
+def ev(scores):
+    return task.evaluate(scores.numpy())
+
+
+def show(name, res, t):
+    print(
+        f"{name:40s} recall@2 {res['recall@2']:.3f} mrr {res['mrr']:.3f} "
+        f"lds {res.get('lds', float('nan')):.3f} ({time.time() - t:.1f}s)",
+        flush=True,
+    )
+
+
+t = time.time()
+show("full white dot (K-FAC-ish)", ev(sum(Q[n].flatten(1) @ G[n].flatten(1).T for n in G)), t)
 # energy captured
 for rho in (1, 2, 4, 8):
     e = np.mean([float((SV[n][1][:, :rho] ** 2).sum() / (SV[n][1] ** 2).sum()) for n in G])
     print(f"rank {rho}: mean energy fraction {e:.3f}")
+
+
 def svd_scores(budget, how):
     total = 0
     for n in G:
@@ -51,10 +87,12 @@ def svd_scores(budget, how):
         do, di = U.shape[1], Vh.shape[2]
         rho = max(1, budget // (do + di))
         u = quant(U[:, :, :rho].transpose(1, 2) * s[:, :rho, None], how)  # (N, rho, do)
-        v = quant(Vh[:, :rho, :], how)                                     # (N, rho, di)
+        v = quant(Vh[:, :rho, :], how)  # (N, rho, di)
         gr = torch.einsum("njo,nji->noi", u, v)
         total = total + Q[n].flatten(1) @ gr.flatten(1).T
     return total
+
+
 def tokens_scores(budget, how):  # keep the top tokens' (d, a) pairs by |d||a|
     total = 0
     for n in G:
@@ -67,6 +105,8 @@ def tokens_scores(budget, how):  # keep the top tokens' (d, a) pairs by |d||a|
         gr = torch.einsum("nto,nti->noi", quant(dd, how), quant(aa, how))
         total = total + Q[n].flatten(1) @ gr.flatten(1).T
     return total
+
+
 def kron_scores(k, how, seed=0, raw=True):
     total = 0
     for n in G:
@@ -79,7 +119,12 @@ def kron_scores(k, how, seed=0, raw=True):
         xq = torch.einsum("ntr,nts->nrs", dq @ po, aq @ pi).flatten(1)
         total = total + (raw_scores(xq, xt) if raw else xq @ xt.T)
     return total
+
+
 for budget, how in ((256, "fp32"), (1024, "int8"), (2048, "int4")):
-    t = time.time(); show(f"kron white raw k={budget} {how}", ev(kron_scores(budget, how)), t)
-    t = time.time(); show(f"svd budget={budget} {how}", ev(svd_scores(budget, how)), t)
-    t = time.time(); show(f"tokens budget={budget} {how}", ev(tokens_scores(budget, how)), t)
+    t = time.time()
+    show(f"kron white raw k={budget} {how}", ev(kron_scores(budget, how)), t)
+    t = time.time()
+    show(f"svd budget={budget} {how}", ev(svd_scores(budget, how)), t)
+    t = time.time()
+    show(f"tokens budget={budget} {how}", ev(tokens_scores(budget, how)), t)

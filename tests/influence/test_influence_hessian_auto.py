@@ -7,7 +7,16 @@ second moment F̂ = (1/N) Σ g gᵀ and the K-FAC matrix S ⊗ A formed as matri
 
 import pytest
 import torch
-from conftest import MLP_MODULES, explicit_factors, flat_module_grads, loss_fn, make_data, make_mlp, per_sample_grads, query_log
+from conftest import (
+    MLP_MODULES,
+    explicit_factors,
+    flat_module_grads,
+    loss_fn,
+    make_data,
+    make_mlp,
+    per_sample_grads,
+    query_log,
+)
 
 from analog import AnaLog
 from analog.analysis import InfluenceFunction
@@ -114,7 +123,6 @@ def test_without_a_store_every_module_is_kfac(tmp_path):
 
 
 def test_a_project_fitted_with_kfac_reopens_with_true(tmp_path):
-    model = make_mlp()
     x, y = make_data(n=32)
     # a project fitted with K-FAC before 'auto' existed (True was saved as "kfac") reopens with True
     old = _log(tmp_path, make_mlp(), x, y, project="old", hessian="kfac")  # LoGra logs, K-FAC asked
