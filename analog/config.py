@@ -12,6 +12,11 @@ hessian        ``"none"`` (identity), ``"diagonal"``, ``"kfac"``, ``"ekfac"``, `
                K-FAC elsewhere and without a store (analog.hessian.auto; measured in
                benchmarks/results/attribution_lm.md); ``False`` means ``"none"``
 damping        λ added to the curvature: a float, or ``None`` for 0.1 × mean eigenvalue per module
+fit_bytes      bytes of float64 sums a curvature fit from the store holds at once (default 1 GiB =
+               2**30). ``raw`` sums a k × k block per module (8k² bytes: 128 MiB at LoGra rank 64,
+               k = 4096), so modules are fitted in groups whose sums fit, one read of the store per
+               group; a module larger than this is fitted alone, with a warning naming it. Not counted:
+               the fitted state and one module's eigendecomposition (≈ 3 × 8k² bytes) at a time
 compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: rank},
                init: random|pca|whiten|whiten_pca|query, seed: int, damping: float|None}`` (default
                LoGra, rank 64, random, seed 0); ``pca``/``whiten``/``whiten_pca`` need a statistics pass
@@ -89,6 +94,7 @@ class Config:
     save: bool = True
     hessian: str = "none"
     damping: Optional[float] = None
+    fit_bytes: int = 2**30
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     segments: SegmentsConfig = field(default_factory=SegmentsConfig)
@@ -166,6 +172,9 @@ class Config:
         if self.damping is not None and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float))
                                          or not self.damping >= 0):
             raise ValueError(f"config 'damping' must be a number >= 0 or None, got {self.damping!r}")
+        if isinstance(self.fit_bytes, bool) or not isinstance(self.fit_bytes, (int, float)) or not self.fit_bytes >= 1:
+            raise ValueError(f"config 'fit_bytes' must be a positive number of bytes, got {self.fit_bytes!r}")
+        self.fit_bytes = int(self.fit_bytes)
         if self.progress is not None and not isinstance(self.progress, bool):
             raise TypeError(f"config 'progress' must be true, false or null, got {self.progress!r}")
         if self.nonfinite not in ("error", "allow"):

@@ -95,7 +95,7 @@ def fit(run, store: Optional[LogStore]) -> None:
     run.state.acquire()
     if store is not None:
         run.curvature = build_curvature(run.config.hessian)
-    run.curvature.finalize(store, progress=run.progress)
+    run.curvature.finalize(store, progress=run.progress, fit_bytes=run.config.fit_bytes)
     run._save_state()
 
 

@@ -50,7 +50,7 @@ from analog.storage.layout import write_bytes_atomic
 from analog.storage.writer import StoreLock
 
 #: config keys (dotted for sections) that may differ between the run that logged and a later one
-RUNTIME_KEYS = frozenset({"root_dir", "damping", "progress", "nonfinite", "storage.flush_bytes",
+RUNTIME_KEYS = frozenset({"root_dir", "damping", "fit_bytes", "progress", "nonfinite", "storage.flush_bytes",
                           "segments.rule", "segments.checkpoint"})
 
 

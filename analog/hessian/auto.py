@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Dict
 
+from analog.hessian.base import DEFAULT_FIT_BYTES
 from analog.hessian.kfac import KFAC
 from analog.hessian.simple import Raw
 
@@ -32,8 +33,8 @@ class Auto(KFAC, kind="auto"):
     """K-FAC factors from the logging pass for every module; ``raw`` fitted from the store for the
     modules whose logged dimension k is at most the store's N."""
 
-    def _finalize(self, store, progress):
-        super()._finalize(store, progress)
+    def _finalize(self, store, progress, fit_bytes=DEFAULT_FIT_BYTES):
+        super()._finalize(store, progress, fit_bytes)
         if store is None:
             return
         n = len(store)
@@ -43,7 +44,7 @@ class Auto(KFAC, kind="auto"):
             return
         raw = Raw()
         raw.only = chosen
-        raw._finalize(store, progress)
+        raw._finalize(store, progress, fit_bytes)
         for name in chosen:  # the module's K-FAC factors are not used: drop them
             for key in ("A", "S", "QA", "QS", "eA", "eS"):
                 self.state.pop(f"{name}/{key}", None)

@@ -16,7 +16,8 @@ would. ``finalize`` normalises once; calling it again changes nothing.
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Optional, Type
+import warnings
+from typing import ClassVar, Dict, Iterable, List, Optional, Type
 
 import torch
 
@@ -24,6 +25,7 @@ from analog.distributed import all_reduce_sum, local_step, rank, world_size
 
 _KINDS: Dict[str, Type["Curvature"]] = {}
 HEURISTIC_DAMPING = 0.1
+DEFAULT_FIT_BYTES = 2**30  # config ``fit_bytes``: float64 sums held at once by a fit from the store
 
 
 class CurvatureError(RuntimeError):
@@ -67,11 +69,12 @@ class Curvature:
         add_sums(self.state, stats)
         self.meta["n_samples"] += int(n)
 
-    def finalize(self, store=None, progress: bool = False) -> None:
+    def finalize(self, store=None, progress: bool = False, fit_bytes: int = DEFAULT_FIT_BYTES) -> None:
         """Fit once. With a store (logs saved), the store is the one source: N = len(store), and
         statistics from the logging pass are the sums committed with its chunks (over every rank);
         ``meta["fitted_on"]`` records the store's digest. Without one, this process's in-memory
-        statistics and count, summed over ranks. Idempotent."""
+        statistics and count, summed over ranks. ``fit_bytes`` bounds the float64 sums a fit from
+        the store holds at once (config ``fit_bytes``; see ``fit_groups``). Idempotent."""
         if self.meta["finalized"]:
             return
         if store is not None:
@@ -81,10 +84,10 @@ class Curvature:
                 self.state = store.stat_sums()
         else:
             self.meta["n_samples"] = int(all_reduce_sum(torch.tensor(float(self.meta["n_samples"]))))
-        self._finalize(store, progress)
+        self._finalize(store, progress, fit_bytes)
         self.meta["finalized"] = True
 
-    def _finalize(self, store, progress: bool) -> None:
+    def _finalize(self, store, progress: bool, fit_bytes: int) -> None:
         pass
 
     # -- queries ----------------------------------------------------------------------------
@@ -128,45 +131,83 @@ def build_curvature(kind: str) -> Curvature:
     return _KINDS[kind]()
 
 
-def store_batches(store, batch_size: int = 512, progress: bool = False, desc: str = "fitting curvature"):
+def store_batches(store, batch_size: int = 512, progress: bool = False, desc: str = "fitting curvature",
+                  modules: Optional[Iterable[str]] = None):
     """Yield {module: grad (B, D) float64} over this rank's share of the store (every batch when
-    not distributed; batch i goes to rank i mod world otherwise), with an optional tqdm bar."""
+    not distributed; batch i goes to rank i mod world otherwise), with an optional tqdm bar. Only
+    the modules in ``modules`` (default: every module that logged ``grad``) are converted."""
     from tqdm.auto import tqdm
 
+    wanted = None if modules is None else set(modules)
     starts = range(rank() * batch_size, len(store), world_size() * batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         _, logs = store.batch(start, min(start + batch_size, len(store)))
         yield {m: kinds["grad"].reshape(kinds["grad"].shape[0], -1).double() for m, kinds in logs.items()
-               if "grad" in kinds}
+               if "grad" in kinds and (wanted is None or m in wanted)}
 
 
-def share_sums(store, term, progress: bool = False, desc: str = "fitting curvature",
-               modules=None) -> Dict[str, torch.Tensor]:
-    """{module: Σ term(module, g) over this rank's share of the store} (see store_batches), of every logged
-    module or of those in ``modules``; a module of which it read no batch is absent. An error on any rank
-    is raised on every rank (a RankError naming each rank that failed: analog.distributed.local_step), so
-    none waits alone in ``reduce_sums``."""
+def share_sums(store, add, progress: bool = False, desc: str = "fitting curvature",
+               modules: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """{module: Σ over this rank's share of the store (see store_batches)}, of every logged module or of
+    those in ``modules`` (only those are read into float64), accumulated batch by batch as
+    ``total = add(module, total, g)`` (``total`` None at the module's first batch; ``add`` may add into
+    it in place); a module of which it read no batch is absent. An error on any rank is raised on
+    every rank (a RankError naming each rank that failed: analog.distributed.local_step), so none
+    waits alone in ``reduce_sums``."""
     def local():
         sums: Dict[str, torch.Tensor] = {}
-        for logs in store_batches(store, progress=progress, desc=desc):
+        for logs in store_batches(store, progress=progress, desc=desc, modules=modules):
             for name, g in logs.items():
-                if modules is not None and name not in modules:
-                    continue
-                value = term(name, g)
-                sums[name] = value if name not in sums else sums[name] + value
+                sums[name] = add(name, sums.get(name), g)
         return sums
 
     return local_step(desc, local)
 
 
-def reduce_sums(sums: Dict[str, torch.Tensor], store, shape_of, modules=None) -> Dict[str, torch.Tensor]:
-    """Σ over ranks of per-module sums (of every logged module, or of those in ``modules``); a module
-    this rank saw no batch of counts as zeros."""
+def reduce_sums(sums: Dict[str, torch.Tensor], store, shape_of,
+                modules: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Σ over ranks of per-module sums; a module this rank saw no batch of counts as zeros.
+
+    Reduces the store's ``grad`` modules in the store's field order, restricted to ``modules`` when
+    given: every rank must call it with the same ``modules`` (one all-reduce per module, matched by
+    order). Each local sum is taken out of ``sums`` as it is reduced, so a group is held once."""
+    wanted = None if modules is None else set(modules)
     out = {}
     for field in store.fields:
-        if field["kind"] == "grad" and (modules is None or field["module"] in modules):
+        if field["kind"] == "grad" and (wanted is None or field["module"] in wanted):
             name = field["module"]
-            local = sums.get(name)
+            local = sums.pop(name, None)
             out[name] = all_reduce_sum(local if local is not None else torch.zeros(shape_of(name, field["shape"]),
                                                                                   dtype=torch.float64))
     return out
+
+
+def fit_groups(sizes: Dict[str, int], budget: int, what: str) -> List[List[str]]:
+    """Modules in the order of ``sizes`` ({module: bytes of its sums}), cut into consecutive groups
+    whose bytes add up to at most ``budget``: one read of the store per group. A module larger
+    than ``budget`` is a group of its own, with a warning naming it and its bytes. Deterministic,
+    so every rank forms the same groups from the same store and budget."""
+    groups: List[List[str]] = []
+    held, oversized = 0, []  # held: bytes of the last group
+    for name, size in sizes.items():
+        if size > budget:
+            oversized.append(f"{name!r} ({format_bytes(size)})")
+        if groups and held + size <= budget:
+            groups[-1].append(name)
+            held += size
+        else:
+            groups.append([name])
+            held = size
+    if oversized:
+        warnings.warn(f"{what}: the sums of module(s) {', '.join(oversized[:5])}"
+                      f"{f' and {len(oversized) - 5} more' if len(oversized) > 5 else ''} exceed fit_bytes = "
+                      f"{format_bytes(budget)}; each is fitted alone, in a read of the store of its own", stacklevel=4)
+    return groups
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit not above it, and exactly: 134217728 -> '128.0 MiB = 134217728 bytes'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} = {n} bytes"
+    return f"{n} bytes"

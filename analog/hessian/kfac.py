@@ -20,7 +20,15 @@ from __future__ import annotations
 import torch
 
 from analog.distributed import all_gather_object, all_reduce_sum
-from analog.hessian.base import Curvature, CurvatureError, add_sums, damping_value, reduce_sums, share_sums
+from analog.hessian.base import (
+    DEFAULT_FIT_BYTES,
+    Curvature,
+    CurvatureError,
+    add_sums,
+    damping_value,
+    reduce_sums,
+    share_sums,
+)
 
 
 class KFAC(Curvature, kind="kfac"):
@@ -33,7 +41,7 @@ class KFAC(Curvature, kind="kfac"):
             add_sums(stats, factor_sums(name, a, d, mask))
         return stats
 
-    def _finalize(self, store, progress):
+    def _finalize(self, store, progress, fit_bytes=DEFAULT_FIT_BYTES):
         """Factors from the sums: from the store's chunks (already over every rank) when there is a
         store, else this process's running sums, reduced over ranks."""
         n = self.meta["n_samples"]
@@ -88,16 +96,18 @@ def factor_sums(name, a, d, mask):
 class EKFAC(KFAC, kind="ekfac"):
     needs_store = True
 
-    def _finalize(self, store, progress):
+    def _finalize(self, store, progress, fit_bytes=DEFAULT_FIT_BYTES):
         if store is None:
             raise CurvatureError("EK-FAC corrects eigenvalues from the logged gradients: set save=True")
-        super()._finalize(store, progress)
-        def term(name, g):
+        super()._finalize(store, progress, fit_bytes)
+
+        def add(name, total, g):
             q_s, q_a = self.state[f"{name}/QS"], self.state[f"{name}/QA"]
             rotated = q_s.transpose(-1, -2) @ g.reshape(g.shape[0], *self._shape(name)) @ q_a
-            return (rotated**2).sum(0)
+            term = (rotated**2).sum(0)
+            return term if total is None else total.add_(term)
 
-        sums = share_sums(store, term, progress, "EK-FAC eigenvalue correction")
+        sums = share_sums(store, add, progress, "EK-FAC eigenvalue correction")
         sums = reduce_sums(sums, store, lambda name, shape: self._shape(name))
         for name in self.modules():
             if name not in sums:

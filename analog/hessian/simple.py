@@ -2,22 +2,38 @@
 
 * ``none``:      F̂ = I and no damping: scores are plain gradient inner products.
 * ``diagonal``:  F̂ = diag((1/N) Σ_n g_n ⊙ g_n);          (F̂ + λI)⁻¹ g = g / (diag + λ).
-* ``raw``:       F̂ = (1/N) Σ_n g_n g_nᵀ  (D × D per module, D = logged dimension, so use it on
-                 LoGra-compressed logs), eigendecomposed in float64: F̂ = Q diag(e) Qᵀ and
-                 (F̂ + λI)⁻¹ g = Q diag(1/(e + λ)) Qᵀ g.
+* ``raw``:       F̂ = (1/N) Σ_n g_n g_nᵀ  (k × k per module, k = logged dimension, so use it on
+                 LoGra-compressed logs: rank r per side gives k = r²), eigendecomposed in float64:
+                 F̂ = Q diag(e) Qᵀ and (F̂ + λI)⁻¹ g = Q diag(1/(e + λ)) Qᵀ g, computed in float64.
+                 State per module: ``evals`` (k,) and ``evecs`` Q (k, k), float64.
+
+``diagonal`` and ``raw`` are fitted by reading the store: a module's sum of per-example terms
+(k values for ``diagonal``, k² for ``raw``, float64) is accumulated over the rows, summed over
+ranks, divided by N and fitted. Modules are fitted in groups whose sums fit ``fit_bytes`` (one read
+of the store per group, see analog.hessian.base.fit_groups): besides the fitted state, a fit holds
+at most the budget plus one batch of rows and one module's eigendecomposition, whatever the number
+of modules.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from analog.hessian.base import Curvature, damping_value, reduce_sums, share_sums
+from analog.hessian.base import (
+    DEFAULT_FIT_BYTES,
+    Curvature,
+    damping_value,
+    fit_groups,
+    reduce_sums,
+    share_sums,
+)
 
 
 class Identity(Curvature, kind="none"):
-    def _finalize(self, store, progress):
+    def _finalize(self, store, progress, fit_bytes=DEFAULT_FIT_BYTES):
         pass
 
     def precondition(self, name, g, damping=None):
@@ -30,28 +46,47 @@ class Identity(Curvature, kind="none"):
 class _FromStore(Curvature):
     needs_store = True
     only = None  # a set of module names: fit those alone (analog.hessian.auto); None: every module
+    #: bytes of one float64 value of the sums
+    SUM_ITEM_BYTES = 8
 
-    def _finalize(self, store, progress):
+    def _finalize(self, store, progress, fit_bytes=DEFAULT_FIT_BYTES):
+        """Per group of modules (``fit_groups`` over the sums' bytes, in store order; the modules in
+        ``only`` when set): one read of the store accumulating Σ_n term(g_n), a sum over ranks, then
+        ``_fit(name, sum / N)`` per module."""
         if store is None:
             raise RuntimeError(f"hessian {self.kind!r} is fitted from the logged gradients: set save=True")
-        sums = share_sums(store, lambda name, g: self._term(g), progress, f"fitting {self.kind}", self.only)
+        shapes = {f["module"]: self._sum_shape(f["module"], f["shape"]) for f in store.fields
+                  if f["kind"] == "grad" and (self.only is None or f["module"] in self.only)}
+        sizes = {name: self.SUM_ITEM_BYTES * math.prod(shape) for name, shape in shapes.items()}
+        groups = fit_groups(sizes, fit_bytes, f"hessian {self.kind!r}")
         n = len(store)
-        for name, total in reduce_sums(sums, store, self._sum_shape, self.only).items():
-            self._fit(name, total / n)
+        for i, group in enumerate(groups):
+            desc = f"fitting {self.kind}" + (f" ({i + 1}/{len(groups)}: {len(group)} modules)" if len(groups) > 1
+                                             else "")
+            sums = share_sums(store, lambda name, total, g: self._accumulate(total, g), progress, desc, group)
+            totals = reduce_sums(sums, store, self._sum_shape, modules=group)
+            for name in group:
+                self._fit(name, totals.pop(name).div_(n))
 
-    def _term(self, g: torch.Tensor) -> torch.Tensor:
+    def _accumulate(self, total: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+        """``total`` (None before the first batch) plus Σ over a batch's rows g (B, k) float64 of the
+        per-example term, shape ``_sum_shape``; may add into ``total`` in place."""
         raise NotImplementedError
 
     def _sum_shape(self, name, shape):
+        """Shape of the module's sum, from its logged ``shape``."""
         raise NotImplementedError
 
     def _fit(self, name: str, stat: torch.Tensor) -> None:
+        """Fit the module from its normalised statistic (sum / N), which it may consume."""
         raise NotImplementedError
 
 
 class Diagonal(_FromStore, kind="diagonal"):
-    def _term(self, g):
-        return (g * g).sum(0)
+    def _accumulate(self, total, g):
+        """+ Σ_n g_n ⊙ g_n, (k,)."""
+        term = (g * g).sum(0)
+        return term if total is None else total.add_(term)
 
     def _sum_shape(self, name, shape):
         return (math.prod(shape),)
@@ -67,21 +102,27 @@ class Diagonal(_FromStore, kind="diagonal"):
 
 
 class Raw(_FromStore, kind="raw"):
-    def _term(self, g):
-        return g.T @ g
+    #: dtype the eigenvectors are stored in; preconditioning converts them to float64
+    EVECS_DTYPE = torch.float64
+
+    def _accumulate(self, total, g):
+        """+ Σ_n g_n g_nᵀ = gᵀ g, (k, k), added in place (no k × k temporary after the first batch)."""
+        return g.T @ g if total is None else total.addmm_(g.T, g)
 
     def _sum_shape(self, name, shape):
         return (math.prod(shape), math.prod(shape))
 
     def _fit(self, name, stat):
+        """F̂ = Q diag(e) Qᵀ by eigh in float64; e clamped at 0 (rounding), Q stored as ``EVECS_DTYPE``."""
         evals, evecs = torch.linalg.eigh(stat)
         self.state[f"{name}/evals"] = evals.clamp_min(0)
-        self.state[f"{name}/evecs"] = evecs
+        self.state[f"{name}/evecs"] = evecs.to(self.EVECS_DTYPE)
 
     def precondition(self, name, g, damping=None):
+        """Q diag(1/(e + λ)) Qᵀ g in float64, for g (B, *shape) with prod(shape) = k."""
         evals, evecs = self.require(name, "evals"), self.require(name, "evecs")
         lam = damping_value(evals, damping)
         flat = g.reshape(g.shape[0], -1).double()
-        evecs = evecs.to(flat.device)
-        out = ((flat @ evecs) / (evals.to(flat.device) + lam)) @ evecs.T
+        evecs = evecs.to(flat.device, torch.float64)
+        out = ((flat @ evecs) / (evals.to(flat.device, torch.float64) + lam)) @ evecs.T
         return out.reshape(g.shape)

@@ -51,6 +51,8 @@ PROJECTS = {  # name -> config (each run once by the 2-process group and once in
     "kfac": {"hessian": "kfac", "compression": {"type": "logra", "rank": 4, "seed": 3}},
     "ekfac": {"hessian": "ekfac", "compression": {"type": "logra", "rank": 4, "seed": 3}},
     "raw_pca": {"hessian": "raw", "compression": {"type": "logra", "rank": 3, "init": "pca"}},
+    # k = 9 per module, 8k² = 648 bytes of sums: one read of the store per module, each reduced over ranks
+    "raw_groups": {"hessian": "raw", "compression": {"type": "logra", "rank": 3, "seed": 3}, "fit_bytes": 648},
 }
 
 
@@ -138,10 +140,20 @@ def worker_equivalence(rank, world, tmp, root):
     """Every project through a DDP-wrapped model; influence scored sharded (full and top-k)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import analog.hessian.base as base
+
+    reads, inner = [], base.store_batches  # the modules of each read of the store (None: every module)
+
+    def counted(*args, modules=None, **kwargs):
+        reads.append(None if modules is None else list(modules))
+        return inner(*args, modules=modules, **kwargs)
+
+    base.store_batches = counted
     out = {}
     for i, name in enumerate(PROJECTS):
+        reads.clear()
         model = make_model()
-        watch_wrapped = i % 2 == 1  # set up before wrapping (kfac, raw_pca) and on the wrapper (ekfac)
+        watch_wrapped = i % 2 == 1  # before wrapping (kfac, raw_pca), on the wrapper (ekfac, raw_groups)
         ddp = DDP(model)
         run = log_project(model, shard(rank, world), root, name, ddp=ddp, watch_wrapped=watch_wrapped)
         q = query(run, model)
@@ -153,7 +165,7 @@ def worker_equivalence(rank, world, tmp, root):
                                                     distributed=True, progress=False)
         out[name] = {"modules": sorted(run.modules), "fingerprint": run.projector.fingerprint(),
                      "state": dict(run.curvature.state), "n_samples": run.curvature.meta["n_samples"],
-                     "full": full, "top": top, "local": local, "small_top": small}
+                     "full": full, "top": top, "local": local, "small_top": small, "reads": list(reads)}
     torch.save(out, Path(tmp) / f"result_rank{rank}.pt")
 
 

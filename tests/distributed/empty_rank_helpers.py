@@ -182,7 +182,7 @@ def rank_fails(rank, runs):
 
     out = {}
     for key, cls, method, call in [
-        ("refit", Diagonal, "_term", lambda: runs["diagonal_one_example"][0].refit()),
+        ("refit", Diagonal, "_accumulate", lambda: runs["diagonal_one_example"][0].refit()),
         ("scores", InfluenceFunction, "_pairwise",
          lambda: runs["pca_stats_rank1"][0].influence.compute_influence_all(query(*runs["pca_stats_rank1"]),
                                                                              distributed=True, progress=False)),

@@ -99,6 +99,9 @@ def test_projection_and_statistics_equal(ddp_run, single_run, name):
             torch.testing.assert_close(state[f"{m}/evals"], ref[f"{m}/evals"], **TOL)
     for key, value in state.items():
         assert value.dtype == torch.float64, f"{key} accumulates in float64"
+    if name.startswith("raw"):  # one read of the store per group of modules, the same on every rank
+        groups = [["0"], ["2"]] if name == "raw_groups" else [["0", "2"]]
+        assert r0["reads"] == r1["reads"] == groups
 
 
 @pytest.mark.parametrize("name", list(PROJECTS))

@@ -26,10 +26,12 @@ def loss_fn(out, y):
     return nn.functional.cross_entropy(out, y, reduction="sum")
 
 
-def run_logging(model, x, y, root, project, hessian, compression=None, batch=16, damping=None, storage=None):
-    """Log per-sample gradients of (x, y) with AnaLog, finalize, and return the run in eval mode."""
+def run_logging(model, x, y, root, project, hessian, compression=None, batch=16, damping=None, storage=None,
+                config=None):
+    """Log per-sample gradients of (x, y) with AnaLog, finalize, and return the run in eval mode
+    (``config``: further keys of the AnaLog config)."""
     run = AnaLog(project=project, config={"root_dir": str(root), "compression": compression or {"type": "none"},
-                                          "storage": storage or {}})
+                                          "storage": storage or {}, **(config or {})})
     run.update({"log": ["grad"], "hessian": hessian, "save": True, "damping": damping})
     run.watch(model)
     for i in range(0, len(x), batch):

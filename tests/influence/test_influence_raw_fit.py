@@ -1,0 +1,99 @@
+"""Fits from the store under a memory budget (config ``fit_bytes``): modules in groups, one read of the
+store per group, against an explicitly formed (F̂ + λI)⁻¹."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_data, run_logging
+from torch import nn
+
+import analog.hessian.base as base
+from analog import AnaLog
+from analog.hessian import build_curvature
+from analog.hessian.simple import Raw
+
+MODULES = ["0", "2", "4", "6"]
+K = {"0": 5 * 7, "2": 4 * 6, "4": 3 * 5, "6": 3 * 4}  # d_out · (d_in + 1): [W | b] of each Linear
+#: raw sums are 8k² bytes: 9800 | 4608 + 1800 = 6408 | 1152, so 6500 bytes makes three groups, the first
+#: a module over the budget on its own
+RAW_BUDGET, RAW_GROUPS = 6500, [["0"], ["2", "4"], ["6"]]
+#: diagonal sums are 8k bytes: 280 | 192 | 120 + 96
+DIAG_BUDGET, DIAG_GROUPS = 300, [["0"], ["2"], ["4", "6"]]
+
+
+def deep_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Tanh(),
+                         nn.Linear(3, 3))
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The modules of each read of the store made by a diagonal or raw fit, in order; each read in
+    batches of 16 rows, so the sums add several batches."""
+    seen = []
+    inner = base.store_batches
+
+    def counted(store, *args, modules=None, **kwargs):
+        seen.append(list(modules))
+        return inner(store, *args, modules=modules, **{**kwargs, "batch_size": 16})
+
+    monkeypatch.setattr(base, "store_batches", counted)
+    return seen
+
+
+def explicit_fisher(store):
+    """{module: F̂ = (1/N) GᵀG (k, k) float64} from every stored row at once (not through the fit)."""
+    n = len(store)
+    grads = {m: kinds["grad"].reshape(n, -1) for m, kinds in store.split(store.rows(0, n).double()).items()}
+    return {m: g.T @ g / n for m, g in grads.items()}
+
+
+def test_raw_fitted_in_groups_under_fit_bytes_equals_the_explicit_inverse(tmp_path, reads, monkeypatch):
+    monkeypatch.setattr(Raw, "EVECS_DTYPE", torch.float64)  # the fit as computed, to float64 precision
+    lam = 0.05
+    with pytest.warns(UserWarning, match=r"module\(s\) '0' \(9\.6 KiB = 9800 bytes\) exceed fit_bytes = "
+                                         r"6\.3 KiB = 6500 bytes; each is fitted alone"):
+        run = run_logging(deep_mlp(), *make_data(n=48), tmp_path, "raw", "raw", damping=lam,
+                          config={"fit_bytes": RAW_BUDGET})
+    assert reads == RAW_GROUPS
+
+    fisher = explicit_fisher(run.open_store())
+    gen = torch.Generator().manual_seed(3)
+    compared = []
+    for m in MODULES:
+        assert fisher[m].shape == (K[m], K[m])
+        g = torch.randn(5, K[m], generator=gen, dtype=torch.float64)
+        expected = torch.linalg.solve(fisher[m] + lam * torch.eye(K[m], dtype=torch.float64), g.T).T
+        torch.testing.assert_close(run.curvature.precondition(m, g, lam), expected, rtol=1e-10, atol=1e-12)
+        compared.append(m)
+    assert compared == run.curvature.modules() == MODULES
+
+
+@pytest.mark.parametrize("kind, budget, groups", [("raw", RAW_BUDGET, RAW_GROUPS),
+                                                  ("diagonal", DIAG_BUDGET, DIAG_GROUPS)])
+def test_a_fit_in_groups_equals_the_fit_in_one_read(tmp_path, reads, kind, budget, groups):
+    run = run_logging(deep_mlp(), *make_data(n=48), tmp_path, kind, kind)  # default fit_bytes: one read
+    assert reads == [MODULES]
+    store = run.open_store()
+    grouped = build_curvature(kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # raw: module '0' is over the budget
+        grouped.finalize(store, fit_bytes=budget)
+    assert reads[1:] == groups
+    keys = sorted(run.curvature.state)
+    assert sorted(grouped.state) == keys and len(keys) == (8 if kind == "raw" else 4)
+    for key in keys:
+        assert torch.equal(grouped.state[key], run.curvature.state[key]), key
+    if kind == "diagonal":  # diag(F̂), by the formula
+        fisher = explicit_fisher(store)
+        for m in MODULES:
+            torch.testing.assert_close(grouped.state[f"{m}/diag"], fisher[m].diagonal(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["raw", "diagonal"])
+def test_fit_bytes_is_a_runtime_key_checked_like_flush_bytes(tmp_path, kind):
+    with pytest.raises(ValueError, match="config 'fit_bytes' must be a positive number of bytes, got 0"):
+        AnaLog("p", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": 0})
+    assert AnaLog("q", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": 1e6}).config.fit_bytes == 10**6
