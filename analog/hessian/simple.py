@@ -5,7 +5,8 @@
 * ``raw``:       F̂ = (1/N) Σ_n g_n g_nᵀ  (k × k per module, k = logged dimension, so use it on
                  LoGra-compressed logs: rank r per side gives k = r²), eigendecomposed in float64:
                  F̂ = Q diag(e) Qᵀ and (F̂ + λI)⁻¹ g = Q diag(1/(e + λ)) Qᵀ g, computed in float64.
-                 State per module: ``evals`` (k,) and ``evecs`` Q (k, k), float64.
+                 State per module: ``evals`` (k,) float64 and ``evecs`` Q (k, k) stored in float32
+                 (half the bytes; a project saved with float64 Q is read and used as it is).
 
 ``diagonal`` and ``raw`` are fitted by reading the store: a module's sum of per-example terms
 (k values for ``diagonal``, k² for ``raw``, float64) is accumulated over the rows, summed over
@@ -103,7 +104,7 @@ class Diagonal(_FromStore, kind="diagonal"):
 
 class Raw(_FromStore, kind="raw"):
     #: dtype the eigenvectors are stored in; preconditioning converts them to float64
-    EVECS_DTYPE = torch.float64
+    EVECS_DTYPE = torch.float32
 
     def _accumulate(self, total, g):
         """+ Σ_n g_n g_nᵀ = gᵀ g, (k, k), added in place (no k × k temporary after the first batch)."""

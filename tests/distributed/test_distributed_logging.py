@@ -97,8 +97,8 @@ def test_projection_and_statistics_equal(ddp_run, single_run, name):
                 torch.testing.assert_close(state[f"{m}/corrected"], ref[f"{m}/corrected"], **TOL)
         else:  # raw: the Fisher Q diag(e) Qᵀ and its eigenvalues (PCA projections: sign-free quantities)
             torch.testing.assert_close(state[f"{m}/evals"], ref[f"{m}/evals"], **TOL)
-    for key, value in state.items():
-        assert value.dtype == torch.float64, f"{key} accumulates in float64"
+    for key, value in state.items():  # raw's eigenvectors are stored in float32, of a float64 fit
+        assert value.dtype == (torch.float32 if key.endswith("/evecs") else torch.float64), key
     if name.startswith("raw"):  # one read of the store per group of modules, the same on every rank
         groups = [["0"], ["2"]] if name == "raw_groups" else [["0", "2"]]
         assert r0["reads"] == r1["reads"] == groups

@@ -1,15 +1,17 @@
 """Fits from the store under a memory budget (config ``fit_bytes``): modules in groups, one read of the
-store per group, against an explicitly formed (F̂ + λI)⁻¹."""
+store per group, against an explicitly formed (F̂ + λI)⁻¹; raw's float32 eigenvectors and projects saved
+with float64 ones."""
 
 import warnings
 
 import pytest
 import torch
-from conftest import make_data, run_logging
+from conftest import make_data, query_log, run_logging
 from torch import nn
 
 import analog.hessian.base as base
 from analog import AnaLog
+from analog.analysis import InfluenceFunction
 from analog.hessian import build_curvature
 from analog.hessian.simple import Raw
 
@@ -97,3 +99,45 @@ def test_fit_bytes_is_a_runtime_key_checked_like_flush_bytes(tmp_path, kind):
     with pytest.raises(ValueError, match="config 'fit_bytes' must be a positive number of bytes, got 0"):
         AnaLog("p", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": 0})
     assert AnaLog("q", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": 1e6}).config.fit_bytes == 10**6
+
+
+def test_raw_stores_float32_eigenvectors_and_a_float64_project_scores_as_it_did(tmp_path, monkeypatch):
+    """A project saved by analog before eigenvectors were stored in float32: the same fit with float64
+    Q, written into the project's state; reopened, it is read and used in float64 as it was."""
+    model, (x, y), (xq, yq) = deep_mlp(), make_data(n=48), make_data(n=4, seed=2)
+    lam = 0.05
+    run = run_logging(model, x, y, tmp_path, "p", "raw", damping=lam)
+    assert [run.curvature.state[f"{m}/evecs"].dtype for m in MODULES] == [torch.float32] * 4
+    assert [run.curvature.state[f"{m}/evals"].dtype for m in MODULES] == [torch.float64] * 4
+    q = query_log(run, model, xq, yq)
+    new_scores = run.influence.compute_influence_all(q).scores
+
+    store = run.open_store()
+    monkeypatch.setattr(Raw, "EVECS_DTYPE", torch.float64)
+    old = build_curvature("raw")
+    old.finalize(store)
+    monkeypatch.undo()
+    old_scores = InfluenceFunction.from_parts(old, store, lam).compute_influence_all(q).scores
+    run.state.save(run.config, None, old)
+
+    reopened = AnaLog("p", {"root_dir": str(tmp_path)})
+    reopened.watch(model)
+    reopened.eval()
+    reopened.add_analysis({"influence": InfluenceFunction})
+    state = reopened.curvature.state
+    assert sorted(state) == sorted(old.state) and len(state) == 8
+    for key in state:
+        assert state[key].dtype == torch.float64 and torch.equal(state[key], old.state[key]), key
+    scores = reopened.influence.compute_influence_all(query_log(reopened, model, xq, yq)).scores
+    assert scores.shape == (4, 48) and torch.equal(scores, old_scores)
+
+    # both equal the explicit Σ_m g_q,m (F̂_m + λI)⁻¹ g_t,m: float64 Q to float32 output rounding, float32 Q
+    # to what rounding Q to float32 adds (measured: benchmarks/bench_raw_evecs.py)
+    fisher, n = explicit_fisher(store), len(store)
+    logs = store.split(store.rows(0, n).double())
+    train = {m: kinds["grad"].reshape(n, -1) for m, kinds in logs.items()}
+    queries = {m: kinds["grad"].reshape(4, -1).double() for m, kinds in q[1].items()}
+    expected = sum(torch.linalg.solve(fisher[m] + lam * torch.eye(K[m], dtype=torch.float64), queries[m].T).T
+                   @ train[m].T for m in MODULES)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(new_scores.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
