@@ -7,6 +7,8 @@
                  F̂ = Q diag(e) Qᵀ and (F̂ + λI)⁻¹ g = Q diag(1/(e + λ)) Qᵀ g, computed in float64.
                  State per module: ``evals`` (k,) float64 and ``evecs`` Q (k, k) stored in float32
                  (half the bytes; a project saved with float64 Q is read and used as it is).
+                 With fewer examples than dimensions (N < k) F̂ has rank ≤ N, and on the k − N
+                 directions no training gradient spans only λ is left: the fit warns, naming them.
 
 ``diagonal`` and ``raw`` are fitted by reading the store: a module's sum of per-example terms
 (k values for ``diagonal``, k² for ``raw``, float64) is accumulated over the rows, summed over
@@ -19,6 +21,7 @@ of modules.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -68,6 +71,10 @@ class _FromStore(Curvature):
             totals = reduce_sums(sums, store, self._sum_shape, modules=group)
             for name in group:
                 self._fit(name, totals.pop(name).div_(n))
+        self._check_fitted(n)
+
+    def _check_fitted(self, n: int) -> None:
+        """Warnings about what the fit cannot capture (none by default)."""
 
     def _accumulate(self, total: Optional[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
         """``total`` (None before the first batch) plus Σ over a batch's rows g (B, k) float64 of the
@@ -118,6 +125,19 @@ class Raw(_FromStore, kind="raw"):
         evals, evecs = torch.linalg.eigh(stat)
         self.state[f"{name}/evals"] = evals.clamp_min(0)
         self.state[f"{name}/evecs"] = evecs.to(self.EVECS_DTYPE)
+
+    def _check_fitted(self, n):
+        """With N < k examples, F̂ has rank ≤ N: warn, naming each such module with N and k."""
+        short = [f"{name!r} (k = {len(self.state[f'{name}/evals'])})" for name in self.modules()
+                 if len(self.state[f"{name}/evals"]) > n]
+        if short:
+            warnings.warn(
+                f"hessian 'raw': the project has N = {n} examples, fewer than the logged dimension k of module(s) "
+                f"{', '.join(short[:5])}{f' and {len(short) - 5} more' if len(short) > 5 else ''}: their "
+                "F̂ = (1/N) Σ g gᵀ has rank at most N, so it holds no curvature on the k − N or more directions "
+                "the training gradients do not span, where (F̂ + λI)⁻¹ is 1/λ (the damping alone). Log at "
+                "least k examples, or a lower LoGra rank (k = r_out · r_in), to fit those directions",
+                stacklevel=4)
 
     def precondition(self, name, g, damping=None):
         """Q diag(1/(e + λ)) Qᵀ g in float64, for g (B, *shape) with prod(shape) = k."""

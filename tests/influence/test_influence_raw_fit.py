@@ -1,6 +1,6 @@
 """Fits from the store under a memory budget (config ``fit_bytes``): modules in groups, one read of the
 store per group, against an explicitly formed (F̂ + λI)⁻¹; raw's float32 eigenvectors and projects saved
-with float64 ones."""
+with float64 ones; the warning when a module's raw covariance is rank-deficient (N < k)."""
 
 import warnings
 
@@ -22,6 +22,7 @@ K = {"0": 5 * 7, "2": 4 * 6, "4": 3 * 5, "6": 3 * 4}  # d_out · (d_in + 1): [W 
 RAW_BUDGET, RAW_GROUPS = 6500, [["0"], ["2", "4"], ["6"]]
 #: diagonal sums are 8k bytes: 280 | 192 | 120 + 96
 DIAG_BUDGET, DIAG_GROUPS = 300, [["0"], ["2"], ["4", "6"]]
+RANK_WARNING = "fewer than the logged dimension"
 
 
 def deep_mlp():
@@ -56,10 +57,11 @@ def test_raw_fitted_in_groups_under_fit_bytes_equals_the_explicit_inverse(tmp_pa
     monkeypatch.setattr(Raw, "EVECS_DTYPE", torch.float64)  # the fit as computed, to float64 precision
     lam = 0.05
     with pytest.warns(UserWarning, match=r"module\(s\) '0' \(9\.6 KiB = 9800 bytes\) exceed fit_bytes = "
-                                         r"6\.3 KiB = 6500 bytes; each is fitted alone"):
+                                         r"6\.3 KiB = 6500 bytes; each is fitted alone") as record:
         run = run_logging(deep_mlp(), *make_data(n=48), tmp_path, "raw", "raw", damping=lam,
                           config={"fit_bytes": RAW_BUDGET})
     assert reads == RAW_GROUPS
+    assert not [w for w in record if RANK_WARNING in str(w.message)]  # N = 48 ≥ every k
 
     fisher = explicit_fisher(run.open_store())
     gen = torch.Generator().manual_seed(3)
@@ -99,6 +101,28 @@ def test_fit_bytes_is_a_runtime_key_checked_like_flush_bytes(tmp_path, kind):
     with pytest.raises(ValueError, match="config 'fit_bytes' must be a positive number of bytes, got 0"):
         AnaLog("p", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": 0})
     assert AnaLog("q", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": 1e6}).config.fit_bytes == 10**6
+
+
+def test_raw_warns_when_a_module_has_more_logged_dimensions_than_the_project_has_examples(tmp_path):
+    # N = 20 < k for '0' (35) and '2' (24); not for '4' (15) and '6' (12)
+    with pytest.warns(UserWarning, match=r"N = 20 examples, fewer than the logged dimension k of module\(s\) "
+                                         r"'0' \(k = 35\), '2' \(k = 24\): their F̂ = \(1/N\) Σ g gᵀ has rank at "
+                                         r"most N") as record:
+        run = run_logging(deep_mlp(), *make_data(n=20), tmp_path, "few", "raw")
+    messages = [str(w.message) for w in record if RANK_WARNING in str(w.message)]
+    assert len(messages) == 1 and "'4'" not in messages[0] and "'6'" not in messages[0]
+    for m in ("0", "2"):  # what it says: at most N nonzero eigenvalues
+        evals = run.curvature.state[f"{m}/evals"]
+        assert len(evals) == K[m] and int((evals > 1e-12 * evals.max()).sum()) <= 20
+
+
+@pytest.mark.parametrize("kind, n", [("raw", 35), ("diagonal", 20)])
+def test_no_rank_warning_with_at_least_k_examples_or_for_the_diagonal(tmp_path, kind, n):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run = run_logging(deep_mlp(), *make_data(n=n), tmp_path, "enough", kind)
+    assert run.curvature.meta["n_samples"] == n and run.curvature.modules() == MODULES
+    assert [str(w.message) for w in record if RANK_WARNING in str(w.message)] == []
 
 
 def test_raw_stores_float32_eigenvectors_and_a_float64_project_scores_as_it_did(tmp_path, monkeypatch):
