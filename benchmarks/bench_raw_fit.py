@@ -48,18 +48,21 @@ def rss_mib() -> float:
 
 
 def fit(path: str, fit_bytes: int) -> dict:
+    import analog.hessian.base as base
     import analog.hessian.simple as simple
     from analog.hessian import build_curvature
     from analog.storage import LogStore
 
     passes = []
-    inner = simple.store_batches
+    inner = base.store_batches
 
     def counted(*args, **kwargs):
         passes.append(1)
         return inner(*args, **kwargs)
 
-    simple.store_batches = counted
+    for module in (base, simple):  # older checkouts import store_batches into simple
+        if hasattr(module, "store_batches"):
+            module.store_batches = counted
     store = LogStore(path)
     curvature = build_curvature("raw")
     before = rss_mib()
