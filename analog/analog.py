@@ -43,8 +43,9 @@ from analog.hessian import Curvature, CurvatureError, build_curvature
 from analog.ids import to_ids
 from analog.state import RUNTIME_KEYS, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
-from analog.storage.encoding import value_dtype
+from analog.storage.encoding import QUANTISED_DTYPES, value_dtype
 from analog.storage.rows import fields_of
+from analog.storage.writer import NonFiniteBatch
 from analog.trajectory import Trajectory
 from analog.watch import watch_model
 
@@ -260,7 +261,6 @@ class AnaLog:
         logs = capture.logs
         ids = self._ids if self._ids is not None else list(range(_batch_size(logs)))
         self._check_finite(ids, logs)
-        self._last = (ids, logs)
         if self.phase in ("pca", "query") and self.mode == "log":
             self._pass_stats.add_block(len(self._ids) if self._ids is not None else None)
         elif self.mode == "log" and logs:
@@ -273,9 +273,16 @@ class AnaLog:
                 self.curvature.absorb(stats, len(ids))
             self.segments.logged(ids, list(self.modules))
             self._logged += len(ids)
+        self._last = (ids, logs)
+
+    def _writer_checks_finite(self) -> bool:
+        """Whether this block's rows go to an int8/int4 store, whose writer refuses non-finite rows itself
+        (its absmax scales are the same reduction), so that the check is not made twice (_write)."""
+        return (self.mode == "log" and self.phase == "log" and self.config.save
+                and self.config.store_dtype in QUANTISED_DTYPES)
 
     def _check_finite(self, ids, logs) -> None:
-        if self.config.nonfinite != "error" or not logs:
+        if self.config.nonfinite != "error" or not logs or self._writer_checks_finite():
             return
         # checked against the dtype of the stored values (a float16 store overflows above 65504; an int8
         # or int4 store holds float32 scales, and its writer refuses what is not finite) without
@@ -299,7 +306,12 @@ class AnaLog:
                                      self.projector.fingerprint(), self.config.storage.flush_bytes, lock=lock)
             fitting.track_writer(self, self._writer, lock)  # flushed and unlocked if self is dropped
             self._save_state()
-        self._writer.write_logs(ids, logs, stats)
+        try:
+            self._writer.write_logs(ids, logs, stats)
+        except NonFiniteBatch as e:  # the same error _check_finite gives for float stores
+            raise FloatingPointError(
+                f"non-finite {e.kind} log in module {e.module!r} for ids {e.ids[:10]}; nothing of this batch was "
+                "stored (set nonfinite='allow' and a float storage.dtype to store it anyway)") from None
 
     def flush(self) -> None:
         """Wait until every logged batch is on disk (chunks complete); logging may go on afterwards."""

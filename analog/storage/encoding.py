@@ -229,6 +229,8 @@ _FLOATS = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np
 #: the store dtypes (``storage.dtype``), in the order they are offered
 _QUANTISED = {"int8": Int8Rows, "int4": Int4Rows}
 STORE_DTYPES: Sequence[str] = (*_FLOATS, *_QUANTISED)
+#: the store dtypes whose rows are quantised (their writer refuses non-finite rows)
+QUANTISED_DTYPES: Sequence[str] = tuple(_QUANTISED)
 
 
 def row_codec(dtype: str, fields: Fields):

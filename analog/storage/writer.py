@@ -72,6 +72,16 @@ except ImportError:  # pragma: no cover
 
 
 
+class NonFiniteBatch(ValueError):
+    """A batch holding NaN or ±Inf in ``module``'s ``kind`` log at ``ids``, which an int8/int4 store cannot
+    hold; nothing of the batch was stored."""
+
+    def __init__(self, module: str, kind: str, ids: List[Any], dtype: str, path):
+        self.module, self.kind, self.ids = module, kind, ids
+        super().__init__(f"non-finite values in module {module!r} ({kind} log) for ids {ids[:10]}: an {dtype} "
+                         f"store cannot hold NaN or Inf; nothing of this batch was stored in {path}")
+
+
 class LogWriter:
     """Append rows of per-example logs to the store at ``path``."""
 
@@ -195,9 +205,8 @@ class LogWriter:
             else:
                 data = self.codec.encode(rows).to("cpu")
         except NonFiniteRows as e:
-            raise ValueError(f"non-finite values in module {e.field['module']!r} ({e.field['kind']} log) for ids "
-                             f"{[ids[i] for i in e.rows][:10]}: an {self.header['dtype']} store cannot hold NaN or "
-                             f"Inf; nothing of this batch was stored in {self.path}") from None
+            raise NonFiniteBatch(e.field["module"], e.field["kind"], [ids[i] for i in e.rows], self.header["dtype"],
+                                 self.path) from None
         self.ids.update(_hashable(i) for i in ids)
         self._buffer.append(data)
         self._buffer_ids.extend(ids)

@@ -78,9 +78,10 @@ def test_duplicate_ids_name_the_id_and_leave_no_trace(tmp_path):
     assert stored(run).ids == [0, 1, 2, 3, 4, 5, 6, "x"]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])  # float: checked by AnaLog; int8/int4: by the writer
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_is_an_error_naming_module_and_ids(tmp_path, bad):
-    model, run = make(tmp_path)
+def test_nonfinite_gradient_is_an_error_naming_module_and_ids(tmp_path, bad, dtype):
+    model, run = make(tmp_path, storage={"dtype": dtype})
     run.watch(model)
     step(run, model, [0, 1, 2, 3])
     x = torch.randn(6, 5)
