@@ -75,6 +75,28 @@ def root_inv(m, lam):
     return (v * (e.clamp_min(0) + lam).rsqrt()) @ v.T
 
 
+def captured_cpu_lm(cache):
+    """(task, train, query) for the offline probes: the CPU preset LM with its 50 retrained halves (from
+    ``cache``) and ``capture`` of every training sequence (summed loss) and every fact query (answer loss)."""
+    from pathlib import Path
+
+    task = build_lm("cpu", "cpu", Path(cache), False, {"model": {}, "subsets": 50}, min_accuracy=0.5)
+    train = capture(task, [b for _, b in task.train_batches()], task.train_loss)
+    query = capture(task, [task.corpus.query_tokens], lambda m, b: task.query_loss(m))
+    return task, train, query
+
+
+def kfac_whitener(d, a):
+    """(δ, a) -> (δ S_λ^{-1/2}, a A_λ^{-1/2}) with the per-token factors of training (δ (N, T, d_out), a):
+    A = mean over positions of a aᵀ, S = the same of δ δᵀ, each damped by √0.1 × its mean eigenvalue (as
+    ``whitened`` in ``main``)."""
+    A = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1])
+    S = torch.einsum("nti,ntj->ij", d, d) / (d.shape[0] * d.shape[1])
+    ra = root_inv(A, math.sqrt(0.1) * A.trace() / len(A))
+    rs = root_inv(S, math.sqrt(0.1) * S.trace() / len(S))
+    return lambda d_, a_: (d_ @ rs, a_ @ ra)
+
+
 NORMALISE = False  # --normalise: unit-norm whitened query gradients in the query Grams
 FRAC = 0.1  # raw's damping: FRAC × the mean eigenvalue of the sketches' second moment (--frac)
 

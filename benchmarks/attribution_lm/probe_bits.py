@@ -9,32 +9,17 @@ import math
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import torch
 
-from benchmarks.attribution_lm.probe import capture, raw_scores, root_inv
-from benchmarks.attribution_lm.run import build_lm
+from benchmarks.attribution_lm.probe import captured_cpu_lm, kfac_whitener, raw_scores
 
 torch.set_num_threads(2)
-task = build_lm(
-    "cpu",
-    "cpu",
-    Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"),
-    False,
-    {"model": {}, "subsets": 50},
-    min_accuracy=0.5,
-)
-train = capture(task, [b for _, b in task.train_batches()], task.train_loss)
-query = capture(task, [task.corpus.query_tokens], lambda m, b: task.query_loss(m))
+task, train, query = captured_cpu_lm(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm")
 
 
 def whiten_fn(n):
-    d, a = train[n]
-    A = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1])
-    S = torch.einsum("nti,ntj->ij", d, d) / (d.shape[0] * d.shape[1])
-    ra, rs = root_inv(A, math.sqrt(0.1) * A.trace() / len(A)), root_inv(S, math.sqrt(0.1) * S.trace() / len(S))
-    return lambda d, a: (d @ rs, a @ ra)
+    return kfac_whitener(*train[n])
 
 
 def q_absmax(x, L):

@@ -12,25 +12,14 @@ Results: sketch_probe.md section 7.
 import math
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.attribution_lm.probe import capture, raw_scores
-from benchmarks.attribution_lm.run import build_lm
+from benchmarks.attribution_lm.probe import captured_cpu_lm, raw_scores
 
 torch.set_num_threads(2)
-task = build_lm(
-    "cpu",
-    "cpu",
-    Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"),
-    False,
-    {"model": {}, "subsets": 50},
-    min_accuracy=0.5,
-)
-train = capture(task, [b for _, b in task.train_batches()], task.train_loss)
-query = capture(task, [task.corpus.query_tokens], lambda m, b: task.query_loss(m))
+task, train, query = captured_cpu_lm(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm")
 
 
 def ekfac_scores(xq, xt, qs, qa, ro, ri):

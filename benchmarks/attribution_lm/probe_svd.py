@@ -11,41 +11,18 @@ import math
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.attribution_lm.probe import capture, raw_scores, root_inv
-from benchmarks.attribution_lm.run import build_lm
+from benchmarks.attribution_lm.probe import captured_cpu_lm, kfac_whitener, raw_scores
 
 torch.set_num_threads(2)
-task = build_lm(
-    "cpu",
-    "cpu",
-    Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm"),
-    False,
-    {"model": {}, "subsets": 50},
-    min_accuracy=0.5,
-)
+task, train, query = captured_cpu_lm(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm")
 corpus = task.corpus
-train = capture(task, [b for _, b in task.train_batches()], task.train_loss)
-query = capture(task, [corpus.query_tokens], lambda m, b: task.query_loss(m))
-stats = {}
-for n, (d, a) in train.items():
-    A = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1])
-    S = torch.einsum("nti,ntj->ij", d, d) / (d.shape[0] * d.shape[1])
-    stats[n] = (A, S)
-
-
-def whitened(n, d, a):
-    A, S = stats[n]
-    lam_a, lam_s = math.sqrt(0.1) * A.trace() / len(A), math.sqrt(0.1) * S.trace() / len(S)
-    return d @ root_inv(S, lam_s), a @ root_inv(A, lam_a)
-
-
-W = {n: whitened(n, *train[n]) for n in train}
-WQ = {n: whitened(n, *query[n]) for n in train}
+WHITEN = {n: kfac_whitener(*train[n]) for n in train}
+W = {n: WHITEN[n](*train[n]) for n in train}
+WQ = {n: WHITEN[n](*query[n]) for n in train}
 G = {n: torch.einsum("nto,nti->noi", d, a) for n, (d, a) in W.items()}
 Q = {n: torch.einsum("nto,nti->noi", d, a) for n, (d, a) in WQ.items()}
 print({n: tuple(g.shape[1:]) for n, g in G.items()})

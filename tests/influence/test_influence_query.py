@@ -294,14 +294,14 @@ def next_token_loss(model, x):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
 
 
-def sequence_factors(model, x):
-    """{module: (A, S)}: A = mean over positions (of every call) of [a, 1][a, 1]ᵀ, S = (1/N) Σ_calls,t δ_t δ_tᵀ,
-    from forward-hook inputs and the output gradients of the summed loss (per example: examples are independent)."""
+def hooked_calls(model, x):
+    """{"mid"|"out": [(input with a ones column for the bias (B, T, d_in + 1), output gradient (B, T, d_out))
+    of each call]} of the summed next-token loss on ``x``, by plain forward hooks (no analog code)."""
     seen = {"mid": [], "out": []}
 
     def hook(name):
         def keep(module, inputs, output):
-            entry = [inputs[0].detach(), None]
+            entry = [torch.cat([inputs[0].detach(), torch.ones(*inputs[0].shape[:-1], 1)], -1), None]
             output.register_hook(lambda g: entry.__setitem__(1, g))
             seen[name].append(entry)
         return keep
@@ -311,9 +311,15 @@ def sequence_factors(model, x):
     model.zero_grad()
     for h in handles:
         h.remove()
+    return seen
+
+
+def sequence_factors(model, x):
+    """{module: (A, S)}: A = mean over positions (of every call) of [a, 1][a, 1]ᵀ, S = (1/N) Σ_calls,t δ_t δ_tᵀ,
+    from forward-hook inputs and the output gradients of the summed loss (per example: examples are independent)."""
     out = {}
-    for name, calls in seen.items():
-        a = torch.cat([torch.cat([i, torch.ones(*i.shape[:-1], 1)], -1).flatten(0, 1) for i, _ in calls]).double()
+    for name, calls in hooked_calls(model, x).items():
+        a = torch.cat([i.flatten(0, 1) for i, _ in calls]).double()
         d = torch.cat([g.flatten(0, 1) for _, g in calls]).double()
         assert len(calls) == (2 if name == "mid" else 1)
         out[name] = (a.T @ a / len(a), d.T @ d / len(x))
@@ -403,18 +409,7 @@ def test_masked_positions_are_left_out_of_the_query_grams(tmp_path):
     model.zero_grad()
     grams = run._pass_stats.reduced()[1]
 
-    seen = {"mid": [], "out": []}  # (a with its bias column, δ) of every call, by plain hooks
-    def hook(name):
-        def keep(module, inputs, output):
-            entry = [torch.cat([inputs[0].detach(), torch.ones(*inputs[0].shape[:-1], 1)], -1), None]
-            output.register_hook(lambda g: entry.__setitem__(1, g))
-            seen[name].append(entry)
-        return keep
-    handles = [getattr(model, n).register_forward_hook(hook(n)) for n in seen]
-    next_token_loss(model, xq).backward()
-    model.zero_grad()
-    for h in handles:
-        h.remove()
+    seen = hooked_calls(model, xq)
     factors, compared = sequence_factors(model, x), 0
     for name, calls in seen.items():
         masked = sum(torch.einsum("bt,bto,bti->boi", mask.double(), d.double(), a.double()) for a, d in calls)
