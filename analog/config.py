@@ -16,7 +16,8 @@ fit_bytes      bytes of float64 sums a curvature fit from the store holds at onc
                2**30). ``raw`` sums a k × k block per module (8k² bytes: 128 MiB at LoGra rank 64,
                k = 4096), so modules are fitted in groups whose sums fit, one read of the store per
                group; a module larger than this is fitted alone, with a warning naming it. Not counted:
-               the fitted state and one module's eigendecomposition (≈ 3 × 8k² bytes) at a time
+               the fitted state and one module's eigendecomposition (≈ 3 × 8k² bytes) at a time. Under
+               torch.distributed every rank fits with the smallest value any rank was given
 compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: rank},
                init: random|pca|whiten|whiten_pca|query, seed: int, damping: float|None}`` (default
                LoGra, rank 64, random, seed 0); ``pca``/``whiten``/``whiten_pca`` need a statistics pass

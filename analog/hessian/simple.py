@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from analog.distributed import all_gather_object
 from analog.hessian.base import (
     DEFAULT_FIT_BYTES,
     Curvature,
@@ -54,14 +55,17 @@ class _FromStore(Curvature):
     SUM_ITEM_BYTES = 8
 
     def _finalize(self, store, progress, fit_bytes=DEFAULT_FIT_BYTES):
-        """Per group of modules (``fit_groups`` over the sums' bytes, in store order; the modules in
-        ``only`` when set): one read of the store accumulating Σ_n term(g_n), a sum over ranks, then
+        """Per group of modules (``fit_groups`` over the sums' bytes, in store order, under the smallest
+        ``fit_bytes`` of any rank; the modules in ``only`` when set): one read of the store accumulating Σ_n term(g_n), a sum over ranks, then
         ``_fit(name, sum / N)`` per module."""
         if store is None:
             raise RuntimeError(f"hessian {self.kind!r} is fitted from the logged gradients: set save=True")
         shapes = {f["module"]: self._sum_shape(f["module"], f["shape"]) for f in store.fields
                   if f["kind"] == "grad" and (self.only is None or f["module"] in self.only)}
         sizes = {name: self.SUM_ITEM_BYTES * math.prod(shape) for name, shape in shapes.items()}
+        # ranks may be given different budgets (e.g. each from its own free memory): all take the smallest,
+        # so they form the same groups and their reductions match (otherwise they wait on each other)
+        fit_bytes = min(all_gather_object(fit_bytes))
         groups = fit_groups(sizes, fit_bytes, f"hessian {self.kind!r}")
         n = len(store)
         for i, group in enumerate(groups):
