@@ -49,8 +49,9 @@ from analog.storage.writer import NonFiniteBatch
 from analog.trajectory import Trajectory
 from analog.watch import watch_model
 
-#: keys that may change once logging started in this process (they affect checks and queries only)
-QUERY_TIME_KEYS = frozenset({"damping", "progress", "nonfinite"})
+#: keys that may change once logging started in this process (they affect checks and queries only, and
+#: fit_bytes the memory of the fit, not its result)
+QUERY_TIME_KEYS = frozenset({"damping", "progress", "nonfinite", "fit_bytes"})
 
 
 class AnaLog:

@@ -53,6 +53,7 @@ progress       show tqdm bars (default: only when stderr is a terminal)
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -173,7 +174,8 @@ class Config:
         if self.damping is not None and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float))
                                          or not self.damping >= 0):
             raise ValueError(f"config 'damping' must be a number >= 0 or None, got {self.damping!r}")
-        if isinstance(self.fit_bytes, bool) or not isinstance(self.fit_bytes, (int, float)) or not self.fit_bytes >= 1:
+        if isinstance(self.fit_bytes, bool) or not isinstance(self.fit_bytes, (int, float)) \
+                or not 1 <= self.fit_bytes < math.inf:
             raise ValueError(f"config 'fit_bytes' must be a positive number of bytes, got {self.fit_bytes!r}")
         self.fit_bytes = int(self.fit_bytes)
         if self.progress is not None and not isinstance(self.progress, bool):

@@ -101,6 +101,26 @@ def test_fit_bytes_is_a_runtime_key_checked_like_flush_bytes(tmp_path, kind):
     with pytest.raises(ValueError, match="config 'fit_bytes' must be a positive number of bytes, got 0"):
         AnaLog("p", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": 0})
     assert AnaLog("q", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": 1e6}).config.fit_bytes == 10**6
+    for bad in (float("inf"), float("nan"), True):  # inf: no integer of bytes (int(inf) overflows)
+        with pytest.raises(ValueError, match=f"config 'fit_bytes' must be a positive number of bytes, got {bad!r}"):
+            AnaLog("r", {"root_dir": str(tmp_path), "hessian": kind, "fit_bytes": bad})
+
+
+def test_fit_bytes_can_be_lowered_after_logging_before_finalize(tmp_path, reads):
+    """fit_bytes says nothing about what was logged: update() accepts it once logging started, and the fit
+    that follows reads the store in the groups of the new budget."""
+    model = deep_mlp()
+    x, y = make_data(n=48)
+    run = AnaLog("lowered", {"root_dir": str(tmp_path), "hessian": "diagonal", "compression": {"type": "none"}})
+    run.watch(model)
+    for i in range(0, 48, 16):
+        with run(data_id=list(range(i, i + 16))):
+            nn.functional.cross_entropy(model(x[i : i + 16]), y[i : i + 16], reduction="sum").backward()
+        model.zero_grad()
+    run.update({"fit_bytes": DIAG_BUDGET})
+    assert run.config.fit_bytes == DIAG_BUDGET
+    run.finalize()
+    assert reads == DIAG_GROUPS
 
 
 def test_raw_warns_when_a_module_has_more_logged_dimensions_than_the_project_has_examples(tmp_path):
