@@ -56,8 +56,8 @@ class _FromStore(Curvature):
 
     def _finalize(self, store, progress, fit_bytes=DEFAULT_FIT_BYTES):
         """Per group of modules (``fit_groups`` over the sums' bytes, in store order, under the smallest
-        ``fit_bytes`` of any rank; the modules in ``only`` when set): one read of the store accumulating Σ_n term(g_n), a sum over ranks, then
-        ``_fit(name, sum / N)`` per module."""
+        ``fit_bytes`` of any rank; the modules in ``only`` when set): one read of the store accumulating
+        Σ_n term(g_n), a sum over ranks, then ``_fit(name, sum / N)`` per module."""
         if store is None:
             raise RuntimeError(f"hessian {self.kind!r} is fitted from the logged gradients: set save=True")
         shapes = {f["module"]: self._sum_shape(f["module"], f["shape"]) for f in store.fields

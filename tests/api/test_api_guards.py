@@ -65,7 +65,7 @@ def test_damping_can_change_after_logging_but_other_settings_cannot(tmp_path):
     run.update({"damping": 10.0})
     assert run.config.damping == 10.0
     assert not torch.equal(run.influence.compute_influence_all(log).scores, first)
-    with pytest.raises(RuntimeError, match="only \\['damping', 'nonfinite', 'progress'\\]"):
+    with pytest.raises(RuntimeError, match="only \\['damping', 'fit_bytes', 'nonfinite', 'progress'\\]"):
         run.update({"hessian": "raw"})
     with pytest.raises(ValueError, match="per_module"):
         run.influence.compute_influence_all(log, mode="cosine", per_module=True)
