@@ -16,8 +16,9 @@ Everything here is read and written through this class, never elsewhere:
   with what the user passes (``reconcile``): keys that fix what was logged (``log``, ``save``,
   ``hessian``, ``compression.*``, ``storage.dtype``) must equal the saved ones — an error naming
   each key and both values otherwise; ``storage.dtype`` is saved resolved (``auto`` → the dtype
-  the rows are stored in) and a given ``auto`` keeps the saved one, as a given ``hessian: auto``
-  (= True) keeps a saved kind (projects saved before ``auto`` existed recorded True as ``kfac``) —
+  the rows are stored in) and a given ``auto`` keeps the saved one; a given ``hessian: auto``
+  (= True) keeps a saved ``kfac`` (projects saved before ``auto`` existed recorded True so), and
+  differs from any other saved kind —
   and runtime keys
   (``RUNTIME_KEYS``: damping, progress, ...) may differ; a runtime key the user does not pass
   keeps its saved value.
@@ -122,7 +123,8 @@ class ProjectState:
         """The config to run with: ``config`` on a new project; on a saved one, the saved settings with
         the runtime keys of ``explicit`` (the keys the user passed) applied. ``explicit`` keys that fix
         what was logged must equal the saved values (compared after normalisation, e.g. hessian True ->
-        "kfac"; a given storage.dtype "auto" equals any saved dtype); an error names every key that differs."""
+        "auto", which equals a saved "kfac" (True before "auto" existed); a given storage.dtype "auto"
+        equals any saved dtype); an error names every key that differs."""
         saved = self.saved_config()
         if saved is None:
             return config
@@ -131,8 +133,8 @@ class ProjectState:
         wanted = {k for k in flatten(explicit) if k in given}
         if given["storage.dtype"] == "auto":  # "analog chooses": the project chose when it was first logged
             wanted.discard("storage.dtype")
-        if given["hessian"] == "auto":  # True: a project saved before 'auto' existed recorded it as kfac
-            wanted.discard("hessian")
+        if given["hessian"] == "auto" and stored.get("hessian") == "kfac":
+            wanted.discard("hessian")  # True: a project saved before 'auto' existed recorded it as kfac
         differ = sorted(k for k in wanted - RUNTIME_KEYS if given[k] != stored.get(k))
         if differ:
             details = "; ".join(f"{k}: saved {stored.get(k)!r}, given {given[k]!r}" for k in differ)

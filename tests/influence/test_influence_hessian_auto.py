@@ -129,3 +129,16 @@ def test_a_project_fitted_with_kfac_reopens_with_true(tmp_path):
     assert old.curvature.kind == "kfac"
     again = AnaLog("old", {"root_dir": str(tmp_path), "hessian": True})
     assert again.config.hessian == "kfac"
+
+
+@pytest.mark.parametrize("kind", ["raw", "none"])
+def test_true_on_a_project_logged_with_another_kind_is_an_error_naming_both(tmp_path, kind):
+    """Only "kfac" can be an older project's True; a project logged with another kind given True (auto) is
+    refused like any other changed logging key, not reopened silently with the saved kind."""
+    from analog.state import ProjectError
+
+    x, y = make_data(n=32)
+    _log(tmp_path, make_mlp(), x, y, project=kind, hessian=kind)
+    with pytest.raises(ProjectError, match=f"hessian: saved '{kind}', given 'auto'"):
+        AnaLog(kind, {"root_dir": str(tmp_path), "hessian": True})
+    assert AnaLog(kind, {"root_dir": str(tmp_path)}).config.hessian == kind  # not given: the saved kind
