@@ -60,7 +60,7 @@ def segment_step(run, ids) -> None:
     taken before its first batch (the parameters its logs start from)."""
     if ids is not None and run.segments.starts_new(ids):
         run.new_segment()
-    if run.config.segments.checkpoint and not run.segments.has_logs():
+    if run.config.segments.checkpoint and run.segments.needs_checkpoint():
         run.segments.snapshot(run.modules)
 
 

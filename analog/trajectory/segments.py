@@ -41,6 +41,7 @@ from analog.trajectory.layout import (
     load_records,
     new_run_id,
     read_manifest,
+    segment_root,
     write_manifest,
 )
 
@@ -57,6 +58,10 @@ class Trajectory:
         self.records: List[SegmentRecord] = load_records(self.project)
         manifest = read_manifest(self.project)
         self.run = manifest["run"] if manifest else new_run_id()
+        # whether the current segment held logs before this process: looked at before the collective below, so
+        # under torch.distributed before any rank of this run can have logged into it (see needs_checkpoint)
+        current = self.records[-1].index if self.records else 0
+        self._logs_at_open = (segment_root(self.project, current) / "logs" / "store.json").exists()
         if distributed.is_distributed():  # collective (watch() is): every rank takes rank 0's run id
             self.run = distributed.all_gather_object(self.run)[0]
         if not self.records:  # a new project, or one written before segments: it is segment 0
@@ -138,6 +143,13 @@ class Trajectory:
         if not self.current.modules:
             self.current.modules = list(modules)
 
+    def needs_checkpoint(self) -> bool:
+        """Whether the current segment's checkpoint is still to be taken before this process's next batch:
+        it logged no batch of the segment, which held no logs when this process opened it. Not ``not
+        has_logs()``: under torch.distributed the store also holds what other ranks logged since, which says
+        nothing about whether this rank (rank 0 writes checkpoints) took the checkpoint."""
+        return self._batches == 0 and not (self._logs_at_open and self.has_logs())
+
     @property
     def batches(self) -> int:
         """Batches this process logged into the current segment."""
@@ -175,6 +187,7 @@ class Trajectory:
         self.records.append(SegmentRecord(self.run, previous.index + 1, previous.lr if lr is None else float(lr),
                                           dict(info or {})))
         self._ids, self._ids_loaded, self._batches, self._elsewhere = set(), True, 0, False
+        self._logs_at_open = False
         self.save()
         distributed.barrier()  # rank 0 checked and wrote the new segment before any rank logs into it
         return self.current
