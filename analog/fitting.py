@@ -47,9 +47,7 @@ def finalize(run) -> None:
             f"LoGra init={run.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "
             "call next_pass() and run the logging loop again, or wrap the loop in "
             "`for _ in AnaLogScheduler(analog)`")
-    if run._writer is not None:
-        run._writer.close()
-    distributed.barrier()  # every rank's chunks are on disk before the curvature reads the store
+    close_writers(run)  # every rank's chunks are on disk before the curvature reads the store
     try:
         segmenting.end_of_segment(run)
         if run.curvature is None:
@@ -73,9 +71,7 @@ def refit(run) -> None:
     """``run.refit()``: fit the curvature again from the store; an error without saved logs."""
     if not run.config.save:
         raise CurvatureError("refit() fits from the stored logs, and this project has save=False")
-    if run._writer is not None:
-        run._writer.close()
-    distributed.barrier()
+    close_writers(run)
     try:
         store = store_if_any(run)
         if store is None or not len(store):
@@ -83,6 +79,17 @@ def refit(run) -> None:
         fit(run, store)
     finally:
         run.state.release()
+
+
+def close_writers(run) -> None:
+    """Close this rank's log writer (its last chunk to disk), then wait for every rank's (collective): a
+    writer that fails on some ranks (e.g. its last chunk cannot be written) is a RankError on every rank
+    naming them and their errors, not a wait at the barrier until the group's timeout."""
+    def close():
+        if run._writer is not None:
+            run._writer.close()
+
+    distributed.local_step("closing the log writer", close)  # its gather waits for every rank: the barrier
 
 
 def fit(run, store: Optional[LogStore]) -> None:
