@@ -16,9 +16,8 @@ CONFIG = {"log": ["grad"], "save": True, "hessian": "kfac", "progress": False, "
 
 
 def worker_late_rank0(rank, world, tmp, root):
-    from analog import AnaLog
-
     import analog.segmenting as segmenting
+    from analog import AnaLog
 
     x, y, _, _ = make_data()
     model = make_model()
