@@ -108,6 +108,12 @@ class Curvature:
     def modules(self):
         return sorted({k.rsplit("/", 1)[0] for k in self.state})
 
+    def choices(self) -> Dict[str, str]:
+        """{module: the kind its block was fitted with}: this kind for every module (``auto`` mixes kinds,
+        analog.hessian.auto); also answers for a project reopened with ``hessian: True`` that keeps a
+        saved ``kfac`` (see analog.state)."""
+        return {name: self.kind for name in self.modules()}
+
     @staticmethod
     def load(directory) -> "Curvature":
         """The curvature saved in a project's ``state/`` directory (written by analog.state.ProjectState)."""

@@ -219,3 +219,26 @@ def test_an_analog_dropped_without_finalize_flushes_and_frees_its_project(tmp_pa
     assert again.curvature.meta["n_samples"] == 12 and again.curvature.state.keys() == keys and len(keys) == 12
     for key in keys:
         torch.testing.assert_close(again.curvature.state[key], reference.curvature.state[key], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("saved", ["none", "diagonal", "raw", "ekfac"])
+def test_hessian_true_on_a_project_saved_with_another_kind_is_refused(tmp_path, saved):
+    """True (= "auto") keeps a saved "kfac" (what True meant before "auto" existed), but not another kind:
+    a project logged with hessian "none" or "raw" reopened with True names the key, as any other value does."""
+    _logged(tmp_path, project=saved, hessian=saved)
+    for given in (True, "auto"):
+        with pytest.raises(ProjectError, match=rf"hessian: saved '{saved}', given 'auto'"):
+            AnaLog(saved, {"root_dir": str(tmp_path), "hessian": given})
+        with pytest.raises(ProjectError, match=rf"hessian: saved '{saved}', given 'auto'"):
+            AnaLog(saved, {"root_dir": str(tmp_path)}).update({"hessian": given})
+    assert AnaLog(saved, {"root_dir": str(tmp_path)}).config.hessian == saved  # not given: the saved one
+
+
+def test_a_kfac_project_reopened_with_true_says_what_each_module_got(tmp_path):
+    """A project fitted with K-FAC before "auto" existed reopens with True and keeps K-FAC; ``choices()``
+    (documented for True) answers for it, as for an "auto" fit, instead of an AttributeError."""
+    _, model = _logged(tmp_path)
+    again = AnaLog("p", {"root_dir": str(tmp_path), "hessian": True})
+    again.watch(model)
+    assert again.config.hessian == "kfac" and again.curvature.kind == "kfac"
+    assert again.curvature.choices() == {"0": "kfac", "2": "kfac"}
