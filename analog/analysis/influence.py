@@ -73,14 +73,19 @@ class InfluenceFunction:
 
         if log_loader is not None:
             return log_loader
+        return build_log_dataloader(self._own_store())
+
+    def _own_store(self):
+        """The store to score when no loader is given, after checking the curvature was fitted on it: the
+        project's own store must be the one its curvature was fitted on; a store handed to from_parts may
+        be another one on purpose (e.g. scoring an evaluation store)."""
+        self._check_ready()
         store = self._store()
         fitted_on = self.curvature.meta.get("fitted_on")
-        # the project's own store must be the one its curvature was fitted on; a store handed to
-        # from_parts may be another one on purpose (e.g. scoring an evaluation store)
         if self.analog is not None and fitted_on is not None and fitted_on != store.digest():
             raise CurvatureError(f"the store {store.path} changed since the {self.curvature.kind} curvature was fitted "
                                  "on it: call analog.refit() (or finalize()) before scoring against it")
-        return build_log_dataloader(store)
+        return store
 
     def _check_ready(self) -> None:
         """Queries need a fitted curvature: refuse them before ``finalize()`` (the store may also miss rows)."""
@@ -243,7 +248,7 @@ class InfluenceFunction:
         from analog.storage.dataset import LogBatches
 
         if log_loader is None:
-            store, batch_size, workers, lo, hi = self._store(), 256, 0, 0, None
+            store, batch_size, workers, lo, hi = self._own_store(), 256, 0, 0, None
         else:
             dataset = getattr(log_loader, "dataset", None)
             if not isinstance(dataset, LogBatches):

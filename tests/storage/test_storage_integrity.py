@@ -201,8 +201,12 @@ def test_a_stale_curvature_refuses_queries_until_refit(tmp_path, hessian):
         (run.log_path / f"chunk_000004.{ext}").unlink(missing_ok=True)
     with pytest.raises(CurvatureError, match="changed since the .* curvature was fitted"):
         run.influence.compute_influence_all(query)
+    # the sharded path reads the same store (here the whole of it: no process group)
+    with pytest.raises(CurvatureError, match="changed since the .* curvature was fitted"):
+        run.influence.compute_influence_all(query, distributed=True)
     run.refit()
     after = run.influence.compute_influence_all(query).scores
+    torch.testing.assert_close(run.influence.compute_influence_all(query, distributed=True).scores, after)
     assert after.shape == (1, 4 * BATCH) and before.shape == (1, 5 * BATCH)
     assert not torch.allclose(after, before[:, : 4 * BATCH])  # N and the statistics changed
 
