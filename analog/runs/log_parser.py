@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple, Type, Union
 
 from analog.runs.alignment import mark, settle
-from analog.runs.structured import looks_like_csv, parse_csv, parse_json_lines, parse_trainer_state
+from analog.runs.structured import (
+    add_record,
+    canonical,
+    looks_like_csv,
+    parse_csv,
+    parse_json_lines,
+    parse_trainer_state,
+    record_from_line,
+)
 from analog.runs.training_metrics import TrainingMetrics
 
 PathLike = Union[str, os.PathLike]
@@ -113,7 +121,12 @@ class LogParser:
         return self.metrics.finish()
 
     def _parse_line(self, line: str) -> None:
-        """Read one line: a validation line, a training line, or something to ignore."""
+        """Read one line: a validation line, a training line, a ``{...}`` record, a ``step=N key=value``
+        line, or something to ignore."""
+        record = record_from_line(line)
+        if record is not None:
+            self._read_record(line, record)
+            return
         match = self.VALIDATION_PATTERN.search(line)
         if match:
             self._read_fields(line, match.group(1), ",", self.VALIDATION_FIELDS, validation=True)
@@ -128,7 +141,39 @@ class LogParser:
             values = {"epochs": float(epoch)} if epoch is not None else {}
             self._read_fields(line, rest or "", "|", self.TRAIN_FIELDS, step=int(step), values=values)
             return
-        self._read_header(line)
+        if not self._read_key_values(line):
+            self._read_header(line)
+
+    def _read_record(self, line: str, record: Dict) -> None:
+        """A JSON or Python-dict line, read as a structured record (``analog.runs.structured``)."""
+        reason = add_record(self.metrics, record)
+        if reason:
+            self.metrics.add_malformed(self.line_number, line, reason)
+
+    def _read_key_values(self, line: str) -> bool:
+        """``step=10 loss=2.31 lr=1e-3`` (pairs separated by spaces, ``,``, ``;`` or ``|``): a record when
+        one key is a step column (``step``, ``global_step``, ``iter``, ...); keys are mapped as in
+        structured logs (``val_loss``/``eval_loss`` make it a validation point). False when it is not
+        such a line. A known key with an unreadable value makes the line malformed."""
+        if "=" not in line:
+            return False
+        pairs = {}
+        for token in line.replace(",", " ").replace(";", " ").replace("|", " ").split():
+            key, sep, value = token.partition("=")
+            if sep and key and value:
+                pairs[key] = value
+        if not any(canonical(key) == "step" for key in pairs):
+            return False
+        record = {}
+        for key, raw in pairs.items():
+            try:
+                record[key] = parse_number(raw)
+            except ValueError:
+                if canonical(key) is not None:
+                    self.metrics.add_malformed(self.line_number, line, f"{key}: {raw!r} is not a number")
+                    return True
+        self._read_record(line, record)
+        return True
 
     def _read_header(self, line: str) -> None:
         """``Config: dim=512, layers=6`` -> ``config["dim"] = 512, ...``; ``Mode: X`` -> ``config["mode"]``."""
@@ -262,8 +307,15 @@ def parse_training_log(path: PathLike, parser_cls: Optional[Type[LogParser]] = N
         raise LogParseError(f"cannot parse {path} as {kind}: {error}") from error
     metrics.finish()
     if metrics.num_records == 0:
+        hint = ""
+        if metrics.unstepped_records:
+            hint = (
+                f"; {metrics.unstepped_records} records have metrics but no step (Hugging Face Trainer console "
+                "lines carry only 'epoch'): read trainer_state.json from the output directory or a checkpoint-N "
+                "folder instead"
+            )
         raise LogParseError(
             f"no training metrics found in {path} (read as {kind}: {metrics.lines_read} lines, "
-            f"{metrics.malformed_lines} malformed)"
+            f"{metrics.malformed_lines} malformed){hint}"
         )
     return metrics

@@ -5,15 +5,19 @@ Column/key names are matched case-insensitively through ``COLUMN_ALIASES`` (``le
 ``eval_*`` keys such as ``eval_runtime`` are dropped; a training loss, lr, ... in the same record
 also makes a training point). Any other record with a step is a training point, its unknown
 numeric keys going to ``extras``. A record that only adds keys to the previous training step
-(same step, no overlap) is merged into it.
+(same step, no conflicting value: Lightning's epoch-end row repeats the epoch) is merged into it. Empty cells are absent values, not NaN: a CSV row of
+validation columns only is a validation point, not also an empty training point (Lightning's
+``CSVLogger`` writes its training and validation rows apart, each with the other's cells empty).
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
 import math
+import re
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 from analog.runs.training_metrics import NAN, STEP_SERIES, VAL_SERIES, TrainingMetrics
@@ -21,7 +25,7 @@ from analog.runs.training_metrics import NAN, STEP_SERIES, VAL_SERIES, TrainingM
 COLUMN_ALIASES = {
     "step": ("step", "global_step", "iteration", "iter", "train/global_step"),
     "epochs": ("epoch", "train/epoch"),
-    "loss": ("loss", "lm_loss", "train/loss"),
+    "loss": ("loss", "lm_loss", "train/loss", "train_loss", "train_loss_step"),
     "ppl": ("ppl", "perplexity", "train_ppl", "train/ppl"),
     "lr": ("lr", "learning_rate", "train/learning_rate"),
     "grad_norm": ("grad_norm", "gradnorm", "train/grad_norm"),
@@ -36,9 +40,37 @@ _CANONICAL = {alias: name for name, aliases in COLUMN_ALIASES.items() for alias 
 SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "total_flos")
 
 
+#: Lightning's ``LearningRateMonitor`` columns: ``lr-Adam``, ``lr-AdamW`` (one param group; ``lr-Adam/pg2`` is an extra)
+_LR_MONITOR = re.compile(r"lr-[A-Za-z0-9_]+")
+#: the longest line read as a Python dict literal (a console line of a trainer, not a data dump)
+MAX_LITERAL_LINE = 100_000
+
+
 def canonical(key: str) -> Optional[str]:
     """Canonical series name of a column/key, or None when it is not one we know."""
-    return _CANONICAL.get(key.strip().lower())
+    key = key.strip()
+    if _LR_MONITOR.fullmatch(key):
+        return "lr"
+    return _CANONICAL.get(key.lower())
+
+
+def record_from_line(line: str) -> Optional[Dict[str, Any]]:
+    """A ``{...}`` line as a dict: JSON, or a Python dict literal such as the Hugging Face Trainer prints
+    (``{'loss': '4.047', 'epoch': '0.25'}``, read with ``ast.literal_eval``: literals only, no code);
+    None when the line is neither."""
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        if len(text) > MAX_LITERAL_LINE:
+            return None
+        try:
+            record = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return None
+    return record if isinstance(record, dict) else None
 
 
 def to_float(value: Any) -> float:
@@ -59,6 +91,8 @@ def add_record(metrics: TrainingMetrics, record: Mapping[str, Any]) -> Optional[
     values: Dict[str, float] = {}
     extras: Dict[str, float] = {}
     for key, raw in record.items():
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            continue  # an empty cell (CSV rows of a logger that writes train and validation rows apart)
         name = canonical(str(key))
         try:
             value = to_float(raw)
@@ -71,7 +105,10 @@ def add_record(metrics: TrainingMetrics, record: Mapping[str, Any]) -> Optional[
         else:
             extras[str(key)] = value
     if "step" not in values or math.isnan(values["step"]):
-        return "no step" if (values or extras) else None
+        if values or extras:
+            metrics.unstepped_records += 1
+            return "no step"
+        return None
     step = int(values.pop("step"))
     val_values = {k: values.pop(k) for k in VAL_SERIES if k in values}
     if val_values:
@@ -92,7 +129,7 @@ def _add_or_merge(metrics: TrainingMetrics, step: int, values: Dict[str, float])
             series = getattr(metrics, name) if name in STEP_SERIES else metrics.extras.get(name)
             return series[-1] if series else NAN
 
-        if all(math.isnan(current(name)) for name in values):
+        if all(math.isnan(current(name)) or current(name) == value for name, value in values.items()):
             for name, value in values.items():
                 if name in STEP_SERIES:
                     getattr(metrics, name)[-1] = value
@@ -126,8 +163,10 @@ def parse_json_lines(lines: Iterable[str], metrics: TrainingMetrics) -> Training
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            metrics.add_malformed(number, line, f"invalid JSON: {error.msg}")
-            continue
+            record = record_from_line(line)
+            if record is None:
+                metrics.add_malformed(number, line, f"invalid JSON: {error.msg}")
+                continue
         reason = add_record(metrics, record) if isinstance(record, dict) else "not a JSON object"
         if reason:
             metrics.add_malformed(number, line, reason)
