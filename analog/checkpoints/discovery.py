@@ -1,6 +1,7 @@
 """Find the checkpoints in a directory and order them by training step.
 
-Recognised entries (the step is the last integer in the name; order is numeric, never lexical):
+Recognised entries (the step is the number after ``step`` in the name, else its last integer; see
+:func:`step_from_name`; order is numeric, never lexical):
 
 * files ``*.pt``, ``*.pth``, ``*.ckpt``, ``*.bin``, ``*.safetensors`` holding a state dict
   (``model_step_1200.pt``, ``ckpt-30.safetensors``);
@@ -23,6 +24,8 @@ __all__ = ["CheckpointRef", "CHECKPOINT_SUFFIXES", "discover_checkpoints", "sele
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 MODEL_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 _LAST_INT = re.compile(r"(\d+)(?!.*\d)")
+_EXPLICIT_STEP = re.compile(r"(?i)step[=_-]?(\d+)")
+_LIGHTNING_VERSION = re.compile(r"-v\d+$")
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,21 @@ class CheckpointRef:
 
 
 def step_from_name(name: str) -> Optional[int]:
-    """The last integer in ``name`` without its checkpoint suffix, or ``None`` when there is none."""
+    """The training step in a checkpoint's name (without its suffix), ``None`` when there is none.
+
+    An explicit step wins: the number after the last ``step`` (``epoch=2-step=300.ckpt`` -> 300,
+    ``step_1000_loss_0.5.pt`` -> 1000, ``global_step40`` -> 40). Otherwise the last integer
+    (``checkpoint-500``, ``model_30.safetensors``), after dropping the ``-vN`` that Lightning appends to
+    a file name that already exists (``last-v1.ckpt`` has no step, not step 1).
+    """
     for suffix in CHECKPOINT_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    match = _LAST_INT.search(name)
+    explicit = _EXPLICIT_STEP.findall(name)
+    if explicit:
+        return int(explicit[-1])
+    match = _LAST_INT.search(_LIGHTNING_VERSION.sub("", name))
     return int(match.group(1)) if match else None
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from metrics_fixtures import tiny_state, write_model_file
 
-from analog.checkpoints import CheckpointError, load_model_class, load_strict
+from analog.checkpoints import CheckpointError, discover_checkpoints, load_model_class, load_strict
 from analog.cli import main
 
 #: a model metric whose value is checked against the checkpoint itself
@@ -76,3 +76,16 @@ def test_comparative_error_names_step_and_layer(tmp_path, capsys):
                  str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "CCA needs more samples" in err and "step 1" in err and "a.weight" in err and "target step 2" in err
+
+
+def test_lightning_and_descriptive_file_names_give_the_training_step(tmp_path):
+    """Lightning's ModelCheckpoint writes `epoch=E-step=S.ckpt`, `-v1` on a name clash and `last.ckpt`."""
+    names = {"epoch=0-step=100.ckpt": 100, "epoch=1-step=200-v1.ckpt": 200, "step_300_loss_0.5.pt": 300,
+             "global_step400.pt": 400}
+    for i, name in enumerate(names):
+        torch.save({"state_dict": tiny_state(i)}, tmp_path / name)
+    torch.save({"state_dict": tiny_state(9)}, tmp_path / "last-v1.ckpt")
+    torch.save({"state_dict": tiny_state(9)}, tmp_path / "last.ckpt")
+    with pytest.warns(UserWarning, match="without a step number in their name: last-v1.ckpt, last.ckpt"):
+        refs = discover_checkpoints(tmp_path)
+    assert [(r.path.name, r.step) for r in refs] == sorted(names.items(), key=lambda item: item[1])
