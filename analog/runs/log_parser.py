@@ -46,6 +46,13 @@ _SUFFIXES = {"": 1, "K": 10**3, "k": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, 
 _NUMBER = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)([KkMBGT]?)[x%]?$")
 
 
+#: what to do with TensorBoard event files, which need a TensorBoard reader analog does not depend on
+TENSORBOARD_HINT = (
+    "event files are not read; export the scalars as CSV (TensorBoard's data download links) or JSON Lines, "
+    "or read trainer_state.json where a Hugging Face Trainer wrote one"
+)
+
+
 class LogParseError(ValueError):
     """A log that cannot be read at all (empty, binary, or without a single metrics line)."""
 
@@ -287,10 +294,14 @@ def parse_training_log(path: PathLike, parser_cls: Optional[Type[LogParser]] = N
     path = Path(path)
     if path.is_dir():
         if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"{path} is a directory without trainer_state.json")
+            events = sorted(path.rglob("events.out.tfevents.*"))[:1]
+            hint = f" (it holds TensorBoard event files such as {events[0]}: {TENSORBOARD_HINT})" if events else ""
+            raise FileNotFoundError(f"{path} is a directory without trainer_state.json{hint}")
         path = path / "trainer_state.json"
     if not path.is_file():
         raise FileNotFoundError(f"training log not found: {path}")
+    if "tfevents" in path.name:
+        raise LogParseError(f"{path} is a TensorBoard event file: {TENSORBOARD_HINT}")
     text = _read_text(path)
     kind = "text" if parser_cls is not None else detect_format(text)
     metrics = TrainingMetrics(source=str(path), format=kind)

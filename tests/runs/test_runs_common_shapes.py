@@ -87,3 +87,16 @@ def test_python_dict_lines_with_a_step_are_read(tmp_path):
     text = "{'step': 5, 'loss': '2.0', 'learning_rate': 0.1}\nnoise\n{'step': 10, 'loss': 1.5}\n"
     metrics = parse_training_log(_write(tmp_path, "x.log", text))
     assert metrics.steps == [5, 10] and metrics.loss == [2.0, 1.5] and metrics.lr[0] == 0.1
+
+
+def test_tensorboard_event_files_get_a_clear_error(tmp_path):
+    """No TensorBoard reader is a dependency: an event file (or a run folder of them) says what to do instead."""
+    run = tmp_path / "runs" / "Dec05_12-00-00_host"
+    run.mkdir(parents=True)
+    event = run / "events.out.tfevents.1733400000.host.123.0"
+    # a TFRecord frame: length, its CRC, then the payload (an Event proto), as the writer starts a file
+    event.write_bytes(b"\x18\x00\x00\x00\x00\x00\x00\x00\xa3\x7fK\x22\t\x00\x00\x00\x00\x00\x00\xf0?\x1a\rbrain.Event:2")
+    with pytest.raises(LogParseError, match="TensorBoard event file.*export the scalars as CSV"):
+        parse_training_log(event)
+    with pytest.raises(FileNotFoundError, match="without trainer_state.json.*TensorBoard event files"):
+        parse_training_log(tmp_path / "runs")
