@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 
-from .discovery import CheckpointRef
+from .discovery import NON_MODEL_FILE, CheckpointRef
 
 __all__ = ["CheckpointError", "Checkpoint", "load_tensor_file", "unwrap_state_dict"]
 
@@ -165,7 +165,7 @@ def _folder_files(folder: Path) -> List[Path]:
                 raise CheckpointError(f"{index}: shard names must be plain file names in {folder}, found {names}")
             return [folder / name for name in names]
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt"):
-        files = sorted(folder.glob(pattern))
+        files = sorted(f for f in folder.glob(pattern) if not NON_MODEL_FILE.match(f.name))
         if files:
             return files
     raise CheckpointError(f"{folder}: no model weights (model.safetensors, pytorch_model.bin, *.pt) found")

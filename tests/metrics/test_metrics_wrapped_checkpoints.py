@@ -1,6 +1,7 @@
 """Checkpoints as training frameworks write them: Lightning/DDP/compile key prefixes, and the errors a
 comparative metric gives on them (naming the step and the layer)."""
 
+import contextlib
 import csv
 
 import pytest
@@ -89,3 +90,35 @@ def test_lightning_and_descriptive_file_names_give_the_training_step(tmp_path):
     with pytest.warns(UserWarning, match="without a step number in their name: last-v1.ckpt, last.ckpt"):
         refs = discover_checkpoints(tmp_path)
     assert [(r.path.name, r.step) for r in refs] == sorted(names.items(), key=lambda item: item[1])
+
+
+def test_optimizer_and_scheduler_files_are_not_read_as_weights(tmp_path):
+    """`step_N/{model,optimizer,scheduler}.pt` folders, and `model_N.pt` beside `optimizer_N.pt`."""
+    states = {step: tiny_state(step) for step in (1, 2)}
+    folders, flat = tmp_path / "folders", tmp_path / "flat"
+    flat.mkdir()
+    for step, state in states.items():
+        folder = folders / f"step_{step}"
+        folder.mkdir(parents=True)
+        params = [torch.nn.Parameter(v.clone()) for v in state.values()]
+        opt = torch.optim.Adam(params)
+        sum(p.sum() for p in params).backward()
+        opt.step()
+        torch.save(state, folder / "model.pt")
+        torch.save(opt.state_dict(), folder / "optimizer.pt")
+        torch.save({"last_epoch": step}, folder / "scheduler.pt")
+        torch.save(torch.get_rng_state(), folder / "rng_state.pth")
+        torch.save(state, flat / f"model_{step}.pt")
+        torch.save(opt.state_dict(), flat / f"optimizer_{step}.pt")
+    for run in (folders, flat):
+        out = tmp_path / f"out_{run.name}"
+        with pytest.warns(UserWarning, match="optimizer_1.pt") if run is flat else contextlib.nullcontext():
+            assert main(["metrics", "--dir", str(run), "--metrics", "frobenius", "--output-dir", str(out), "--quiet"]) == 0
+        rows = [r for r in _rows(out / "checkpoint_metrics" / "metrics.csv") if r["component"] != "whole_model"]
+        assert len(rows) == 2 * 4
+        for row in rows:
+            key = row["layer"][: -len(".weights")]
+            key = key if key in states[1] else key + ".weight"
+            assert float(row["value"]) == pytest.approx(float(states[int(row["step"])][key].double().norm()), rel=1e-12)
+    with pytest.warns(UserWarning, match="skipped optimizer/scheduler/training-state files.*optimizer_1.pt"):
+        assert [r.step for r in discover_checkpoints(flat)] == [1, 2]
