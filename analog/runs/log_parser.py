@@ -152,9 +152,11 @@ class LogParser:
             self._read_header(line)
 
     def _read_record(self, line: str, record: Dict) -> None:
-        """A JSON or Python-dict line, read as a structured record (``analog.runs.structured``)."""
+        """A JSON or Python-dict line, read as a structured record (``analog.runs.structured``). One
+        without a step (a printed config dict, a Trainer console line) is not malformed in a text log;
+        it is counted in ``metrics.unstepped_records``."""
         reason = add_record(self.metrics, record)
-        if reason:
+        if reason and reason != "no step":
             self.metrics.add_malformed(self.line_number, line, reason)
 
     def _read_key_values(self, line: str) -> bool:

@@ -84,9 +84,13 @@ def test_hf_console_lines_say_where_the_steps_are(tmp_path, capsys, first):
 
 
 def test_python_dict_lines_with_a_step_are_read(tmp_path):
-    text = "{'step': 5, 'loss': '2.0', 'learning_rate': 0.1}\nnoise\n{'step': 10, 'loss': 1.5}\n"
+    text = ("config {'lr': 0.1}\n{'lr': 0.1, 'batch_size': 32}\n{'step': 5, 'loss': '2.0', 'learning_rate': 0.1}\n"
+            "noise\n{'step': 10, 'loss': 1.5}\n{'step': 15, 'loss': 'diverged'}\n")
     metrics = parse_training_log(_write(tmp_path, "x.log", text))
     assert metrics.steps == [5, 10] and metrics.loss == [2.0, 1.5] and metrics.lr[0] == 0.1
+    # a printed config dict has no step: not malformed in a text log; a non-number loss is
+    assert metrics.unstepped_records == 1 and metrics.malformed_lines == 1
+    assert "line 6" in metrics.malformed_examples[0] and "is not a number" in metrics.malformed_examples[0]
 
 
 def test_tensorboard_event_files_get_a_clear_error(tmp_path):
