@@ -5,9 +5,10 @@ Column/key names are matched case-insensitively through ``COLUMN_ALIASES`` (``le
 ``eval_*`` keys such as ``eval_runtime`` are dropped; a training loss, lr, ... in the same record
 also makes a training point). Any other record with a step is a training point, its unknown
 numeric keys going to ``extras``. A record that only adds keys to the previous training step
-(same step, no conflicting value: Lightning's epoch-end row repeats the epoch) is merged into it. Empty cells are absent values, not NaN: a CSV row of
-validation columns only is a validation point, not also an empty training point (Lightning's
-``CSVLogger`` writes its training and validation rows apart, each with the other's cells empty).
+(same step, no conflicting value: Lightning's epoch-end row repeats the epoch) is merged into it.
+Empty cells are absent values, not NaN: a CSV row of validation columns only is a validation point,
+not also an empty training point (Lightning's ``CSVLogger`` writes its training and validation rows
+apart, each with the other's cells empty).
 """
 
 from __future__ import annotations

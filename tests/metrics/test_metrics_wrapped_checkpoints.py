@@ -113,7 +113,8 @@ def test_optimizer_and_scheduler_files_are_not_read_as_weights(tmp_path):
     for run in (folders, flat):
         out = tmp_path / f"out_{run.name}"
         with pytest.warns(UserWarning, match="optimizer_1.pt") if run is flat else contextlib.nullcontext():
-            assert main(["metrics", "--dir", str(run), "--metrics", "frobenius", "--output-dir", str(out), "--quiet"]) == 0
+            assert main(["metrics", "--dir", str(run), "--metrics", "frobenius", "--output-dir", str(out),
+                         "--quiet"]) == 0
         rows = [r for r in _rows(out / "checkpoint_metrics" / "metrics.csv") if r["component"] != "whole_model"]
         assert len(rows) == 2 * 4
         for row in rows:
