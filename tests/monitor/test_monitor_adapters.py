@@ -81,3 +81,28 @@ def test_frozen_weights_dilute_ratios_by_default_but_outputs_agree():
     assert full["param_change/norm_l2"] == trainable["param_change/norm_l2"]
     for key in ("sparse/kl_at_1e-03", "sparse/top1_agree_at_1e-03", "sparse/kl_at_0"):
         assert full[key] == trainable[key]
+
+
+def test_a_dataloader_batch_as_inputs_is_explained():
+    """`inputs=(x, y)` runs model(x, y): the sparse metrics fail with a message saying so and what to pass;
+    parameter change is still reported, and inputs=x then gives the sparse metrics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    for inputs in ((x, y), x):
+        manager = ModelAnalysisManager.create(MonitorConfig(interval=1, sparse_quality_thresholds=[1e-6]))
+        manager.start(model)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        metrics = manager.on_optimizer_step(model, inputs=inputs)
+        opt.zero_grad()
+        sparse = [k for k in metrics if k.startswith("sparse/")]
+        assert "param_change/norm_l2" in metrics
+        if isinstance(inputs, tuple):
+            assert sparse == []
+            error = manager.last_errors["SparseQualityMetrics"]
+            assert "model(*inputs) with 2 positional arguments (tensor(16, 8), tensor(16,))" in error
+            assert "pass inputs=x" in error
+        else:
+            assert manager.last_errors == {} and len(sparse) == 4 + 2 + 4 + 1  # scores, kept, unchanged, random
