@@ -17,7 +17,11 @@ __all__ = ["import_file", "load_model_class", "load_strict", "strip_wrapper_pref
 
 
 def import_file(path: Union[str, Path], module_name: Optional[str] = None) -> ModuleType:
-    """Import a Python file as a module (its top-level code runs: only use files you trust)."""
+    """Import a Python file as a module (its top-level code runs: only use files you trust).
+
+    No bytecode cache is written: importing ``--model``/``--custom-metrics`` files must not leave a
+    ``__pycache__/`` folder beside the user's sources (only the output directory is written to).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Python file not found: {path}")
@@ -25,7 +29,11 @@ def import_file(path: Union[str, Path], module_name: Optional[str] = None) -> Mo
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = before
     return module
 
 

@@ -3,6 +3,7 @@ comparative metric gives on them (naming the step and the layer)."""
 
 import contextlib
 import csv
+import sys
 
 import pytest
 import torch
@@ -123,3 +124,19 @@ def test_optimizer_and_scheduler_files_are_not_read_as_weights(tmp_path):
             assert float(row["value"]) == pytest.approx(float(states[int(row["step"])][key].double().norm()), rel=1e-12)
     with pytest.warns(UserWarning, match="skipped optimizer/scheduler/training-state files.*optimizer_1.pt"):
         assert [r.step for r in discover_checkpoints(flat)] == [1, 2]
+
+
+def test_model_and_custom_metric_files_leave_no_bytecode_beside_them(tmp_path, monkeypatch):
+    """Only --output-dir is written: importing the user's .py files writes no __pycache__ next to them."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    src, ckpts = tmp_path / "src", tmp_path / "ckpts"
+    src.mkdir()
+    ckpts.mkdir()
+    torch.save(tiny_state(0), ckpts / "step_1.pt")
+    (src / "custom.py").write_text(CUSTOM)
+    out = tmp_path / "out"
+    assert main(["metrics", "--dir", str(ckpts), "--custom-metrics", str(src / "custom.py"), "--model",
+                 str(write_model_file(src)), "--output-dir", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in src.iterdir()) == ["custom.py", "tiny_model.py"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_1.pt"]
+    assert sys.dont_write_bytecode is False
