@@ -2,6 +2,10 @@
 (training and validation rows apart), and the Hugging Face Trainer's console lines (Python dicts)."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +108,17 @@ def test_tensorboard_event_files_get_a_clear_error(tmp_path):
         parse_training_log(event)
     with pytest.raises(FileNotFoundError, match="without trainer_state.json.*TensorBoard event files"):
         parse_training_log(tmp_path / "runs")
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_traceback(tmp_path):
+    """`analog runs summary A.log | head -1`: the reader is gone before the summary is written."""
+    logs = []
+    for i in range(3):
+        logs.append(str(_write(tmp_path, f"run{i}.log", "".join(f"step={s} loss={1 / s}\n" for s in range(1, 50)))))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "analog", "runs", "summary", *logs], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader stops before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
