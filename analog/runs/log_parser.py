@@ -271,6 +271,9 @@ def _read_text(path: Path) -> str:
         raise LogParseError(f"training log {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
 def detect_format(text: str) -> str:
     """``trainer_state``, ``jsonl``, ``csv`` or ``text``, from the content alone."""
     stripped = text.lstrip()
@@ -286,14 +289,31 @@ def detect_format(text: str) -> str:
     return "text"
 
 
+def latest_trainer_checkpoint(folder: Path) -> Optional[Path]:
+    """The ``checkpoint-N`` sub-folder of a Trainer output directory with the largest N that holds a
+    ``trainer_state.json`` (its ``log_history`` is the whole run up to step N), or ``None``.
+
+    The Trainer writes ``trainer_state.json`` into each checkpoint folder and into the output
+    directory itself only when ``save_state()`` is called."""
+    found = []
+    for child in folder.iterdir():
+        match = _TRAINER_CHECKPOINT.fullmatch(child.name)
+        if match and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
 def parse_training_log(path: PathLike, parser_cls: Optional[Type[LogParser]] = None) -> TrainingMetrics:
-    """Parse the training log at ``path`` (a file, or a directory holding ``trainer_state.json``).
+    """Parse the training log at ``path``: a file, a directory holding ``trainer_state.json``, or a
+    Trainer output directory whose ``checkpoint-N/`` folders hold one (the largest N is read).
 
     The format is detected from the content (see ``detect_format``); ``parser_cls`` replaces
     ``LogParser`` for text logs. Raises ``FileNotFoundError`` for a missing path and
     ``LogParseError`` for an empty or binary file or one without a single metrics record.
     """
     path = Path(path)
+    if path.is_dir() and not (path / "trainer_state.json").is_file():
+        path = latest_trainer_checkpoint(path) or path
     if path.is_dir():
         if not (path / "trainer_state.json").is_file():
             events = sorted(path.rglob("events.out.tfevents.*"))[:1]
