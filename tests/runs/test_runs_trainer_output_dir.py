@@ -15,7 +15,8 @@ def _trainer_output(root, checkpoints=(2, 8, 16)):
     eval every 4), as the Trainer saves it."""
     history = []
     for step in range(2, max(checkpoints) + 1, 2):
-        history.append({"epoch": step / 8, "grad_norm": 0.5, "learning_rate": 1e-4, "loss": 5.0 - step / 10, "step": step})
+        record = {"epoch": step / 8, "grad_norm": 0.5, "learning_rate": 1e-4, "loss": 5.0 - step / 10}
+        history.append({**record, "step": step})
         if step % 4 == 0:
             history.append({"epoch": step / 8, "eval_loss": 5.1 - step / 10, "eval_runtime": 1.0, "step": step})
         for n in checkpoints:
