@@ -110,9 +110,16 @@ class LogParser:
         "tokens": "val_tokens",
     }
 
+    #: ``iter 10: loss 3.2257, time 120.32ms, mfu 3.10%`` and ``step 20: train loss 2.63, val loss 2.65``
+    #: (nanoGPT and scripts like it): a step word, the step, a colon, then comma-separated fields
+    COLON_STEP_PATTERN = re.compile(r"^\s*(?:iter|iteration|step)\s+(\d+)\s*:(.*)$", re.IGNORECASE)
+    #: a field's number followed by a unit (``120.32ms``): the unit joins the name (``time_ms``)
+    UNIT_PATTERN = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)([A-Za-z]{1,3})$")
+
     def __init__(self, source: str = ""):
         self.metrics = TrainingMetrics(source=source, format="text")
         self.line_number = 0
+        self._pending_eval: Optional[Tuple[int, Dict[str, float], str, int]] = None
 
     def parse_file(self, path: PathLike) -> TrainingMetrics:
         with open(path, encoding="utf-8") as handle:
@@ -124,6 +131,10 @@ class LogParser:
             self.metrics.lines_read = self.line_number
             before = mark(self.metrics)
             self._parse_line(line.rstrip("\r\n"))
+            settle(self.metrics, before, self.line_number)
+        if self._pending_eval is not None:
+            before = mark(self.metrics)
+            self._flush_eval()
             settle(self.metrics, before, self.line_number)
         return self.metrics.finish()
 
@@ -148,8 +159,63 @@ class LogParser:
             values = {"epochs": float(epoch)} if epoch is not None else {}
             self._read_fields(line, rest or "", "|", self.TRAIN_FIELDS, step=int(step), values=values)
             return
+        match = self.COLON_STEP_PATTERN.match(line)
+        if match:
+            self._read_colon_step_line(line, int(match.group(1)), match.group(2))
+            return
         if not self._read_key_values(line):
             self._read_header(line)
+
+    def _read_colon_step_line(self, line: str, step: int, text: str) -> None:
+        """``iter N: loss 3.22, time 120.32ms, mfu 3.10%``: fields ``name value`` (or ``name=value``,
+        ``name: value``) separated by commas, names mapped as in structured logs with spaces read as
+        ``_`` (``val loss`` -> ``val_loss``); a unit after a number joins the name (``time_ms``).
+
+        A line with a validation value (nanoGPT's ``step N: train loss X, val loss Y``, printed before
+        the ``iter N`` line of the same step) is held until the training record of step N arrives,
+        so that it is not taken for the record of an earlier attempt (see resumed runs); its ``train
+        loss``, an estimate over evaluation batches, becomes the extra ``estimated_train_loss`` of
+        that training record."""
+        record: Dict[str, float] = {"step": step}
+        for field in filter(str.strip, text.split(",")):
+            field = field.strip()
+            cut = min((i for i in (field.find(":"), field.find("=")) if i >= 0), default=-1)
+            key, _, raw = (field[:cut], "", field[cut + 1 :]) if cut >= 0 else field.rpartition(" ")
+            key, raw = "_".join(key.split()).lower(), raw.strip()
+            if not key or not raw or not self.KEY_PATTERN.fullmatch(key):
+                self.metrics.add_malformed(self.line_number, line, f"cannot read field {field[:80]!r}")
+                return
+            try:
+                record[key] = parse_number(raw)
+            except ValueError:
+                unit = self.UNIT_PATTERN.match(raw)
+                if unit is None or canonical(key) is not None:
+                    self.metrics.add_malformed(self.line_number, line, f"{key}: {raw!r} is not a number")
+                    return
+                record[f"{key}_{unit.group(2).lower()}"] = float(unit.group(1))
+        validation = {k: v for k, v in record.items() if canonical(k) in ("val_loss", "val_ppl")}
+        if validation:
+            if self._pending_eval is not None:
+                self._flush_eval()
+            train = [record[k] for k in record if canonical(k) == "loss"]
+            extras = {"estimated_train_loss": train[-1]} if train else {}
+            self._pending_eval = (step, {**validation, **extras}, line, self.line_number)
+            return
+        if len(record) == 1:
+            self.metrics.add_malformed(self.line_number, line, "no metric fields")
+            return
+        if self._pending_eval is not None and self._pending_eval[0] < step:
+            self._flush_eval()
+        if self._pending_eval is not None and self._pending_eval[0] == step:
+            record.update(self._pending_eval[1])
+            self._pending_eval = None
+        self._read_record(line, record)
+
+    def _flush_eval(self) -> None:
+        """Add the held validation line as a record of its own (no training record of its step came)."""
+        step, values, line, _ = self._pending_eval
+        self._pending_eval = None
+        self._read_record(line, {"step": step, **{k: v for k, v in values.items() if canonical(k)}})
 
     def _read_record(self, line: str, record: Dict) -> None:
         """A JSON or Python-dict line, read as a structured record (``analog.runs.structured``). One
