@@ -2,6 +2,8 @@
 
 * ``torch.load(..., weights_only=True)`` unless ``allow_pickle=True`` is passed explicitly: a
   checkpoint that needs arbitrary pickled code is refused with an error that says how to opt in.
+  Data-only classes scripts save beside the weights (``argparse.Namespace``, ``pathlib`` paths, NumPy
+  arrays) are allowed (:func:`data_globals`).
 * ``.safetensors`` files are opened with ``safetensors.safe_open`` and read tensor by tensor.
 * Zip-format ``.pt`` files are memory-mapped where torch allows it, so a tensor costs memory only
   when it is used.
@@ -101,13 +103,46 @@ def unwrap_state_dict(obj: object, source: Union[str, Path]) -> Dict[str, torch.
     return tensors
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> object:
+def data_globals() -> List[object]:
+    """Classes that training scripts commonly save beside the weights and that hold data only:
+    ``argparse.Namespace`` (``{"model": ..., "args": args}``), ``pathlib`` paths (Lightning
+    hyper-parameters), NumPy arrays, scalars and dtypes (``np.random.get_state()``, metrics).
+
+    ``torch.load(weights_only=True)`` refuses any class it does not know; these are allowed with
+    ``torch.serialization.safe_globals``: rebuilding them sets attributes or stores buffers and runs no
+    code of the file. Anything else (a pickled ``nn.Module``, a user class) is still refused."""
+    import argparse
+    import pathlib
+
+    allowed: List[object] = [
+        argparse.Namespace,
+        pathlib.Path,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+        pathlib.PurePath,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+    ]
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
-            raise
-    return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        import numpy as np
+    except ImportError:  # numpy is optional for torch
+        return allowed
+    multiarray = getattr(np, "_core", None) or np.core
+    allowed += [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar]
+    dtypes = getattr(np, "dtypes", None)  # NumPy >= 1.25 pickles a dtype with its class
+    if dtypes is not None:
+        allowed += [c for c in vars(dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)]
+    return allowed
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> object:
+    with torch.serialization.safe_globals(data_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
 
 
 def load_tensor_file(path: Union[str, Path], allow_pickle: bool = False) -> Mapping:
