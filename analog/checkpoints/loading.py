@@ -83,8 +83,11 @@ class MergedDict(Mapping):
 def unwrap_state_dict(obj: object, source: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """Return the tensors of a loaded checkpoint object.
 
-    A dict nested under ``state_dict``, ``model_state_dict`` or ``model`` is unwrapped first;
-    non-tensor entries (epoch counters, metadata) are dropped. No tensor at all is an error.
+    A dict nested under ``state_dict``, ``model_state_dict`` or ``model`` is unwrapped first; else,
+    with no tensor at the top level, the one value that is a dict holding tensors (``{"net": ...,
+    "opt": ..., "step": N}``; an optimizer's state dict holds none at its top level) is used, and
+    several such dicts are an error naming them. Non-tensor entries (epoch counters, metadata) are
+    dropped. No tensor at all is an error.
     """
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
@@ -98,7 +101,16 @@ def unwrap_state_dict(obj: object, source: Union[str, Path]) -> Dict[str, torch.
             return unwrap_state_dict(inner, source)
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
+        holders = [k for k, v in obj.items() if isinstance(v, Mapping) and any(_is_tensor(x) for x in v.values())]
+        if len(holders) == 1:  # {"net": state_dict, "opt": ..., "step": N}: the one dict of tensors
+            return unwrap_state_dict(obj[holders[0]], source)
         keys = ", ".join(map(str, list(obj)[:10])) or "(empty)"
+        if holders:
+            raise CheckpointError(
+                f"{source}: no tensors at the top level and several dicts of tensors under "
+                f"{', '.join(map(repr, holders))}; which one holds the model is ambiguous: re-save it alone "
+                f"(torch.save(ckpt[{holders[0]!r}], path)) or under 'state_dict'"
+            )
         raise CheckpointError(f"{source}: no tensors found; top-level keys: {keys}")
     return tensors
 
@@ -133,6 +145,10 @@ def data_globals() -> List[object]:
     if dtypes is not None:
         allowed += [c for c in vars(dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)]
     return allowed
+
+
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor)
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> object:

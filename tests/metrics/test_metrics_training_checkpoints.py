@@ -89,3 +89,18 @@ def test_code_in_a_pickle_is_still_refused_and_not_run(tmp_path):
     torch.save({"model": nn.Linear(2, 2)}, module_path)
     with pytest.raises(CheckpointError, match="Unsupported global"):
         load_tensor_file(module_path)
+
+
+def test_a_state_dict_under_another_key_is_found_and_two_are_an_error(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    torch.save({"net": model.state_dict(), "opt": optimizer.state_dict(), "epoch": 2}, tmp_path / "step_1.pt")
+    loaded = load_tensor_file(tmp_path / "step_1.pt")
+    assert sorted(loaded) == ["bias", "weight"]
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    torch.save({"net": model.state_dict(), "ema": model.state_dict(), "opt": optimizer.state_dict()}, tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match=r"a\.pt: .*several dicts of tensors under 'net', 'ema'"):
+        load_tensor_file(tmp_path / "a.pt")
