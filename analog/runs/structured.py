@@ -19,7 +19,8 @@ import io
 import json
 import math
 import re
-from typing import Any, Dict, Iterable, Mapping, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from analog.runs.training_metrics import NAN, STEP_SERIES, VAL_SERIES, TrainingMetrics
 
@@ -174,10 +175,37 @@ def parse_json_lines(lines: Iterable[str], metrics: TrainingMetrics) -> Training
     return metrics
 
 
+def _export_header(header: List[str], source: str) -> List[str]:
+    """Column names of the CSV exports of two dashboards, made readable by ``add_record``.
+
+    * TensorBoard's scalar download ``Wall time,Step,Value`` holds one tag, named only in the file
+      name (``run-NAME-tag-train_loss.csv``, ``/`` in the tag written as ``_``): ``Value`` takes the
+      tag (else the file stem) and ``Wall time`` is dropped (renamed so it matches no series).
+    * A Weights & Biases panel export ``"Step","RUN - train/loss","RUN - train/loss__MIN",...``:
+      the ``RUN - `` prefix is removed and the ``__MIN``/``__MAX`` columns dropped; an export of
+      several runs is an error (``ValueError``) naming them."""
+    if [cell.lower() for cell in header] == ["wall time", "step", "value"]:
+        stem = Path(source).stem if source else "value"
+        tag = stem.split("-tag-", 1)[1] if "-tag-" in stem else stem
+        return ["", header[1], tag]
+    others = [cell for cell in header if canonical(cell) != "step"]
+    prefixes = {cell.split(" - ", 1)[0] for cell in others if " - " in cell}
+    if others and len(prefixes) > 1 and all(" - " in cell for cell in others):
+        names = ", ".join(sorted(prefixes)[:5])
+        raise ValueError(f"a Weights & Biases export of {len(prefixes)} runs ({names}): export one run per file")
+    if others and len(prefixes) == 1 and all(" - " in cell for cell in others):
+        return [
+            "" if cell.endswith(("__MIN", "__MAX")) else cell.split(" - ", 1)[1] if " - " in cell else cell
+            for cell in header
+        ]
+    return header
+
+
 def parse_csv(text: str, metrics: TrainingMetrics) -> TrainingMetrics:
-    """A header row, then one row per record; rows with the wrong number of cells are malformed."""
+    """A header row, then one row per record; rows with the wrong number of cells are malformed.
+    Empty column names (dropped export columns, see ``_export_header``) are not read."""
     rows = csv.reader(io.StringIO(text))
-    header = [cell.strip() for cell in next(rows)]
+    header = _export_header([cell.strip() for cell in next(rows)], metrics.source)
     for number, row in enumerate(rows, start=2):
         metrics.lines_read = number
         if not any(cell.strip() for cell in row):
@@ -185,7 +213,7 @@ def parse_csv(text: str, metrics: TrainingMetrics) -> TrainingMetrics:
         if len(row) != len(header):
             metrics.add_malformed(number, ",".join(row), f"{len(row)} cells for {len(header)} columns")
             continue
-        reason = add_record(metrics, dict(zip(header, row)))
+        reason = add_record(metrics, {k: v for k, v in zip(header, row) if k})
         if reason:
             metrics.add_malformed(number, ",".join(row), reason)
     return metrics
@@ -193,5 +221,5 @@ def parse_csv(text: str, metrics: TrainingMetrics) -> TrainingMetrics:
 
 def looks_like_csv(first_line: str) -> bool:
     """A header row: comma-separated names, one of which is a step column."""
-    cells = [cell.strip() for cell in first_line.split(",")]
+    cells = [cell.strip() for cell in next(csv.reader([first_line]), [])]  # quoted cells too (W&B)
     return len(cells) >= 2 and any(canonical(cell) == "step" for cell in cells)
