@@ -1,6 +1,7 @@
 """Find the checkpoints in a directory and order them by training step.
 
-Recognised entries (the step is the last integer in the name; order is numeric, never lexical):
+Recognised entries (the step is the number after ``step`` in the name, else its last integer; see
+:func:`step_from_name`; order is numeric, never lexical):
 
 * files ``*.pt``, ``*.pth``, ``*.ckpt``, ``*.bin``, ``*.safetensors`` holding a state dict
   (``model_step_1200.pt``, ``ckpt-30.safetensors``);
@@ -18,11 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-__all__ = ["CheckpointRef", "CHECKPOINT_SUFFIXES", "discover_checkpoints", "select_steps", "step_from_name"]
+__all__ = [
+    "CheckpointRef",
+    "CHECKPOINT_SUFFIXES",
+    "NON_MODEL_FILE",
+    "discover_checkpoints",
+    "select_steps",
+    "step_from_name",
+]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 MODEL_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 _LAST_INT = re.compile(r"(\d+)(?!.*\d)")
+#: files of training state that are not model weights (optimizer, scheduler, RNG, trainer arguments), as
+#: Hugging Face Trainer, Accelerate and hand-written loops name them: never read as a checkpoint
+NON_MODEL_FILE = re.compile(
+    r"(?i)^(optimizer|optim|opt_state|scheduler|lr_scheduler|rng_state|random_states|training_args|scaler|"
+    r"trainer_state)(?![a-z])"
+)
+_EXPLICIT_STEP = re.compile(r"(?i)step[=_-]?(\d+)")
+_LIGHTNING_VERSION = re.compile(r"-v\d+$")
 
 
 @dataclass(frozen=True)
@@ -35,12 +51,21 @@ class CheckpointRef:
 
 
 def step_from_name(name: str) -> Optional[int]:
-    """The last integer in ``name`` without its checkpoint suffix, or ``None`` when there is none."""
+    """The training step in a checkpoint's name (without its suffix), ``None`` when there is none.
+
+    An explicit step wins: the number after the last ``step`` (``epoch=2-step=300.ckpt`` -> 300,
+    ``step_1000_loss_0.5.pt`` -> 1000, ``global_step40`` -> 40). Otherwise the last integer
+    (``checkpoint-500``, ``model_30.safetensors``), after dropping the ``-vN`` that Lightning appends to
+    a file name that already exists (``last-v1.ckpt`` has no step, not step 1).
+    """
     for suffix in CHECKPOINT_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    match = _LAST_INT.search(name)
+    explicit = _EXPLICIT_STEP.findall(name)
+    if explicit:
+        return int(explicit[-1])
+    match = _LAST_INT.search(_LIGHTNING_VERSION.sub("", name))
     return int(match.group(1)) if match else None
 
 
@@ -48,7 +73,7 @@ def _folder_layout(folder: Path) -> Optional[str]:
     if (folder / "learning_dynamics").is_dir():
         return "pico"
     for pattern in MODEL_FILE_PATTERNS:
-        if any(folder.glob(pattern)):
+        if any(not NON_MODEL_FILE.match(f.name) for f in folder.glob(pattern)):
             return "folder"
     return None
 
@@ -68,9 +93,13 @@ def discover_checkpoints(root: Union[str, Path]) -> List[CheckpointRef]:
         root = root / "checkpoints"
     found: dict = {}
     skipped: List[str] = []
+    not_models: List[str] = []
     for child in sorted(root.iterdir()):
         step = step_from_name(child.name)
         if child.is_file() and child.name.endswith(CHECKPOINT_SUFFIXES):
+            if NON_MODEL_FILE.match(child.name):
+                not_models.append(child.name)
+                continue
             layout = "file"
         elif child.is_dir():
             layout = _folder_layout(child)
@@ -86,6 +115,8 @@ def discover_checkpoints(root: Union[str, Path]) -> List[CheckpointRef]:
         found[step] = CheckpointRef(step=step, path=child, layout=layout)
     if skipped:
         warnings.warn(f"skipped checkpoints without a step number in their name: {', '.join(skipped)}")
+    if not_models:
+        warnings.warn(f"skipped optimizer/scheduler/training-state files (not model weights): {', '.join(not_models)}")
     if not found:
         raise ValueError(
             f"no checkpoints found in {root}: expected files ending in {', '.join(CHECKPOINT_SUFFIXES)} "

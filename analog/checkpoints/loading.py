@@ -2,6 +2,8 @@
 
 * ``torch.load(..., weights_only=True)`` unless ``allow_pickle=True`` is passed explicitly: a
   checkpoint that needs arbitrary pickled code is refused with an error that says how to opt in.
+  Data-only classes scripts save beside the weights (``argparse.Namespace``, ``pathlib`` paths, NumPy
+  arrays) are allowed (:func:`data_globals`).
 * ``.safetensors`` files are opened with ``safetensors.safe_open`` and read tensor by tensor.
 * Zip-format ``.pt`` files are memory-mapped where torch allows it, so a tensor costs memory only
   when it is used.
@@ -17,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 
-from .discovery import CheckpointRef
+from .discovery import NON_MODEL_FILE, CheckpointRef
 
 __all__ = ["CheckpointError", "Checkpoint", "load_tensor_file", "unwrap_state_dict"]
 
@@ -81,8 +83,11 @@ class MergedDict(Mapping):
 def unwrap_state_dict(obj: object, source: Union[str, Path]) -> Dict[str, torch.Tensor]:
     """Return the tensors of a loaded checkpoint object.
 
-    A dict nested under ``state_dict``, ``model_state_dict`` or ``model`` is unwrapped first;
-    non-tensor entries (epoch counters, metadata) are dropped. No tensor at all is an error.
+    A dict nested under ``state_dict``, ``model_state_dict`` or ``model`` is unwrapped first; else,
+    with no tensor at the top level, the one value that is a dict holding tensors (``{"net": ...,
+    "opt": ..., "step": N}``; an optimizer's state dict holds none at its top level) is used, and
+    several such dicts are an error naming them. Non-tensor entries (epoch counters, metadata) are
+    dropped. No tensor at all is an error.
     """
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
@@ -96,18 +101,64 @@ def unwrap_state_dict(obj: object, source: Union[str, Path]) -> Dict[str, torch.
             return unwrap_state_dict(inner, source)
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
+        holders = [k for k, v in obj.items() if isinstance(v, Mapping) and any(_is_tensor(x) for x in v.values())]
+        if len(holders) == 1:  # {"net": state_dict, "opt": ..., "step": N}: the one dict of tensors
+            return unwrap_state_dict(obj[holders[0]], source)
         keys = ", ".join(map(str, list(obj)[:10])) or "(empty)"
+        if holders:
+            raise CheckpointError(
+                f"{source}: no tensors at the top level and several dicts of tensors under "
+                f"{', '.join(map(repr, holders))}; which one holds the model is ambiguous: re-save it alone "
+                f"(torch.save(ckpt[{holders[0]!r}], path)) or under 'state_dict'"
+            )
         raise CheckpointError(f"{source}: no tensors found; top-level keys: {keys}")
     return tensors
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> object:
+def data_globals() -> List[object]:
+    """Classes that training scripts commonly save beside the weights and that hold data only:
+    ``argparse.Namespace`` (``{"model": ..., "args": args}``), ``pathlib`` paths (Lightning
+    hyper-parameters), NumPy arrays, scalars and dtypes (``np.random.get_state()``, metrics).
+
+    ``torch.load(weights_only=True)`` refuses any class it does not know; these are allowed with
+    ``torch.serialization.safe_globals``: rebuilding them sets attributes or stores buffers and runs no
+    code of the file. Anything else (a pickled ``nn.Module``, a user class) is still refused."""
+    import argparse
+    import pathlib
+
+    allowed: List[object] = [
+        argparse.Namespace,
+        pathlib.Path,
+        pathlib.PosixPath,
+        pathlib.WindowsPath,
+        pathlib.PurePath,
+        pathlib.PurePosixPath,
+        pathlib.PureWindowsPath,
+    ]
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
-            raise
-    return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        import numpy as np
+    except ImportError:  # numpy is optional for torch
+        return allowed
+    multiarray = getattr(np, "_core", None) or np.core
+    allowed += [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar]
+    dtypes = getattr(np, "dtypes", None)  # NumPy >= 1.25 pickles a dtype with its class
+    if dtypes is not None:
+        allowed += [c for c in vars(dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)]
+    return allowed
+
+
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> object:
+    with torch.serialization.safe_globals(data_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
 
 
 def load_tensor_file(path: Union[str, Path], allow_pickle: bool = False) -> Mapping:
@@ -165,7 +216,7 @@ def _folder_files(folder: Path) -> List[Path]:
                 raise CheckpointError(f"{index}: shard names must be plain file names in {folder}, found {names}")
             return [folder / name for name in names]
     for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt"):
-        files = sorted(folder.glob(pattern))
+        files = sorted(f for f in folder.glob(pattern) if not NON_MODEL_FILE.match(f.name))
         if files:
             return files
     raise CheckpointError(f"{folder}: no model weights (model.safetensors, pytorch_model.bin, *.pt) found")

@@ -55,7 +55,9 @@ def _count(value: Any, path: Path, key: str) -> Optional[int]:
 def attention_head_counts(run_path: Path, refs: Sequence[CheckpointRef]) -> Tuple[Optional[int], Optional[int]]:
     """``(n_heads, n_kv_heads)`` from ``run_path/training_config.yaml`` (pico-train: ``model.attention_n_heads``,
     ``model.attention_n_kv_heads``) or from ``config.json`` in ``run_path`` or the first checkpoint folder
-    (Hugging Face: ``num_attention_heads``, ``num_key_value_heads``); ``(None, None)`` when neither exists."""
+    (Hugging Face: ``num_attention_heads``, ``num_key_value_heads``, or the other names in ``HEAD_KEYS`` and
+    ``KV_HEAD_KEYS``, such as GPT-2's ``n_head``; under ``text_config`` for a multimodal model);
+    ``(None, None)`` when neither exists."""
     run_path = Path(run_path)
     pico = run_path / "training_config.yaml"
     if pico.is_file():
@@ -68,8 +70,20 @@ def attention_head_counts(run_path: Path, refs: Sequence[CheckpointRef]) -> Tupl
         hf = folder / "config.json"
         if hf.is_file():
             cfg = _mapping(read_json_file(hf), hf)
-            return (
-                _count(cfg.get("num_attention_heads"), hf, "num_attention_heads"),
-                _count(cfg.get("num_key_value_heads"), hf, "num_key_value_heads"),
-            )
+            if not any(key in cfg for key in HEAD_KEYS) and isinstance(cfg.get("text_config"), dict):
+                cfg = cfg["text_config"]  # a multimodal model: the language model's config
+            return _first_count(cfg, HEAD_KEYS, hf), _first_count(cfg, KV_HEAD_KEYS, hf)
     return None, None
+
+
+#: names Hugging Face configs give the attention head counts (Llama/Mistral/Qwen; GPT-2/BLOOM; MPT-style; T5)
+HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads")
+KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "n_kv_heads")
+
+
+def _first_count(cfg: Dict[str, Any], keys: Sequence[str], path: Path) -> Optional[int]:
+    """The first of ``keys`` present in ``cfg`` (a positive integer, else an error naming it)."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return _count(cfg[key], path, key)
+    return None

@@ -190,6 +190,13 @@ class OVCircuitComponent(BaseComponent):
             raise ValueError(f"component 'ov_circuit': n_heads unknown for {where}; set n_heads (and n_kv_heads)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ov_circuit: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if w_v.dim() != 2 or w_o.dim() != 2 or w_v.shape[1] != w_o.shape[0]:
+            raise ValueError(
+                f"ov_circuit: W_V {tuple(w_v.shape)} reads {w_v.shape[-1]} features but W_O {tuple(w_o.shape)} "
+                f"writes {w_o.shape[0]} in {where}: the circuit W_O W_V must map the residual stream (d_model) to "
+                "itself, with nn.Linear's (out, in) layout. A fused QKV projection (GPT-2's c_attn, GPT-NeoX's "
+                "query_key_value) or a transposed Conv1D layout cannot be used as value_layer/output_layer"
+            )
         head_dim, rem = divmod(w_o.shape[1], self.n_heads)
         if rem or w_v.shape[0] != self.n_kv_heads * head_dim:
             raise ValueError(

@@ -102,7 +102,10 @@ def _layer_value(plan: _Plan, index: int, layer: LayerData) -> Optional[float]:
     x = as_samples(layer.tensor, layer.where, comp.config.data_type)
     if x.shape[0] != target.shape[0]:
         raise MetricInputError(f"{layer.where}: {x.shape[0]} samples vs {target.shape[0]} in the target checkpoint")
-    return metric.compare(x, target)
+    try:
+        return metric.compare(x, target)
+    except MetricInputError as exc:
+        raise MetricInputError(f"{layer.where} against target step {plan.entry.target_checkpoint}: {exc}") from exc
 
 
 Key = Tuple[int, int]  # (plan index, component index)

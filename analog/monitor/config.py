@@ -38,6 +38,11 @@ class MonitorConfig:
     ``start(model)`` (reference at step 0) they come at N, 2N, ...
     ``snapshot_device``/``snapshot_dtype``: where and how snapshots are kept (float32 on CPU: 4 bytes
     per parameter). ``seed`` fixes the random masks of the sparse-quality baseline.
+    ``trainable_only``: snapshot and measure only parameters with ``requires_grad`` (default: all, as
+    GRAIL). With adapters (LoRA) on a frozen base, N is then the adapters' size, so ratios such as
+    ``changed_ratio_at_{t}`` are fractions of what can train rather than of the whole model, and the
+    snapshot holds the adapters only; a parameter frozen or unfrozen between two measurements
+    changes the set, which restarts the measurements (see ``ModelAnalysisManager``).
     ``gradient_enabled``: ``GradientMetrics`` (needs the gradients still present at the call);
     ``momentum_enabled``: ``MomentumMetrics`` (needs ``on_optimizer_step(..., optimizer=opt)``);
     ``*_per_layer`` adds their per-layer keys.
@@ -46,6 +51,7 @@ class MonitorConfig:
     interval: int = 100
     snapshot_device: str = "cpu"
     snapshot_dtype: str = "float32"
+    trainable_only: bool = False
 
     param_change_enabled: bool = True
     param_change_thresholds: List[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))

@@ -120,7 +120,11 @@ class ModelAnalysisManager:
 
     def _capture(self, model: nn.Module) -> ParameterSnapshot:
         return ParameterSnapshot.capture(
-            model, device=self.config.snapshot_device, dtype=self.config.snapshot_dtype, step=self.step
+            model,
+            device=self.config.snapshot_device,
+            dtype=self.config.snapshot_dtype,
+            step=self.step,
+            trainable_only=self.config.trainable_only,
         )
 
     def _measure(self, model: nn.Module, context: AnalysisContext) -> Dict[str, float]:

@@ -61,12 +61,16 @@ class ParameterSnapshot:
         device: Union[str, torch.device] = "cpu",
         dtype: Union[str, torch.dtype] = torch.float32,
         step: Optional[int] = None,
+        trainable_only: bool = False,
     ) -> "ParameterSnapshot":
-        """Copy every parameter of ``model`` (detached) to ``device``/``dtype``."""
+        """Copy every parameter of ``model`` (detached) to ``device``/``dtype``; with ``trainable_only``
+        only those with ``requires_grad`` (a frozen base model under adapters is not copied)."""
         dtype = resolve_dtype(dtype)
         tensors = {}
         with torch.no_grad():
             for name, param in model.named_parameters():
+                if trainable_only and not param.requires_grad:
+                    continue
                 copy = param.detach().to(device=device, dtype=dtype, copy=True)
                 tensors[name] = copy
         return cls(tensors, step=step)

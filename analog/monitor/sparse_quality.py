@@ -61,16 +61,36 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}"
+    return type(value).__name__
+
+
 def run_model(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Forward ``inputs`` (tensor, tuple of positional args, or dict of kwargs without ``labels``)."""
+    """Forward ``inputs`` (tensor, tuple of positional args, or dict of kwargs without ``labels``).
+
+    A call that fails with a ``TypeError`` (wrong arguments: typically a DataLoader's ``(x, y)`` batch
+    unpacked as ``model(x, y)``) is re-raised saying how the inputs were passed and what to pass instead.
+    """
     device = next(model.parameters()).device
     inputs = _to_device(inputs, device)
     if isinstance(inputs, Mapping):
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+        call, shown = (lambda: model(**kwargs)), "model(**inputs) with keys " + ", ".join(map(str, kwargs))
     elif isinstance(inputs, (tuple, list)):
-        outputs = model(*inputs)
+        call = lambda: model(*inputs)  # noqa: E731
+        shown = f"model(*inputs) with {len(inputs)} positional arguments ({', '.join(map(_describe, inputs))})"
     else:
-        outputs = model(inputs)
+        call, shown = (lambda: model(inputs)), f"model(inputs) with {_describe(inputs)}"
+    try:
+        outputs = call()
+    except TypeError as error:
+        raise TypeError(
+            f"sparse quality ran {shown} and it failed: {error}. Pass inputs= as the model is called: a "
+            "tensor for model(x), a tuple for model(*args), a dict for model(**kwargs) ('labels' is dropped); "
+            "for a DataLoader batch (x, y) pass inputs=x"
+        ) from error
     return extract_logits(outputs).detach().float()
 
 

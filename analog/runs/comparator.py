@@ -42,11 +42,18 @@ COLUMNS = [
 
 
 def run_name(path: Union[str, os.PathLike]) -> str:
-    """A run's default name: the file stem, or the folder's name for stems like ``train``."""
+    """A run's default name: the file stem, or the folder's name for stems like ``train``; a Hugging
+    Face ``checkpoint-N`` folder stands for its output directory, whose name is used instead."""
     path = Path(path)
     if path.is_dir():
-        return path.name
-    return path.parent.name if path.stem.lower() in GENERIC_STEMS and path.parent.name else path.stem
+        name_of = path
+    elif path.stem.lower() in GENERIC_STEMS and path.parent.name:
+        name_of = path.parent
+    else:
+        return path.stem
+    if re.fullmatch(r"checkpoint-\d+", name_of.name) and name_of.parent.name:
+        return name_of.parent.name
+    return name_of.name
 
 
 def config_text(config: Mapping[str, Any]) -> str:

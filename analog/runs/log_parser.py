@@ -30,12 +30,27 @@ from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple, Type, Union
 
 from analog.runs.alignment import mark, settle
-from analog.runs.structured import looks_like_csv, parse_csv, parse_json_lines, parse_trainer_state
+from analog.runs.structured import (
+    add_record,
+    canonical,
+    looks_like_csv,
+    parse_csv,
+    parse_json_lines,
+    parse_trainer_state,
+    record_from_line,
+)
 from analog.runs.training_metrics import TrainingMetrics
 
 PathLike = Union[str, os.PathLike]
 _SUFFIXES = {"": 1, "K": 10**3, "k": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 _NUMBER = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)([KkMBGT]?)[x%]?$")
+
+
+#: what to do with TensorBoard event files, which need a TensorBoard reader analog does not depend on
+TENSORBOARD_HINT = (
+    "event files are not read; export the scalars as CSV (TensorBoard's data download links) or JSON Lines, "
+    "or read trainer_state.json where a Hugging Face Trainer wrote one"
+)
 
 
 class LogParseError(ValueError):
@@ -95,9 +110,16 @@ class LogParser:
         "tokens": "val_tokens",
     }
 
+    #: ``iter 10: loss 3.2257, time 120.32ms, mfu 3.10%`` and ``step 20: train loss 2.63, val loss 2.65``
+    #: (nanoGPT and scripts like it): a step word, the step, a colon, then comma-separated fields
+    COLON_STEP_PATTERN = re.compile(r"^\s*(?:iter|iteration|step)\s+(\d+)\s*:(.*)$", re.IGNORECASE)
+    #: a field's number followed by a unit (``120.32ms``): the unit joins the name (``time_ms``)
+    UNIT_PATTERN = re.compile(r"^([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)([A-Za-z]{1,3})$")
+
     def __init__(self, source: str = ""):
         self.metrics = TrainingMetrics(source=source, format="text")
         self.line_number = 0
+        self._pending_eval: Optional[Tuple[int, Dict[str, float], str, int]] = None
 
     def parse_file(self, path: PathLike) -> TrainingMetrics:
         with open(path, encoding="utf-8") as handle:
@@ -110,10 +132,19 @@ class LogParser:
             before = mark(self.metrics)
             self._parse_line(line.rstrip("\r\n"))
             settle(self.metrics, before, self.line_number)
+        if self._pending_eval is not None:
+            before = mark(self.metrics)
+            self._flush_eval()
+            settle(self.metrics, before, self.line_number)
         return self.metrics.finish()
 
     def _parse_line(self, line: str) -> None:
-        """Read one line: a validation line, a training line, or something to ignore."""
+        """Read one line: a validation line, a training line, a ``{...}`` record, a ``step=N key=value``
+        line, or something to ignore."""
+        record = record_from_line(line)
+        if record is not None:
+            self._read_record(line, record)
+            return
         match = self.VALIDATION_PATTERN.search(line)
         if match:
             self._read_fields(line, match.group(1), ",", self.VALIDATION_FIELDS, validation=True)
@@ -128,7 +159,96 @@ class LogParser:
             values = {"epochs": float(epoch)} if epoch is not None else {}
             self._read_fields(line, rest or "", "|", self.TRAIN_FIELDS, step=int(step), values=values)
             return
-        self._read_header(line)
+        match = self.COLON_STEP_PATTERN.match(line)
+        if match:
+            self._read_colon_step_line(line, int(match.group(1)), match.group(2))
+            return
+        if not self._read_key_values(line):
+            self._read_header(line)
+
+    def _read_colon_step_line(self, line: str, step: int, text: str) -> None:
+        """``iter N: loss 3.22, time 120.32ms, mfu 3.10%``: fields ``name value`` (or ``name=value``,
+        ``name: value``) separated by commas, names mapped as in structured logs with spaces read as
+        ``_`` (``val loss`` -> ``val_loss``); a unit after a number joins the name (``time_ms``).
+
+        A line with a validation value (nanoGPT's ``step N: train loss X, val loss Y``, printed before
+        the ``iter N`` line of the same step) is held until the training record of step N arrives,
+        so that it is not taken for the record of an earlier attempt (see resumed runs); its ``train
+        loss``, an estimate over evaluation batches, becomes the extra ``estimated_train_loss`` of
+        that training record."""
+        record: Dict[str, float] = {"step": step}
+        for field in filter(str.strip, text.split(",")):
+            field = field.strip()
+            cut = min((i for i in (field.find(":"), field.find("=")) if i >= 0), default=-1)
+            key, _, raw = (field[:cut], "", field[cut + 1 :]) if cut >= 0 else field.rpartition(" ")
+            key, raw = "_".join(key.split()).lower(), raw.strip()
+            if not key or not raw or not self.KEY_PATTERN.fullmatch(key):
+                self.metrics.add_malformed(self.line_number, line, f"cannot read field {field[:80]!r}")
+                return
+            try:
+                record[key] = parse_number(raw)
+            except ValueError:
+                unit = self.UNIT_PATTERN.match(raw)
+                if unit is None or canonical(key) is not None:
+                    self.metrics.add_malformed(self.line_number, line, f"{key}: {raw!r} is not a number")
+                    return
+                record[f"{key}_{unit.group(2).lower()}"] = float(unit.group(1))
+        validation = {k: v for k, v in record.items() if canonical(k) in ("val_loss", "val_ppl")}
+        if validation:
+            if self._pending_eval is not None:
+                self._flush_eval()
+            train = [record[k] for k in record if canonical(k) == "loss"]
+            extras = {"estimated_train_loss": train[-1]} if train else {}
+            self._pending_eval = (step, {**validation, **extras}, line, self.line_number)
+            return
+        if len(record) == 1:
+            self.metrics.add_malformed(self.line_number, line, "no metric fields")
+            return
+        if self._pending_eval is not None and self._pending_eval[0] < step:
+            self._flush_eval()
+        if self._pending_eval is not None and self._pending_eval[0] == step:
+            record.update(self._pending_eval[1])
+            self._pending_eval = None
+        self._read_record(line, record)
+
+    def _flush_eval(self) -> None:
+        """Add the held validation line as a record of its own (no training record of its step came)."""
+        step, values, line, _ = self._pending_eval
+        self._pending_eval = None
+        self._read_record(line, {"step": step, **{k: v for k, v in values.items() if canonical(k)}})
+
+    def _read_record(self, line: str, record: Dict) -> None:
+        """A JSON or Python-dict line, read as a structured record (``analog.runs.structured``). One
+        without a step (a printed config dict, a Trainer console line) is not malformed in a text log;
+        it is counted in ``metrics.unstepped_records``."""
+        reason = add_record(self.metrics, record)
+        if reason and reason != "no step":
+            self.metrics.add_malformed(self.line_number, line, reason)
+
+    def _read_key_values(self, line: str) -> bool:
+        """``step=10 loss=2.31 lr=1e-3`` (pairs separated by spaces, ``,``, ``;`` or ``|``): a record when
+        one key is a step column (``step``, ``global_step``, ``iter``, ...); keys are mapped as in
+        structured logs (``val_loss``/``eval_loss`` make it a validation point). False when it is not
+        such a line. A known key with an unreadable value makes the line malformed."""
+        if "=" not in line:
+            return False
+        pairs = {}
+        for token in line.replace(",", " ").replace(";", " ").replace("|", " ").split():
+            key, sep, value = token.partition("=")
+            if sep and key and value:
+                pairs[key] = value
+        if not any(canonical(key) == "step" for key in pairs):
+            return False
+        record = {}
+        for key, raw in pairs.items():
+            try:
+                record[key] = parse_number(raw)
+            except ValueError:
+                if canonical(key) is not None:
+                    self.metrics.add_malformed(self.line_number, line, f"{key}: {raw!r} is not a number")
+                    return True
+        self._read_record(line, record)
+        return True
 
     def _read_header(self, line: str) -> None:
         """``Config: dim=512, layers=6`` -> ``config["dim"] = 512, ...``; ``Mode: X`` -> ``config["mode"]``."""
@@ -217,6 +337,9 @@ def _read_text(path: Path) -> str:
         raise LogParseError(f"training log {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
 def detect_format(text: str) -> str:
     """``trainer_state``, ``jsonl``, ``csv`` or ``text``, from the content alone."""
     stripped = text.lstrip()
@@ -232,20 +355,41 @@ def detect_format(text: str) -> str:
     return "text"
 
 
+def latest_trainer_checkpoint(folder: Path) -> Optional[Path]:
+    """The ``checkpoint-N`` sub-folder of a Trainer output directory with the largest N that holds a
+    ``trainer_state.json`` (its ``log_history`` is the whole run up to step N), or ``None``.
+
+    The Trainer writes ``trainer_state.json`` into each checkpoint folder and into the output
+    directory itself only when ``save_state()`` is called."""
+    found = []
+    for child in folder.iterdir():
+        match = _TRAINER_CHECKPOINT.fullmatch(child.name)
+        if match and (child / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
 def parse_training_log(path: PathLike, parser_cls: Optional[Type[LogParser]] = None) -> TrainingMetrics:
-    """Parse the training log at ``path`` (a file, or a directory holding ``trainer_state.json``).
+    """Parse the training log at ``path``: a file, a directory holding ``trainer_state.json``, or a
+    Trainer output directory whose ``checkpoint-N/`` folders hold one (the largest N is read).
 
     The format is detected from the content (see ``detect_format``); ``parser_cls`` replaces
     ``LogParser`` for text logs. Raises ``FileNotFoundError`` for a missing path and
     ``LogParseError`` for an empty or binary file or one without a single metrics record.
     """
     path = Path(path)
+    if path.is_dir() and not (path / "trainer_state.json").is_file():
+        path = latest_trainer_checkpoint(path) or path
     if path.is_dir():
         if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"{path} is a directory without trainer_state.json")
+            events = sorted(path.rglob("events.out.tfevents.*"))[:1]
+            hint = f" (it holds TensorBoard event files such as {events[0]}: {TENSORBOARD_HINT})" if events else ""
+            raise FileNotFoundError(f"{path} is a directory without trainer_state.json{hint}")
         path = path / "trainer_state.json"
     if not path.is_file():
         raise FileNotFoundError(f"training log not found: {path}")
+    if "tfevents" in path.name:
+        raise LogParseError(f"{path} is a TensorBoard event file: {TENSORBOARD_HINT}")
     text = _read_text(path)
     kind = "text" if parser_cls is not None else detect_format(text)
     metrics = TrainingMetrics(source=str(path), format=kind)
@@ -262,8 +406,15 @@ def parse_training_log(path: PathLike, parser_cls: Optional[Type[LogParser]] = N
         raise LogParseError(f"cannot parse {path} as {kind}: {error}") from error
     metrics.finish()
     if metrics.num_records == 0:
+        hint = ""
+        if metrics.unstepped_records:
+            hint = (
+                f"; {metrics.unstepped_records} records have metrics but no step (Hugging Face Trainer console "
+                "lines carry only 'epoch'): read trainer_state.json from the output directory or a checkpoint-N "
+                "folder instead"
+            )
         raise LogParseError(
             f"no training metrics found in {path} (read as {kind}: {metrics.lines_read} lines, "
-            f"{metrics.malformed_lines} malformed)"
+            f"{metrics.malformed_lines} malformed){hint}"
         )
     return metrics

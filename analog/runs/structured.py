@@ -5,23 +5,29 @@ Column/key names are matched case-insensitively through ``COLUMN_ALIASES`` (``le
 ``eval_*`` keys such as ``eval_runtime`` are dropped; a training loss, lr, ... in the same record
 also makes a training point). Any other record with a step is a training point, its unknown
 numeric keys going to ``extras``. A record that only adds keys to the previous training step
-(same step, no overlap) is merged into it.
+(same step, no conflicting value: Lightning's epoch-end row repeats the epoch) is merged into it.
+Empty cells are absent values, not NaN: a CSV row of validation columns only is a validation point,
+not also an empty training point (Lightning's ``CSVLogger`` writes its training and validation rows
+apart, each with the other's cells empty).
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
 import math
-from typing import Any, Dict, Iterable, Mapping, Optional
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from analog.runs.training_metrics import NAN, STEP_SERIES, VAL_SERIES, TrainingMetrics
 
 COLUMN_ALIASES = {
     "step": ("step", "global_step", "iteration", "iter", "train/global_step"),
     "epochs": ("epoch", "train/epoch"),
-    "loss": ("loss", "lm_loss", "train/loss"),
+    "loss": ("loss", "lm_loss", "train/loss", "train_loss", "train_loss_step"),
     "ppl": ("ppl", "perplexity", "train_ppl", "train/ppl"),
     "lr": ("lr", "learning_rate", "train/learning_rate"),
     "grad_norm": ("grad_norm", "gradnorm", "train/grad_norm"),
@@ -36,9 +42,37 @@ _CANONICAL = {alias: name for name, aliases in COLUMN_ALIASES.items() for alias 
 SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "total_flos")
 
 
+#: Lightning's ``LearningRateMonitor`` columns: ``lr-Adam``, ``lr-AdamW`` (one param group; ``lr-Adam/pg2`` is an extra)
+_LR_MONITOR = re.compile(r"lr-[A-Za-z0-9_]+")
+#: the longest line read as a Python dict literal (a console line of a trainer, not a data dump)
+MAX_LITERAL_LINE = 100_000
+
+
 def canonical(key: str) -> Optional[str]:
     """Canonical series name of a column/key, or None when it is not one we know."""
-    return _CANONICAL.get(key.strip().lower())
+    key = key.strip()
+    if _LR_MONITOR.fullmatch(key):
+        return "lr"
+    return _CANONICAL.get(key.lower())
+
+
+def record_from_line(line: str) -> Optional[Dict[str, Any]]:
+    """A ``{...}`` line as a dict: JSON, or a Python dict literal such as the Hugging Face Trainer prints
+    (``{'loss': '4.047', 'epoch': '0.25'}``, read with ``ast.literal_eval``: literals only, no code);
+    None when the line is neither."""
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        if len(text) > MAX_LITERAL_LINE:
+            return None
+        try:
+            record = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return None
+    return record if isinstance(record, dict) else None
 
 
 def to_float(value: Any) -> float:
@@ -59,6 +93,8 @@ def add_record(metrics: TrainingMetrics, record: Mapping[str, Any]) -> Optional[
     values: Dict[str, float] = {}
     extras: Dict[str, float] = {}
     for key, raw in record.items():
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            continue  # an empty cell (CSV rows of a logger that writes train and validation rows apart)
         name = canonical(str(key))
         try:
             value = to_float(raw)
@@ -71,7 +107,10 @@ def add_record(metrics: TrainingMetrics, record: Mapping[str, Any]) -> Optional[
         else:
             extras[str(key)] = value
     if "step" not in values or math.isnan(values["step"]):
-        return "no step" if (values or extras) else None
+        if values or extras:
+            metrics.unstepped_records += 1
+            return "no step"
+        return None
     step = int(values.pop("step"))
     val_values = {k: values.pop(k) for k in VAL_SERIES if k in values}
     if val_values:
@@ -92,7 +131,7 @@ def _add_or_merge(metrics: TrainingMetrics, step: int, values: Dict[str, float])
             series = getattr(metrics, name) if name in STEP_SERIES else metrics.extras.get(name)
             return series[-1] if series else NAN
 
-        if all(math.isnan(current(name)) for name in values):
+        if all(math.isnan(current(name)) or current(name) == value for name, value in values.items()):
             for name, value in values.items():
                 if name in STEP_SERIES:
                     getattr(metrics, name)[-1] = value
@@ -126,18 +165,47 @@ def parse_json_lines(lines: Iterable[str], metrics: TrainingMetrics) -> Training
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            metrics.add_malformed(number, line, f"invalid JSON: {error.msg}")
-            continue
+            record = record_from_line(line)
+            if record is None:
+                metrics.add_malformed(number, line, f"invalid JSON: {error.msg}")
+                continue
         reason = add_record(metrics, record) if isinstance(record, dict) else "not a JSON object"
         if reason:
             metrics.add_malformed(number, line, reason)
     return metrics
 
 
+def _export_header(header: List[str], source: str) -> List[str]:
+    """Column names of the CSV exports of two dashboards, made readable by ``add_record``.
+
+    * TensorBoard's scalar download ``Wall time,Step,Value`` holds one tag, named only in the file
+      name (``run-NAME-tag-train_loss.csv``, ``/`` in the tag written as ``_``): ``Value`` takes the
+      tag (else the file stem) and ``Wall time`` is dropped (renamed so it matches no series).
+    * A Weights & Biases panel export ``"Step","RUN - train/loss","RUN - train/loss__MIN",...``:
+      the ``RUN - `` prefix is removed and the ``__MIN``/``__MAX`` columns dropped; an export of
+      several runs is an error (``ValueError``) naming them."""
+    if [cell.lower() for cell in header] == ["wall time", "step", "value"]:
+        stem = Path(source).stem if source else "value"
+        tag = stem.split("-tag-", 1)[1] if "-tag-" in stem else stem
+        return ["", header[1], tag]
+    others = [cell for cell in header if canonical(cell) != "step"]
+    prefixes = {cell.split(" - ", 1)[0] for cell in others if " - " in cell}
+    if others and len(prefixes) > 1 and all(" - " in cell for cell in others):
+        names = ", ".join(sorted(prefixes)[:5])
+        raise ValueError(f"a Weights & Biases export of {len(prefixes)} runs ({names}): export one run per file")
+    if others and len(prefixes) == 1 and all(" - " in cell for cell in others):
+        return [
+            "" if cell.endswith(("__MIN", "__MAX")) else cell.split(" - ", 1)[1] if " - " in cell else cell
+            for cell in header
+        ]
+    return header
+
+
 def parse_csv(text: str, metrics: TrainingMetrics) -> TrainingMetrics:
-    """A header row, then one row per record; rows with the wrong number of cells are malformed."""
+    """A header row, then one row per record; rows with the wrong number of cells are malformed.
+    Empty column names (dropped export columns, see ``_export_header``) are not read."""
     rows = csv.reader(io.StringIO(text))
-    header = [cell.strip() for cell in next(rows)]
+    header = _export_header([cell.strip() for cell in next(rows)], metrics.source)
     for number, row in enumerate(rows, start=2):
         metrics.lines_read = number
         if not any(cell.strip() for cell in row):
@@ -145,7 +213,7 @@ def parse_csv(text: str, metrics: TrainingMetrics) -> TrainingMetrics:
         if len(row) != len(header):
             metrics.add_malformed(number, ",".join(row), f"{len(row)} cells for {len(header)} columns")
             continue
-        reason = add_record(metrics, dict(zip(header, row)))
+        reason = add_record(metrics, {k: v for k, v in zip(header, row) if k})
         if reason:
             metrics.add_malformed(number, ",".join(row), reason)
     return metrics
@@ -153,5 +221,5 @@ def parse_csv(text: str, metrics: TrainingMetrics) -> TrainingMetrics:
 
 def looks_like_csv(first_line: str) -> bool:
     """A header row: comma-separated names, one of which is a step column."""
-    cells = [cell.strip() for cell in first_line.split(",")]
+    cells = [cell.strip() for cell in next(csv.reader([first_line]), [])]  # quoted cells too (W&B)
     return len(cells) >= 2 and any(canonical(cell) == "step" for cell in cells)

@@ -51,6 +51,8 @@ class TrainingMetrics:
     config: Dict[str, Any] = field(default_factory=dict)
     val_after: List[int] = field(default_factory=list, repr=False)
     resumed_records: int = 0
+    #: records with metrics but no step (Hugging Face Trainer console lines carry only ``epoch``)
+    unstepped_records: int = 0
     lines_read: int = 0
     malformed_lines: int = 0
     malformed_examples: List[str] = field(default_factory=list)
