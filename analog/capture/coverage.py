@@ -106,10 +106,13 @@ def build_coverage(model: nn.Module, chosen: Dict[str, nn.Module], rules: Dict[s
 
 
 def _default_reason(name: str, module: nn.Module) -> str:
-    from analog.capture.rules import find_rule
+    from analog.capture.rules import find_rule, overridden_forward_reason
 
     if isinstance(module, nn.RNNBase):
         return "recurrent layer: analog has no per-sample rule for LSTM/GRU/RNN (unsupported)"
+    overridden = overridden_forward_reason(module)
+    if overridden:
+        return overridden
     if find_rule(module) is None and any(True for _ in module.children()):
         return (f"bare nn.Parameter used in {type(module).__name__}.forward outside a layer call: analog logs calls "
                 "of layers it has rules for")

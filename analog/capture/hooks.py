@@ -178,7 +178,8 @@ class Capture:
             a = self.projector.project_activations(name, module, self.rules[name], x)
             if expand:
                 a, x = a.expand(expand, *a.shape[1:]), x.expand(expand, *x.shape[1:])
-            mask = mask_for_factors(self.masks.get(name), name, a)
+            rule = self.rules[name]
+            mask = mask_for_factors(self.masks.get(name), name, a, x.shape if rule.channels_last else None)
         self._mask_used |= mask is not None
         return a, x, mask
 

@@ -28,7 +28,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from analog.capture.rules import LayerRule, append_ones, has_bias
+from analog.capture.rules import LayerRule, append_ones, has_bias, probe_like
 
 
 def _weight(module):
@@ -37,6 +37,8 @@ def _weight(module):
 
 class _AffineRule(LayerRule):
     """Shared maths: subclasses give ``normalised(module, x) -> (B, T, D)`` and the channel shape."""
+
+    channels_last = True
 
     def channel_shape(self, module) -> tuple:
         return tuple(_weight(module).shape)
@@ -52,6 +54,11 @@ class _AffineRule(LayerRule):
 
     def out_dim(self, module) -> int:
         return 1
+
+    def probe_input(self, module, generator):
+        if _weight(module) is None:
+            return None
+        return probe_like(module, torch.randn(2, 3, *self.channel_shape(module), generator=generator))
 
     def unsupported(self, module):
         if _weight(module) is None:
@@ -94,7 +101,8 @@ class RMSNormRule(_AffineRule, module_type=nn.RMSNorm):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps(module, x))
 
 
-#: Hugging Face RMSNorm classes computing weight * x / sqrt(mean(x²) + variance_epsilon) (no bias)
+#: Hugging Face RMSNorm classes computing weight * x / sqrt(mean(x²) + ε) (no bias; ε in ``variance_epsilon`` or
+#: ``eps``), or (1 + weight) * x / sqrt(mean(x²) + ε) (Gemma)
 HF_RMS_NORMS = (
     "transformers.models.llama.modeling_llama.LlamaRMSNorm",
     "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
@@ -103,6 +111,11 @@ HF_RMS_NORMS = (
     "transformers.models.mixtral.modeling_mixtral.MixtralRMSNorm",
     "transformers.models.phi3.modeling_phi3.Phi3RMSNorm",
     "transformers.models.t5.modeling_t5.T5LayerNorm",
+    "transformers.models.olmo2.modeling_olmo2.Olmo2RMSNorm",
+    # Gemma's RMSNorms compute (1 + weight) * x̂: the same gradient Σ_t δ_t x̂_t with respect to the weight
+    "transformers.models.gemma.modeling_gemma.GemmaRMSNorm",
+    "transformers.models.gemma2.modeling_gemma2.Gemma2RMSNorm",
+    "transformers.models.gemma3.modeling_gemma3.Gemma3RMSNorm",
 )
 for _path in HF_RMS_NORMS:
     type(_path.rsplit(".", 1)[1] + "Rule", (RMSNormRule,), {}, module_type=_path)
@@ -111,8 +124,13 @@ for _path in HF_RMS_NORMS:
 class BatchNormRule(_AffineRule, module_type=nn.modules.batchnorm._BatchNorm):
     """BatchNorm1d/2d/3d in eval mode: channels on dimension 1, positions the remaining dimensions."""
 
+    channels_last = False
+
     def channel_shape(self, module) -> tuple:
         return (module.num_features,)
+
+    def probe_input(self, module, generator):
+        return None  # a forward in training mode would update the running statistics
 
     def unsupported(self, module):
         if not module.track_running_stats:
