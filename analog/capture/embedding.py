@@ -37,7 +37,7 @@ class EmbeddingRule(LayerRule, module_type=nn.Embedding):
 
     def activations(self, module, x):
         idx = x.reshape(x.shape[0], -1)
-        a = F.one_hot(idx, module.num_embeddings).to(module.weight.dtype)
+        a = F.one_hot(idx, module.num_embeddings).to(torch.float32)  # captured factors are float32
         return self._mask_padding(module, idx, a).unsqueeze(2)
 
     def project_activations(self, module, x, p_in):
