@@ -23,12 +23,12 @@ x̂ is recomputed from the layer's input in float32:
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from analog.capture.rules import LayerRule, append_ones, has_bias, probe_like
+from analog.capture.rules import RECOGNISERS, LayerRule, append_ones, has_bias, probe_like
 
 
 def _weight(module):
@@ -119,6 +119,54 @@ HF_RMS_NORMS = (
 )
 for _path in HF_RMS_NORMS:
     type(_path.rsplit(".", 1)[1] + "Rule", (RMSNormRule,), {}, module_type=_path)
+
+
+def recognise_rms_norm(module: nn.Module) -> Optional[LayerRule]:
+    """``RMSNormRule`` for an unregistered layer that computes an RMSNorm, else None.
+
+    Transformers has one RMSNorm class per model (Granite, SmolLM3, DeepSeek, …), most of them copies of
+    Llama's. A module is accepted when its class name ends in ``RMSNorm``, it has no submodules, its only
+    parameter is a 1-D ``weight`` (d), ε is in ``variance_epsilon`` or ``eps``, and on a probe input x (2 × 3 × d,
+    private generator) its forward returns x̂ ⊙ (w + c) with x̂ = x / sqrt(mean(x²) + ε), for its own weight
+    and for a random weight, with the same c ∈ {0, 1} (c = 1: Gemma-style (1 + w)). Either way the weight
+    gradient is Σ_t δ_t ⊙ x̂_t, the rule's. The weight is swapped in place for the second probe and put back.
+    """
+    if not type(module).__name__.endswith("RMSNorm") or any(True for _ in module.children()):
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if set(params) != {"weight"} or weight.dim() != 1 or weight.is_meta:
+        return None
+    if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is None:
+        return None
+    rule = _RMS_RULE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, weight.shape[0], generator=gen).to(device=weight.device, dtype=weight.dtype)
+    x_hat = rule.normalised(module, x.float()).reshape(x.shape)
+    other = torch.empty_like(weight).copy_(torch.rand(weight.shape, generator=gen) + 0.5)
+    offsets = None
+    with torch.no_grad():
+        for w in (weight, other):
+            if w is other:
+                module._parameters["weight"] = nn.Parameter(other, requires_grad=weight.requires_grad)
+            try:
+                y = type(module).forward(module, x)
+            finally:
+                module._parameters["weight"] = weight
+            fits = {c for c in (0.0, 1.0) if _close_to(y, x_hat * (w.float() + c))}
+            offsets = fits if offsets is None else offsets & fits
+    return rule if offsets else None
+
+
+def _close_to(got, want) -> bool:
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    tol = max(64 * torch.finfo(torch.float32).eps, 4 * torch.finfo(got.dtype).eps)
+    return bool(torch.allclose(got.float(), want, rtol=tol, atol=tol * max(float(want.abs().max()), 1e-30)))
+
+
+_RMS_RULE = RMSNormRule()
+RECOGNISERS.append(recognise_rms_norm)
 
 
 class BatchNormRule(_AffineRule, module_type=nn.modules.batchnorm._BatchNorm):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -245,9 +245,33 @@ def find_rule(module: Union[nn.Module, type]) -> Optional[LayerRule]:
     """
     cls = module if isinstance(module, type) else type(module)
     base, rule = _registered_base(cls)
-    if rule is None or isinstance(module, type) or overridden_forward(module) is None:
+    if rule is None:
+        return None if isinstance(module, type) else recognised_rule(module)
+    if isinstance(module, type) or overridden_forward(module) is None:
         return rule
     return rule if forward_matches_base(module, base, rule) else None
+
+
+#: functions module -> rule or None, for layers of unregistered classes recognised by what they compute
+#: (analog.capture.norm: the many Hugging Face RMSNorm copies); each must check its claim on probe inputs
+RECOGNISERS: List[Callable[[nn.Module], Optional[LayerRule]]] = []
+_RECOGNISED: "weakref.WeakKeyDictionary[nn.Module, Optional[LayerRule]]" = weakref.WeakKeyDictionary()
+
+
+def recognised_rule(module: nn.Module) -> Optional[LayerRule]:
+    """The rule of the first recogniser that accepts ``module`` (cached per module), or None."""
+    if module in _RECOGNISED:
+        return _RECOGNISED[module]
+    rule = None
+    for recognise in RECOGNISERS:
+        try:
+            rule = recognise(module)
+        except Exception:  # noqa: BLE001 — a recogniser that fails does not recognise
+            rule = None
+        if rule is not None:
+            break
+    _RECOGNISED[module] = rule
+    return rule
 
 
 def get_rule(module: nn.Module, name: str = "") -> LayerRule:

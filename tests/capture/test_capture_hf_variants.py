@@ -5,6 +5,8 @@
   factor (Gemma: per-sample gradients √d too small, no warning). They now have a rule of their own (every
   listed class: test_capture_rules.py). Gemma's RMSNorm computes (1 + w) x̂ and Olmo2's w x̂ in float32: they had no rule
   (coverage < 100 %). Reference: the batch-size-1 autograd loop.
+* The other Hugging Face RMSNorm copies (Granite, SmolLM3, … — one class per model) are recognised by a probe
+  of what they compute, x̂ ⊙ (w + c) for their own and a random weight; w² x̂ is not.
 * Any other subclass of a registered layer that overrides ``forward`` keeps its base's rule only when a probe
   input shows the same output (Falcon's ``FalconLinear``); otherwise it is left out with that reason and
   refused when selected explicitly (BART's and Whisper's position embeddings, which look up positions
@@ -65,6 +67,9 @@ MODELS = {
     "gemma2": lambda: tf.Gemma2ForCausalLM(lm_config(tf.Gemma2Config, head_dim=8)),
     "gemma3": lambda: tf.Gemma3ForCausalLM(lm_config(tf.Gemma3TextConfig, head_dim=8)),
     "olmo2": lambda: tf.Olmo2ForCausalLM(lm_config(tf.Olmo2Config)),
+    # unregistered RMSNorm copies, recognised by what they compute (analog.capture.norm.recognise_rms_norm)
+    "granite": lambda: tf.GraniteForCausalLM(lm_config(tf.GraniteConfig)),
+    "smollm3": lambda: tf.SmolLM3ForCausalLM(lm_config(tf.SmolLM3Config)),
     "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
                                                            num_attention_heads=4, pad_token_id=0)),
 }
@@ -101,6 +106,45 @@ def test_default_watch_is_complete_and_exact(tmp_path, name):
 class DoubledLinear(nn.Linear):
     def forward(self, x):
         return 2 * super().forward(x)
+
+
+class GoodRMSNorm(nn.Module):
+    def __init__(self, d, offset=0.0, square=False):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), 1e-6
+        self.offset, self.square = offset, square
+
+    def forward(self, x):
+        w = self.weight ** 2 if self.square else self.weight + self.offset
+        return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class SquaredRMSNorm(GoodRMSNorm):  # w² x̂: equals w x̂ at w = 1, its own init; the random-weight probe tells
+    def __init__(self, d):
+        super().__init__(d, square=True)
+
+
+@pytest.mark.parametrize("make,recognised", [(lambda: GoodRMSNorm(6), True), (lambda: GoodRMSNorm(6, 1.0), True),
+                                             (lambda: SquaredRMSNorm(6), False)], ids=["w", "1+w", "w^2"])
+def test_unregistered_rms_norm_recognised_by_probe(tmp_path, make, recognised):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), make(), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    before = model[1].weight.detach().clone()
+    analog = make_analog(tmp_path)
+    rng = torch.get_rng_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        analog.watch(model)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(model[1].weight, before)  # nothing moved
+    assert ("1" in analog.modules) == recognised
+    assert any("no per-sample rule for SquaredRMSNorm" in str(w.message) for w in caught) == (not recognised)
+    x, y = torch.randn(B, T, 4), torch.randn(B, T, 2)
+    loss = lambda out, t: ((out - t) ** 2).sum()  # noqa: E731
+    got = analog_per_sample(analog, lambda: loss(model(x), y), B)
+    ref = loop_per_sample(model, loss, (x,), (y,))
+    assert assert_grads_match(got, ref) == (5 if recognised else 4)
 
 
 def test_subclass_overriding_forward_is_left_out(tmp_path):
