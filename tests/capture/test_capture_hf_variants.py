@@ -10,7 +10,8 @@
 * Any other subclass of a registered layer that overrides ``forward`` keeps its base's rule only when a probe
   input shows the same output (Falcon's ``FalconLinear``); otherwise it is left out with that reason and
   refused when selected explicitly (BART's and Whisper's position embeddings, which look up positions
-  rather than their input, crashed inside the embedding rule before).
+  rather than their input, crashed inside the embedding rule before; ConvNeXt's channels-first LayerNorms
+  were logged with LayerNorm's rule and wrong by 100 %, silently).
 * Per-head norms (q_norm/k_norm on (B, T, heads, head_dim) in Qwen3, (B, heads, T, head_dim) in Gemma3):
   a (B, T) padding mask was refused ("does not fit"), which broke the default watch with a mask. Now the
   mask is broadcast over the heads, and the K-FAC factors of the padded batch equal those of the same
@@ -258,3 +259,39 @@ def test_bart_scaled_embeddings_exact_learned_positions_left_out(tmp_path):
     assert "m.model.shared.weight" in got and ref["m.model.shared.weight"].abs().max() > 1e-3
     assert assert_grads_match(got, ref) == len(ref) - 2  # all but the two position embeddings
 
+
+
+def test_convnext_channels_first_layer_norm_left_out(tmp_path):
+    """ConvNeXt's LayerNorm subclass normalises channels-first inputs (B, C, H, W) in its own forward: with
+    LayerNorm's rule its per-sample gradients were wrong (100 % error, no warning). Its channels-first
+    instances are now left out; the channels-last ones (inside each block) match LayerNorm on the probe and
+    stay; everything logged equals the batch-size-1 loop."""
+    config = tf.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3,
+                               image_size=16, patch_size=2)
+    torch.manual_seed(0)
+    inner = tf.ConvNextForImageClassification(config).eval()
+
+    class Images(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = inner
+
+        def forward(self, x):
+            return self.m(pixel_values=x).logits
+
+    model = Images()
+    analog = make_analog(tmp_path)
+    with pytest.warns(UserWarning, match="not covered"):
+        analog.watch(model)
+    left_out = {u.module for u in analog.coverage.uncovered if "overrides forward" in u.reason}
+    assert left_out == {"m.convnext.embeddings.layernorm", "m.convnext.encoder.stages.1.downsampling_layer.0"}
+    kept = [n for n, m in analog.modules.items() if type(m).__name__ == "ConvNextLayerNorm"]
+    assert kept == ["m.convnext.encoder.stages.0.layers.0.layernorm", "m.convnext.encoder.stages.1.layers.0.layernorm"]
+    x, labels = torch.randn(B, 3, 16, 16), torch.tensor([0, 2, 1])
+
+    def loss(logits, y):
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    got = analog_per_sample(analog, lambda: loss(model(x), labels), B)
+    ref = loop_per_sample(model, loss, (x,), (labels,))
+    assert assert_grads_match(got, ref) == len(got) == 2 * len(analog.modules)  # weight and bias each
