@@ -131,7 +131,19 @@ def recognise_rms_norm(module: nn.Module) -> Optional[LayerRule]:
     and for a random weight, with the same c ∈ {0, 1} (c = 1: Gemma-style (1 + w)). Either way the weight
     gradient is Σ_t δ_t ⊙ x̂_t, the rule's. The weight is swapped in place for the second probe and put back.
     """
-    if not type(module).__name__.endswith("RMSNorm") or any(True for _ in module.children()):
+    return _recognise(module, "RMSNorm", _RMS_RULE)
+
+
+def recognise_weight_only_layer_norm(module: nn.Module) -> Optional[LayerRule]:
+    """A LayerNorm without bias written out by hand (Cohere's ``CohereLayerNorm``: ε in ``variance_epsilon``):
+    as ``recognise_rms_norm`` with a class name ending in ``LayerNorm`` and x̂ = (x − mean) / sqrt(var + ε)."""
+    if isinstance(module, nn.LayerNorm):
+        return None  # subclasses of nn.LayerNorm are LayerNormRule's (analog.capture.rules.forward_matches_base)
+    return _recognise(module, "LayerNorm", _WEIGHT_ONLY_LN_RULE)
+
+
+def _recognise(module: nn.Module, suffix: str, rule: "_AffineRule") -> Optional[LayerRule]:
+    if not type(module).__name__.endswith(suffix) or any(True for _ in module.children()):
         return None
     params = dict(module.named_parameters(recurse=False))
     weight = params.get("weight")
@@ -139,7 +151,6 @@ def recognise_rms_norm(module: nn.Module) -> Optional[LayerRule]:
         return None
     if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is None:
         return None
-    rule = _RMS_RULE
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, weight.shape[0], generator=gen).to(device=weight.device, dtype=weight.dtype)
     x_hat = rule.normalised(module, x.float()).reshape(x.shape)
@@ -165,8 +176,18 @@ def _close_to(got, want) -> bool:
     return bool(torch.allclose(got.float(), want, rtol=tol, atol=tol * max(float(want.abs().max()), 1e-30)))
 
 
+class _WeightOnlyLayerNormRule(RMSNormRule):
+    """LayerNorm maths with ε read as ``RMSNormRule`` reads it (unregistered: used by the recogniser)."""
+
+    def normalised(self, module, x):
+        x = self.to_positions(module, x)
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, unbiased=False)
+        return (x - mean) * torch.rsqrt(var + self.eps(module, x))
+
+
 _RMS_RULE = RMSNormRule()
-RECOGNISERS.append(recognise_rms_norm)
+_WEIGHT_ONLY_LN_RULE = _WeightOnlyLayerNormRule()
+RECOGNISERS.extend([recognise_rms_norm, recognise_weight_only_layer_norm])
 
 
 class BatchNormRule(_AffineRule, module_type=nn.modules.batchnorm._BatchNorm):

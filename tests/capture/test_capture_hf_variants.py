@@ -6,7 +6,8 @@
   listed class: test_capture_rules.py). Gemma's RMSNorm computes (1 + w) x̂ and Olmo2's w x̂ in float32: they had no rule
   (coverage < 100 %). Reference: the batch-size-1 autograd loop.
 * The other Hugging Face RMSNorm copies (Granite, SmolLM3, … — one class per model) are recognised by a probe
-  of what they compute, x̂ ⊙ (w + c) for their own and a random weight; w² x̂ is not.
+  of what they compute, x̂ ⊙ (w + c) for their own and a random weight; w² x̂ is not. So is Cohere's bias-free
+  LayerNorm.
 * Any other subclass of a registered layer that overrides ``forward`` keeps its base's rule only when a probe
   input shows the same output (Falcon's ``FalconLinear``); otherwise it is left out with that reason and
   refused when selected explicitly (BART's and Whisper's position embeddings, which look up positions
@@ -71,6 +72,8 @@ MODELS = {
     # unregistered RMSNorm copies, recognised by what they compute (analog.capture.norm.recognise_rms_norm)
     "granite": lambda: tf.GraniteForCausalLM(lm_config(tf.GraniteConfig)),
     "smollm3": lambda: tf.SmolLM3ForCausalLM(lm_config(tf.SmolLM3Config)),
+    # a bias-free LayerNorm written out by hand (recognise_weight_only_layer_norm)
+    "cohere": lambda: tf.CohereForCausalLM(lm_config(tf.CohereConfig)),
     "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1,
                                                            num_attention_heads=4, pad_token_id=0)),
 }
