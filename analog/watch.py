@@ -26,7 +26,7 @@ from torch import nn
 from analog.capture import find_rule, registered_types
 from analog.capture.broadcast import unrecoverable_reason
 from analog.capture.coverage import Coverage, build_coverage
-from analog.capture.rules import LayerRule
+from analog.capture.rules import LayerRule, overridden_forward_reason
 
 
 @dataclass
@@ -67,6 +67,9 @@ def watch_model(
         explicit = type_filter is not None or (name_filter is not None and _name_explicit(name, name_filter))
         if rule is None:
             if explicit:
+                why = overridden_forward_reason(module)
+                if why:
+                    raise TypeError(f"module {name!r} was selected but analog cannot log it: {why}")
                 raise TypeError(f"module {name!r} ({type(module).__name__}) was selected but analog has no "
                                 f"rule for it; registered: {', '.join(registered_types())}")
             continue

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analog.capture.rules import LayerRule, append_ones, has_bias
+from analog.capture.rules import LayerRule, append_ones, has_bias, probe_like
 
 
 def _prepadded(module) -> bool:
@@ -48,6 +48,10 @@ class _ConvRule(LayerRule):
 
     def out_dim(self, module) -> int:
         return module.out_channels // module.groups
+
+    def probe_input(self, module, generator):
+        size = [d * (k - 1) + 3 for k, d in zip(module.kernel_size, module.dilation)]
+        return probe_like(module, torch.randn(2, module.in_channels, *size, generator=generator))
 
     def activations(self, module, x):
         if _prepadded(module):

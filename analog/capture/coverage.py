@@ -106,10 +106,18 @@ def build_coverage(model: nn.Module, chosen: Dict[str, nn.Module], rules: Dict[s
 
 
 def _default_reason(name: str, module: nn.Module) -> str:
-    from analog.capture.rules import find_rule
+    from analog.capture.rules import find_rule, overridden_forward_reason
 
     if isinstance(module, nn.RNNBase):
         return "recurrent layer: analog has no per-sample rule for LSTM/GRU/RNN (unsupported)"
+    overridden = overridden_forward_reason(module)
+    if overridden:
+        return overridden
+    if type(module).__name__ == "ParametrizationList":  # torch.nn.utils.parametrize (weight_norm, spectral_norm, …)
+        tensor = name.rsplit(".", 1)[-1]
+        layer = name.rsplit(".parametrizations.", 1)[0]
+        return (f"parametrized tensor: {layer}.{tensor} is computed from these parameters (e.g. weight_norm); a "
+                f"watched {layer} logs the per-sample gradient of the computed {tensor}, not of its parameters")
     if find_rule(module) is None and any(True for _ in module.children()):
         return (f"bare nn.Parameter used in {type(module).__name__}.forward outside a layer call: analog logs calls "
                 "of layers it has rules for")

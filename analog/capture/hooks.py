@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections import Counter
 from typing import Callable, Dict, Optional, Sequence
 
@@ -78,6 +79,7 @@ class Capture:
         self.grad_calls: Counter = Counter()  # gradients received, per module
         self.called: set = set()
         self.broadcast: Dict[str, int] = {}  # module -> batch size its batch-1 output was expanded to
+        self.flattened: Dict[str, int] = {}  # module -> batch size its (B·T, …) rows were read back as (B, T, …)
         self._root_batch: Optional[int] = None
         self._names = {id(m): n for n, m in modules.items()}
         self._by_key = {compiled.module_key(m, rules[n]): n for n, m in modules.items()}
@@ -103,6 +105,7 @@ class Capture:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+        self._warn_flattened()
 
     def remove(self) -> None:
         """Remove the module hooks and disarm the tensor hooks already placed on outputs."""
@@ -151,9 +154,10 @@ class Capture:
         rule = self.rules[name]
         rule.check_call(module, name)
         call = rule.intercept(module, args, kwargs, output, name)
-        expand = self._expand_to(name, call.x)
+        fold = self._folded(name, call)
+        expand = 0 if fold else self._expand_to(name, call.x)
         self.called.add(name)
-        a, x, mask = self._factors(name, module, call.x, expand)
+        a, x, mask = self._factors(name, module, _unfold(call.x, fold), expand)
         if expand:
             call = self._expanded(name, call, expand)
         sites = call.sites
@@ -163,7 +167,7 @@ class Capture:
                 self._add(name, "forward", x)
         elif any(t.requires_grad for t in sites):
             self.calls[name] += 1
-            pending = _Pending(functools.partial(self._backward, name, module, a, mask, x), sites)
+            pending = _Pending(functools.partial(self._backward, name, module, a, mask, x, fold=fold), sites)
             for i, t in enumerate(sites):
                 if t.requires_grad:
                     t.register_hook(functools.partial(pending.receive, i))
@@ -178,7 +182,8 @@ class Capture:
             a = self.projector.project_activations(name, module, self.rules[name], x)
             if expand:
                 a, x = a.expand(expand, *a.shape[1:]), x.expand(expand, *x.shape[1:])
-            mask = mask_for_factors(self.masks.get(name), name, a)
+            rule = self.rules[name]
+            mask = mask_for_factors(self.masks.get(name), name, a, x.shape if rule.channels_last else None)
         self._mask_used |= mask is not None
         return a, x, mask
 
@@ -191,6 +196,39 @@ class Capture:
                              f"batch of {batch}; leave it out with watch(..., exclude=[{name!r}])")
         out = out.expand(batch, *out.shape[1:])
         return Call(out, call.x, (out,), replaced=True)
+
+    def _folded(self, name: str, call: Call) -> int:
+        """B when the call's input is the batch flattened to (B·T, …) rows, else 0.
+
+        Some models flatten the tokens of a batch-first (B, T, D) tensor to (B·T, D) rows before a layer (OPT's
+        final_layer_norm, fc1 and fc2: ``hidden.reshape(-1, D)``); row b·T + t is then token t of example b. This
+        is accepted only when a (B, T) mask was given for the module (it states T), the input has B·T rows,
+        the rule reads channels-last rows (``LayerRule.channels_last``: Linear, the norms) and the call's only
+        gradient site is its output with the same rows; the input and the output gradient are then read as
+        (B, T, …) and every logged gradient, statistic and per-token share is that of the unflattened layer.
+        A warning names the module, since a model that flattened (T, B, D) (time-major) would break this.
+        """
+        x, mask = call.x, self.masks.get(name)
+        batch = self.batch_size if self.batch_size is not None else self._root_batch
+        if (mask is None or batch is None or x.dim() < 2 or not self.rules[name].channels_last
+                or mask.shape[0] != batch or mask.shape[1] < 2 or x.shape[0] != batch * mask.shape[1]
+                or call.replaced or len(call.sites) != 1 or call.sites[0].shape[0] != x.shape[0]):
+            return 0
+        self.flattened[name] = batch
+        return batch
+
+    def _warn_flattened(self) -> None:
+        """One warning per module (per process) that received flattened rows (``_folded``)."""
+        new = [n for n in self.flattened if id(self.modules[n]) not in _FOLD_WARNED]
+        if not new:
+            return
+        _FOLD_WARNED.update(id(self.modules[n]) for n in new)
+        more = f" and {len(new) - 4} more" if len(new) > 4 else ""
+        warnings.warn(f"{len(new)} watched module(s) received the batch flattened to (examples × positions, …) rows: "
+                      f"{', '.join(repr(n) for n in new[:4])}{more}. analog reads row b·T + t as position t of "
+                      "example b (T: the mask's positions), as reshape(-1, d) of a batch-first (B, T, d) tensor "
+                      "gives; a model that flattens (T, B, d) would need those modules excluded",
+                      stacklevel=4)
 
     def _expand_to(self, name: str, x: torch.Tensor) -> int:
         """The batch size to expand a batch-1 (broadcast) input to, or 0 when the input has the batch."""
@@ -208,15 +246,21 @@ class Capture:
             return batch
         source = f"data_id has {batch} ids" if self.batch_size is not None else \
             f"the model was called with a batch of {batch} (pass data_id to state it)"
+        flat = ""
+        if lead % batch == 0 and self.masks.get(name) is None and self.rules[name].channels_last:
+            flat = (f"; if it is the batch flattened to {batch} × {lead // batch} (examples × positions) rows, as "
+                    "OPT's MLP reshapes its input, pass mask=attention_mask (B, T) to `with analog(...)`, which "
+                    "lets analog read the rows back per example")
         raise ValueError(
             f"{source} but module {name!r} received a batch of {lead} (the leading dimension of its input): pass "
             "one id per example; if this module's input has no batch dimension in front, its per-sample gradients "
-            f"cannot be recovered at its boundary: leave it out with watch(..., exclude=[{name!r}])")
+            f"cannot be recovered at its boundary: leave it out with watch(..., exclude=[{name!r}]){flat}")
 
-    def _backward(self, name, module, a, mask, x, grads) -> None:
+    def _backward(self, name, module, a, mask, x, grads, fold: int = 0) -> None:
         if not self._open:
             return  # a backward run after the block (through a graph built inside it) changes nothing
         self.grad_calls[name] += 1
+        grads = tuple(_unfold(g, fold) for g in grads)
         grad = _float(grads[0]) if len(grads) == 1 else tuple(_float(g) for g in grads)
         with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
             d = self.rules[name].output_grads(module, grad)
@@ -282,6 +326,14 @@ def guard_compiled_hooks() -> None:
         return  # nothing compiled yet (a later compile reads the flag), or guards already on
     dynamo.config.skip_nnmodule_hook_guards = False
     dynamo.reset()
+
+
+_FOLD_WARNED: set = set()  # id() of modules already named in a flattened-rows warning
+
+
+def _unfold(t: torch.Tensor, fold: int) -> torch.Tensor:
+    """(B·T, …) rows -> (B, T, …) for a folded call (``Capture._folded``); unchanged when ``fold`` is 0."""
+    return t.reshape(fold, -1, *t.shape[1:]) if fold else t
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from analog.capture.rules import LayerRule, append_ones, has_bias
+from analog.capture.rules import LayerRule, append_ones, has_bias, probe_like
 
 
 def _positions(x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +28,13 @@ def _project(module, x: torch.Tensor, p_in: torch.Tensor) -> torch.Tensor:
 
 
 class LinearRule(LayerRule, module_type=nn.Linear):
+    channels_last = True
+
     def in_dim(self, module: nn.Linear) -> int:
         return module.in_features + int(has_bias(module))
+
+    def probe_input(self, module, generator):
+        return probe_like(module, torch.randn(2, 3, self.in_dim(module) - int(has_bias(module)), generator=generator))
 
     def out_dim(self, module: nn.Linear) -> int:
         return module.out_features

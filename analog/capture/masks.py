@@ -31,6 +31,7 @@ builds the dict for Hugging Face encoder-decoders (T5, BART-style names) with th
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Dict, Iterable, Mapping, Optional, Union
 
 import torch
@@ -83,9 +84,12 @@ CROSS_ATTENTION_KV = ("*EncDecAttention.k", "*EncDecAttention.v", "*encoder_attn
 
 def seq2seq_masks(attention_mask: torch.Tensor, decoder_attention_mask: torch.Tensor) -> SideMasks:
     """Masks for a Hugging Face encoder-decoder: encoder positions for the encoder and for the decoder's
-    cross-attention keys/values, decoder positions for the rest of the decoder and the LM head."""
+    cross-attention keys/values, decoder positions for the rest of the decoder (names containing "decoder",
+    among them BART's ``decoder.layers.*.encoder_attn.q_proj``) and the LM head."""
     out = SideMasks({p: attention_mask for p in CROSS_ATTENTION_KV})
-    out.update({"encoder": attention_mask, "decoder": decoder_attention_mask, "lm_head": decoder_attention_mask})
+    # "decoder" before "encoder": BART-style decoders name their cross-attention "encoder_attn" (its queries,
+    # output projection and norm are at decoder positions)
+    out.update({"decoder": decoder_attention_mask, "encoder": attention_mask, "lm_head": decoder_attention_mask})
     return out
 
 
@@ -98,12 +102,42 @@ def is_encoder_decoder(model) -> bool:
     return False
 
 
-def mask_for_factors(mask: Optional[torch.Tensor], name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The (B, T) mask that applies to factors ``x`` (B, T, ...) of module ``name``; None when it has no positions."""
+def mask_for_factors(mask: Optional[torch.Tensor], name: str, x: torch.Tensor,
+                     input_shape: Optional[torch.Size] = None) -> Optional[torch.Tensor]:
+    """The (B, T) mask that applies to factors ``x`` (B, P, ...) of module ``name``; None when it has no positions.
+
+    ``input_shape``: the module input's shape when its rule flattens the input's middle dimensions in order
+    into positions (``LayerRule.channels_last``): an input (B, *G, D) has P = ΠG positions on the grid G.
+    A per-head norm reads (B, T, heads, head_dim) (Qwen3's q_norm/k_norm) or (B, heads, T, head_dim)
+    (Gemma3's): when exactly one axis of G has the mask's T positions, the mask is broadcast along the
+    other axes of G, so every head of a padded token counts as padding. When several axes have T
+    positions (heads == T) and the mask holds padding, which one is the token axis cannot be told: an
+    error naming the module (a mask without padding is the same either way).
+    """
     if mask is None or x.shape[1] == 1:
         return None
+    if input_shape is not None and len(input_shape) >= 4 and x.shape[1] != mask.shape[1] \
+            and x.shape[0] == mask.shape[0] and x.shape[1] == math.prod(input_shape[1:-1]):
+        mask = _over_grid(mask, name, tuple(input_shape[1:-1]))
     if tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not fit module {name!r}, whose inputs have "
             f"{x.shape[1]} positions for {x.shape[0]} examples")
     return mask.to(device=x.device, dtype=x.dtype)
+
+
+def _over_grid(mask: torch.Tensor, name: str, grid: tuple) -> torch.Tensor:
+    """(B, T) -> (B, ΠG): the mask broadcast along the axes of ``grid`` other than the one of length T."""
+    b, t = mask.shape
+    axes = [i for i, n in enumerate(grid) if n == t]
+    if not axes:
+        return mask  # fits no axis: the caller's shape check names the module
+    if len(axes) > 1 and not bool((mask != 0).all()):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} is ambiguous for module {name!r}: its input has positions "
+            f"{grid} per example, with {t} on {len(axes)} axes, so the token axis cannot be told apart (e.g. as "
+            f"many heads as tokens); pad to another length, or leave the module out of the mask with a dict "
+            f"mask or watch(..., exclude=[{name!r}])")
+    view = [1] * len(grid)
+    view[axes[0]] = t
+    return mask.reshape(b, *view).expand(b, *grid).reshape(b, -1)

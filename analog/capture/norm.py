@@ -23,12 +23,12 @@ x̂ is recomputed from the layer's input in float32:
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from analog.capture.rules import LayerRule, append_ones, has_bias
+from analog.capture.rules import RECOGNISERS, LayerRule, append_ones, has_bias, probe_like
 
 
 def _weight(module):
@@ -37,6 +37,8 @@ def _weight(module):
 
 class _AffineRule(LayerRule):
     """Shared maths: subclasses give ``normalised(module, x) -> (B, T, D)`` and the channel shape."""
+
+    channels_last = True
 
     def channel_shape(self, module) -> tuple:
         return tuple(_weight(module).shape)
@@ -52,6 +54,11 @@ class _AffineRule(LayerRule):
 
     def out_dim(self, module) -> int:
         return 1
+
+    def probe_input(self, module, generator):
+        if _weight(module) is None:
+            return None
+        return probe_like(module, torch.randn(2, 3, *self.channel_shape(module), generator=generator))
 
     def unsupported(self, module):
         if _weight(module) is None:
@@ -94,7 +101,8 @@ class RMSNormRule(_AffineRule, module_type=nn.RMSNorm):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps(module, x))
 
 
-#: Hugging Face RMSNorm classes computing weight * x / sqrt(mean(x²) + variance_epsilon) (no bias)
+#: Hugging Face RMSNorm classes computing weight * x / sqrt(mean(x²) + ε) (no bias; ε in ``variance_epsilon`` or
+#: ``eps``), or (1 + weight) * x / sqrt(mean(x²) + ε) (Gemma)
 HF_RMS_NORMS = (
     "transformers.models.llama.modeling_llama.LlamaRMSNorm",
     "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm",
@@ -103,16 +111,95 @@ HF_RMS_NORMS = (
     "transformers.models.mixtral.modeling_mixtral.MixtralRMSNorm",
     "transformers.models.phi3.modeling_phi3.Phi3RMSNorm",
     "transformers.models.t5.modeling_t5.T5LayerNorm",
+    "transformers.models.olmo2.modeling_olmo2.Olmo2RMSNorm",
+    # Gemma's RMSNorms compute (1 + weight) * x̂: the same gradient Σ_t δ_t x̂_t with respect to the weight
+    "transformers.models.gemma.modeling_gemma.GemmaRMSNorm",
+    "transformers.models.gemma2.modeling_gemma2.Gemma2RMSNorm",
+    "transformers.models.gemma3.modeling_gemma3.Gemma3RMSNorm",
 )
 for _path in HF_RMS_NORMS:
     type(_path.rsplit(".", 1)[1] + "Rule", (RMSNormRule,), {}, module_type=_path)
 
 
+def recognise_rms_norm(module: nn.Module) -> Optional[LayerRule]:
+    """``RMSNormRule`` for an unregistered layer that computes an RMSNorm, else None.
+
+    Transformers has one RMSNorm class per model (Granite, SmolLM3, DeepSeek, …), most of them copies of
+    Llama's. A module is accepted when its class name ends in ``RMSNorm``, it has no submodules, its only
+    parameter is a 1-D ``weight`` (d), ε is in ``variance_epsilon`` or ``eps``, and on a probe input x (2 × 3 × d,
+    private generator) its forward returns x̂ ⊙ (w + c) with x̂ = x / sqrt(mean(x²) + ε), for its own weight
+    and for a random weight, with the same c ∈ {0, 1} (c = 1: Gemma-style (1 + w)). Either way the weight
+    gradient is Σ_t δ_t ⊙ x̂_t, the rule's. The weight is swapped in place for the second probe and put back.
+    """
+    return _recognise(module, "RMSNorm", _RMS_RULE)
+
+
+def recognise_weight_only_layer_norm(module: nn.Module) -> Optional[LayerRule]:
+    """A LayerNorm without bias written out by hand (Cohere's ``CohereLayerNorm``: ε in ``variance_epsilon``):
+    as ``recognise_rms_norm`` with a class name ending in ``LayerNorm`` and x̂ = (x − mean) / sqrt(var + ε)."""
+    if isinstance(module, nn.LayerNorm):
+        return None  # subclasses of nn.LayerNorm are LayerNormRule's (analog.capture.rules.forward_matches_base)
+    return _recognise(module, "LayerNorm", _WEIGHT_ONLY_LN_RULE)
+
+
+def _recognise(module: nn.Module, suffix: str, rule: "_AffineRule") -> Optional[LayerRule]:
+    if not type(module).__name__.endswith(suffix) or any(True for _ in module.children()):
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if set(params) != {"weight"} or weight.dim() != 1 or weight.is_meta:
+        return None
+    if getattr(module, "variance_epsilon", getattr(module, "eps", None)) is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, weight.shape[0], generator=gen).to(device=weight.device, dtype=weight.dtype)
+    x_hat = rule.normalised(module, x.float()).reshape(x.shape)
+    other = torch.empty_like(weight).copy_(torch.rand(weight.shape, generator=gen) + 0.5)
+    offsets = None
+    with torch.no_grad():
+        for w in (weight, other):
+            if w is other:
+                module._parameters["weight"] = nn.Parameter(other, requires_grad=weight.requires_grad)
+            try:
+                y = type(module).forward(module, x)
+            finally:
+                module._parameters["weight"] = weight
+            fits = {c for c in (0.0, 1.0) if _close_to(y, x_hat * (w.float() + c))}
+            offsets = fits if offsets is None else offsets & fits
+    return rule if offsets else None
+
+
+def _close_to(got, want) -> bool:
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return False
+    tol = max(64 * torch.finfo(torch.float32).eps, 4 * torch.finfo(got.dtype).eps)
+    return bool(torch.allclose(got.float(), want, rtol=tol, atol=tol * max(float(want.abs().max()), 1e-30)))
+
+
+class _WeightOnlyLayerNormRule(RMSNormRule):
+    """LayerNorm maths with ε read as ``RMSNormRule`` reads it (unregistered: used by the recogniser)."""
+
+    def normalised(self, module, x):
+        x = self.to_positions(module, x)
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, unbiased=False)
+        return (x - mean) * torch.rsqrt(var + self.eps(module, x))
+
+
+_RMS_RULE = RMSNormRule()
+_WEIGHT_ONLY_LN_RULE = _WeightOnlyLayerNormRule()
+RECOGNISERS.extend([recognise_rms_norm, recognise_weight_only_layer_norm])
+
+
 class BatchNormRule(_AffineRule, module_type=nn.modules.batchnorm._BatchNorm):
     """BatchNorm1d/2d/3d in eval mode: channels on dimension 1, positions the remaining dimensions."""
 
+    channels_last = False
+
     def channel_shape(self, module) -> tuple:
         return (module.num_features,)
+
+    def probe_input(self, module, generator):
+        return None  # a forward in training mode would update the running statistics
 
     def unsupported(self, module):
         if not module.track_running_stats:

@@ -17,8 +17,9 @@ class or a dotted import path (for optional dependencies such as Hugging Face ``
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -49,6 +50,9 @@ class LayerRule:
     """Base class of a per-layer rule. Subclass with ``module_type=`` to register one."""
 
     module_type: ClassVar[Union[type, str]]
+    #: True when the rule's positions are the input's dimensions between the batch and the last one, flattened
+    #: in order: an input (B, T, *S, D) has T·ΠS positions, so a (B, T) mask repeats over S (analog.capture.masks)
+    channels_last: ClassVar[bool] = False
 
     def __init_subclass__(cls, module_type: Union[type, str, None] = None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -62,6 +66,12 @@ class LayerRule:
     def covered_params(self, module: nn.Module) -> Dict[str, nn.Parameter]:
         """The parameters whose per-sample gradients this rule yields (default: the module's own)."""
         return dict(module.named_parameters(recurse=False))
+
+    def probe_input(self, module: nn.Module, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """A small random input of the registered layer (on its parameters' device and dtype; ``probe_like``),
+        used to check that a subclass overriding ``forward`` computes the same (``forward_matches_base``);
+        None: no probe (such a subclass is then left out)."""
+        return None
 
     def unsupported(self, module: nn.Module) -> Optional[str]:
         """Why this module's configuration cannot be logged (checked at ``watch``), or None."""
@@ -124,23 +134,153 @@ def append_ones(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
 
 
+def probe_like(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``x`` (a CPU tensor) moved to the device of ``module``'s first parameter, in its dtype when floating;
+    None for a module without parameters or with parameters on the meta device."""
+    p = next(module.parameters(recurse=False), None)
+    if p is None or p.is_meta:
+        return None
+    return x.to(device=p.device, dtype=p.dtype if x.is_floating_point() else x.dtype)
+
+
 def registered_types() -> list:
     return sorted(_REGISTRY)
 
 
-def find_rule(module: Union[nn.Module, type]) -> Optional[LayerRule]:
-    """The rule for a module (or module class), walking the class's MRO; None when there is none."""
-    for cls in (module if isinstance(module, type) else type(module)).__mro__:
-        rule = _REGISTRY.get(_qualname(cls))
+def _registered_base(cls: type) -> Tuple[Optional[type], Optional[LayerRule]]:
+    """The nearest class in ``cls``'s MRO with a registered rule, and that rule (None, None when none)."""
+    for base in cls.__mro__:
+        rule = _REGISTRY.get(_qualname(base))
         if rule is not None:
-            return rule
-    return None
+            return base, rule
+    return None, None
+
+
+def overridden_forward(module: Union[nn.Module, type]) -> Optional[type]:
+    """The registered base class when ``module``'s class subclasses it *and defines its own forward*, else None.
+
+    A rule describes what its registered class's ``forward`` computes. A subclass that replaces ``forward``
+    may compute something else with the same weights (Gemma's and BART's scaled word embeddings multiply
+    the lookup by √d, BART's learned position embedding looks up positions + 2, not its input), so the
+    base class's rule would log a wrong gradient without any error. Such a subclass keeps its base's rule
+    only when a probe shows that it computes what its base computes (``forward_matches_base``).
+    """
+    cls = module if isinstance(module, type) else type(module)
+    base, _ = _registered_base(cls)
+    if base is None or base is cls or getattr(cls, "forward", None) is getattr(base, "forward", None):
+        return None
+    return base
+
+
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _probe(module: nn.Module, rule: LayerRule) -> Optional[torch.Tensor]:
+    return rule.probe_input(module, torch.Generator().manual_seed(0))
+
+
+def forward_matches_base(module: nn.Module, base: type, rule: LayerRule) -> bool:
+    """True when ``type(module).forward`` returns what ``base.forward`` returns on the rule's probe input.
+
+    The probe (``LayerRule.probe_input``: a few positions of random input, drawn from a private generator
+    so the user's random stream is untouched) runs both forwards with the module's own parameters, without
+    hooks or gradients; the outputs must agree to max(64 ε_float32, 4 ε_dtype) relative to their largest
+    entry (Falcon's ``FalconLinear`` computes x Wᵀ + b by hand and passes; a √d-scaled embedding does not).
+    A rule without a probe, a forward that raises on the probe, or parameters on the meta device give
+    False. The answer is cached per module.
+    """
+    if module in _PROBED:
+        return _PROBED[module]
+    ok = False
+    try:
+        x = _probe(module, rule)
+        if x is not None:
+            with torch.no_grad():
+                got, want = type(module).forward(module, x), base.forward(module, x)
+            ok = _close(got, want)
+    except Exception:  # noqa: BLE001 — any failure means "not shown to match"
+        ok = False
+    _PROBED[module] = ok
+    return ok
+
+
+def _close(got, want) -> bool:
+    if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or got.shape != want.shape:
+        return False
+    if got.dtype != want.dtype or not got.is_floating_point():
+        return bool(torch.equal(got, want))
+    tol = max(64 * torch.finfo(torch.float32).eps, 4 * torch.finfo(got.dtype).eps)
+    scale = max(float(want.abs().max()), 1e-30)
+    return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * scale))
+
+
+def overridden_forward_reason(module: Union[nn.Module, type]) -> Optional[str]:
+    """Why a subclass that overrides ``forward`` is not logged (None when it does not, or matches its base)."""
+    base = overridden_forward(module)
+    if base is None:
+        return None
+    cls = module if isinstance(module, type) else type(module)
+    what = "may compute something else"
+    if not isinstance(module, type):
+        rule = _registered_base(cls)[1]
+        if forward_matches_base(module, base, rule):
+            return None
+        try:
+            probed = _probe(module, rule) is not None
+        except Exception:  # noqa: BLE001
+            probed = False
+        what = (f"computes something else than {base.__name__}.forward (checked on a probe input)" if probed else
+                f"analog has no probe to check that it computes what {base.__name__}.forward computes")
+    return (f"{cls.__name__} subclasses {base.__name__} but overrides forward and {what}, so "
+            f"{base.__name__}'s rule may not describe it (unsupported): register a rule for it, e.g. class "
+            f"MyRule(<the {base.__name__} rule>, module_type=\"{_qualname(cls)}\")")
+
+
+def find_rule(module: Union[nn.Module, type]) -> Optional[LayerRule]:
+    """The rule for a module (or module class), walking the class's MRO; None when there is none.
+
+    A module whose class subclasses a registered class and defines its own ``forward`` (``overridden_forward``)
+    gets its base's rule only when ``forward_matches_base`` shows that it computes the same; a class (no
+    instance to probe) gets its base's rule.
+    """
+    cls = module if isinstance(module, type) else type(module)
+    base, rule = _registered_base(cls)
+    if rule is None:
+        return None if isinstance(module, type) else recognised_rule(module)
+    if isinstance(module, type) or overridden_forward(module) is None:
+        return rule
+    return rule if forward_matches_base(module, base, rule) else None
+
+
+#: functions module -> rule or None, for layers of unregistered classes recognised by what they compute
+#: (analog.capture.norm: the many Hugging Face RMSNorm copies); each must check its claim on probe inputs
+RECOGNISERS: List[Callable[[nn.Module], Optional[LayerRule]]] = []
+_RECOGNISED: "weakref.WeakKeyDictionary[nn.Module, Optional[LayerRule]]" = weakref.WeakKeyDictionary()
+
+
+def recognised_rule(module: nn.Module) -> Optional[LayerRule]:
+    """The rule of the first recogniser that accepts ``module`` (cached per module), or None."""
+    if module in _RECOGNISED:
+        return _RECOGNISED[module]
+    rule = None
+    for recognise in RECOGNISERS:
+        try:
+            rule = recognise(module)
+        except Exception:  # noqa: BLE001 — a recogniser that fails does not recognise
+            rule = None
+        if rule is not None:
+            break
+    _RECOGNISED[module] = rule
+    return rule
 
 
 def get_rule(module: nn.Module, name: str = "") -> LayerRule:
     """The rule for ``module``; a clear error listing the registered types when none fits."""
     rule = find_rule(module)
     if rule is None:
+        why = overridden_forward_reason(module)
+        if why:
+            raise TypeError(f"analog cannot log module {name or '<module>'!r}: {why}")
         raise TypeError(
             f"analog has no per-sample gradient rule for module {name or '<module>'!r} of type "
             f"{type(module).__name__}. Registered types: {', '.join(registered_types())}. "

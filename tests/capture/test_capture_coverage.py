@@ -141,3 +141,19 @@ def test_input_without_batch_dimension_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="every watched module received a batch of 1"):
         with analog(data_id=list(range(B))):
             model.fc(torch.randn(1, 3)).sum().backward()
+
+
+def test_parametrized_weight_named_as_such(tmp_path):
+    """weight_norm (torch.nn.utils.parametrize, as in Wav2Vec2's positional conv): the computed weight's
+    gradient is logged; the parameters it is computed from are listed with that reason, not as 'bare'."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Conv1d(3, 4, 3)), nn.Flatten(), nn.Linear(4 * 5, 2))
+    analog = make_analog(tmp_path)
+    with pytest.warns(UserWarning, match="parametrized tensor"):
+        analog.watch(model)
+    assert set(analog.modules) == {"0", "2"}
+    (u,) = analog.coverage.uncovered
+    assert u.module == "0.parametrizations.weight" and u.params == ("original0", "original1")
+    assert u.numel == 4 + 4 * 3 * 3
+    assert "parametrized tensor: 0.weight is computed from these parameters" in u.reason

@@ -4,8 +4,11 @@ The model is a single watched layer followed by a fixed nonlinearity and a per-e
 the batch (``reduction="sum"``), so analog's logged gradient of example b must equal ∇θ ℓ_b.
 """
 
+import importlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 from capture_reference import (
     analog_per_sample,
     assert_grads_match,
@@ -14,6 +17,8 @@ from capture_reference import (
     make_analog,
 )
 from torch import nn
+
+from analog.capture.embedding import HF_SCALED_EMBEDDINGS
 
 B = 3
 
@@ -164,6 +169,22 @@ def test_hf_rms_norms(tmp_path, path):
     check_layer(tmp_path, layer, torch.randn(B, 4, 6), 1)
 
 
+@pytest.mark.parametrize("path", HF_SCALED_EMBEDDINGS)
+def test_hf_scaled_embeddings(tmp_path, path):
+    """Every listed Hugging Face scaled word embedding (lookup × embed_scale) gets the scaled rule."""
+    module_path, cls_name = path.rsplit(".", 1)
+    try:
+        cls = getattr(importlib.import_module(module_path), cls_name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"{path} is not in this transformers version")
+    torch.manual_seed(0)
+    layer = cls(7, 5, 0, embed_scale=2.5)
+    nn.init.normal_(layer.weight)
+    idx = torch.randint(0, 7, (B, 6))
+    assert torch.allclose(layer(idx), 2.5 * F.embedding(idx, layer.weight))  # what the rule assumes
+    check_layer(tmp_path, layer, idx, 1)
+
+
 @pytest.mark.parametrize("cls,shape", [(nn.BatchNorm1d, (B, 5)), (nn.BatchNorm1d, (B, 5, 7)),
                                        (nn.BatchNorm2d, (B, 5, 4, 3))], ids=["1d", "1d-seq", "2d"])
 def test_batch_norm_eval(tmp_path, cls, shape):
@@ -205,6 +226,7 @@ def test_all_rules_are_tested():
         "torch.nn.modules.batchnorm._BatchNorm",
         "torch.nn.modules.activation.MultiheadAttention",
         *HF_RMS_NORMS,
+        *HF_SCALED_EMBEDDINGS,
     }
 
 

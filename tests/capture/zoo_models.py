@@ -75,6 +75,10 @@ def causal_lm(name: str) -> Case:
         "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**small, num_key_value_heads=1,
                                                                    sliding_window=None)),
         "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**small, rotary_pct=0.5)),
+        # scaled, tied word embedding; (1 + w) RMSNorms
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**small, num_key_value_heads=1, head_dim=8)),
+        # per-head q_norm/k_norm on (B, T, heads, head_dim): the (B, T) mask is broadcast over the heads
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**small, num_key_value_heads=1, head_dim=8)),
         "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2,
                                                          n_positions=32)),
     }
@@ -105,6 +109,22 @@ def t5() -> Case:
     masks = seq2seq_masks(mask, torch.ones(B, T - 2))
     return Case(model, (ids, mask, dec), (dec,), seq2seq_loss, mask=masks,
                 uncovered={"relative_attention_bias": "not recoverable"})
+
+
+def bart() -> Case:
+    """Scaled word embeddings (√d), cross-attention named ``encoder_attn``; the learned position embeddings
+    (an Embedding subclass looking up positions + 2, not its input) are left out."""
+    import transformers as tf
+
+    config = tf.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
+                           max_position_embeddings=32, scale_embedding=True)
+    model = Wrapped(tf.BartForConditionalGeneration(config).eval(),
+                    ("input_ids", "attention_mask", "decoder_input_ids"))
+    ids, mask = padded_ids()
+    dec = torch.randint(1, V, (B, T - 2))
+    return Case(model, (ids, mask, dec), (dec,), seq2seq_loss, mask=seq2seq_masks(mask, torch.ones(B, T - 2)),
+                uncovered={"embed_positions": "overrides forward"})
 
 
 def vit() -> Case:
@@ -172,5 +192,6 @@ def lstm() -> Case:
 ZOO = {
     "llama": lambda: causal_lm("llama"), "qwen2": lambda: causal_lm("qwen2"), "mistral": lambda: causal_lm("mistral"),
     "gpt_neox": lambda: causal_lm("gpt_neox"), "gpt2": lambda: causal_lm("gpt2"), "bert": bert, "t5": t5,
+    "gemma": lambda: causal_lm("gemma"), "qwen3": lambda: causal_lm("qwen3"), "bart": bart,
     "vit": vit, "bn_cnn": bn_cnn, "transformer_encoder": transformer_encoder, "lstm": lstm,
 }
