@@ -33,6 +33,30 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
     quantising. A non-finite value cannot be stored: a batch holding one is refused
     (``NonFiniteRows``), naming the field and rows. Reads dequantise only the rows asked for, into
     a new float32 tensor.
+
+``int2``
+    row = the F per-field scales σ_f (float32) followed by the row_elems 2-bit codes, four a byte.
+    Each field f of each row is quantised by its root mean square to the four levels of the
+    Lloyd–Max quantiser of a standard Gaussian (the levels and thresholds minimising E(z − ẑ)² for
+    z ~ N(0, 1): thresholds 0, ±T with T = 0.9816, levels ±a = ±0.4528 and ±b = ±1.5104)::
+
+        σ_f   = sqrt(mean_j x_fj²)        (float32, computed as m·sqrt(mean (x/m)²), m = max|x_f|,
+                                           so it does not overflow; 0 for an all-zero field)
+        z     = x_fj / σ_f                (0 where σ_f = 0)
+        c_fj  = 2·[z ≥ 0] + [|z| > T]     (0: −a, 1: −b, 2: +a, 3: +b)
+        x̂_fj  = LEVEL[c_fj] · σ_f          (what readers return, float32; 0 where σ_f = 0)
+
+    Code j of the row (over the row's concatenated values, as int4) is bits 2(j mod 4), 2(j mod 4)+1
+    of byte j // 4; unused trailing bits are 0. Each row is 4F + ceil(row_elems / 4) bytes: at the
+    bytes of float32 it stores 16× the sketch dimension (LoGra rank 64 in int2, 4 + 1024 bytes a
+    module, ≈ rank 16 in float32).
+
+    There is no per-element bound: this is a mean-square code for roughly Gaussian values (sketch
+    coordinates are sums of many random terms). For Gaussian x the mean squared error is
+    0.1175 σ², and the levels are the centroids of their intervals, so E[x̂ x] = E[x̂²] = 0.8825 σ²:
+    an inner product ⟨x̂, q⟩ with an unquantised q is shrunk by about 0.88 on average (the same for
+    every row, so rankings keep) plus noise. Values larger than b·σ are clipped to b·σ; an exact 0
+    reads as +a·σ. Non-finite values are refused as in int8/int4.
 """
 
 from __future__ import annotations
@@ -224,10 +248,77 @@ class Int4Rows(AbsmaxRows):
         return torch.from_numpy(q)
 
 
+class Gauss2Rows:
+    """Rows stored as per-field RMS scales and 2-bit Gaussian Lloyd–Max codes (see the module docstring)."""
+
+    name = "int2"
+    value_dtype = torch.float32
+    #: threshold T and the level of each code c = 2·[z ≥ 0] + [|z| > T] (Lloyd–Max, N(0, 1), 4 levels)
+    threshold = 0.9816
+    levels = (-0.4528, -1.5104, 0.4528, 1.5104)
+    #: encode returns new bytes (the writer may stage the rows in a reused buffer, as for int8/int4)
+    copies = True
+
+    def __init__(self, fields: Fields):
+        self.fields = fields
+        self.sizes = [field_size(f) for f in fields]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
+        self.row_elems = sum(self.sizes)
+        self.row_bytes = 4 * len(fields) + (self.row_elems + 3) // 4
+
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) float32 σ_f = m·sqrt(mean (x/m)²) per field of each row, m = max |x| (0 if m = 0 or the
+        field is empty; non-finite if a value is)."""
+        cols = []
+        for o, s in zip(self.offsets, self.sizes):
+            if not s:
+                cols.append(x.new_zeros(len(x)))
+                continue
+            xf = x[:, o : o + s]
+            m = xf.abs().amax(1, keepdim=True)
+            safe = torch.where(m > 0, m, torch.ones_like(m))  # NaN/Inf stay: the caller refuses them
+            cols.append((m * (xf / safe).square().mean(1, keepdim=True).sqrt()).squeeze(1))
+        return torch.stack(cols, 1) if cols else x.new_zeros(len(x), 0)
+
+    def encode(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """(B, row_elems) values -> (B, row_bytes) uint8: [σ as float32 bytes | packed codes], on the
+        rows' device (``overwrite``: accepted for the writer's staging buffer, which is only read)."""
+        x = rows.detach().to(torch.float32)
+        scales = self.scales(x)
+        bad = ~torch.isfinite(scales)
+        if bool(bad.any()):
+            f = int(bad.any(0).nonzero()[0])
+            raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f], self.name)
+        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = torch.zeros(len(x), 4 * (self.row_bytes - 4 * len(self.fields)), dtype=torch.uint8,
+                            device=x.device)
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            z = x[:, o : o + s] / divisor[:, j : j + 1]
+            codes[:, o : o + s] = (z >= 0).to(torch.uint8) * 2 + (z.abs() > self.threshold).to(torch.uint8)
+        c = codes.view(len(x), -1, 4)
+        packed = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
+        nf = 4 * len(self.fields)
+        out = torch.empty(len(x), self.row_bytes, dtype=torch.uint8, device=x.device)
+        out[:, :nf].copy_(scales.contiguous().view(torch.uint8))
+        out[:, nf:].copy_(packed)
+        return out
+
+    def decode(self, raw: np.ndarray) -> torch.Tensor:
+        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = LEVEL[c] · σ (a new tensor)."""
+        nf = 4 * len(self.fields)
+        scales = torch.from_numpy(raw[:, :nf].copy().view(np.float32))
+        body = raw[:, nf:]
+        codes = np.stack([(body >> shift) & 0x3 for shift in (0, 2, 4, 6)], 2).reshape(len(raw), -1)
+        out = torch.from_numpy(np.asarray(self.levels, dtype=np.float32)[codes[:, : self.row_elems]])
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            out[:, o : o + s].mul_(scales[:, j : j + 1])
+        return out
+
+
 _FLOATS = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
            "bfloat16": (torch.bfloat16, np.uint16)}
 #: the store dtypes (``storage.dtype``), in the order they are offered
-_QUANTISED = {"int8": Int8Rows, "int4": Int4Rows}
+_QUANTISED = {"int8": Int8Rows, "int4": Int4Rows, "int2": Gauss2Rows}
 STORE_DTYPES: Sequence[str] = (*_FLOATS, *_QUANTISED)
 #: the store dtypes whose rows are quantised (their writer refuses non-finite rows)
 QUANTISED_DTYPES: Sequence[str] = tuple(_QUANTISED)
@@ -243,5 +334,5 @@ def row_codec(dtype: str, fields: Fields):
 
 
 def value_dtype(dtype: str) -> torch.dtype:
-    """The dtype of the values a store of ``dtype`` holds and returns (int8 and int4 stores: float32)."""
+    """The dtype of the values a store of ``dtype`` holds and returns (int8, int4 and int2 stores: float32)."""
     return row_codec(dtype, []).value_dtype
