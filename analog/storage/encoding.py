@@ -40,10 +40,9 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
     Lloyd–Max quantiser of a standard Gaussian (the levels and thresholds minimising E(z − ẑ)² for
     z ~ N(0, 1): thresholds 0, ±T with T = 0.9816, levels ±a = ±0.4528 and ±b = ±1.5104)::
 
-        σ_f   = sqrt(mean_j x_fj²)        (float32, computed as m·sqrt(mean (x/m)²), m = max|x_f|,
-                                           so it does not overflow; 0 for an all-zero field)
-        z     = x_fj / σ_f                (0 where σ_f = 0)
-        c_fj  = 2·[z ≥ 0] + [|z| > T]     (0: −a, 1: −b, 2: +a, 3: +b)
+        σ_f   = sqrt(mean_j x_fj²) = ‖x_f‖₂ / √n_f   (float32; a field whose Σx² overflows is
+                                               rescaled by its max |x|; 0 for an all-zero field)
+        c_fj  = 2·[x_fj ≥ 0] + [|x_fj| > T·σ_f]     (0: −a, 1: −b, 2: +a, 3: +b)
         x̂_fj  = LEVEL[c_fj] · σ_f          (what readers return, float32; 0 where σ_f = 0)
 
     Code j of the row (over the row's concatenated values, as int4) is bits 2(j mod 4), 2(j mod 4)+1
@@ -267,40 +266,64 @@ class Gauss2Rows:
         self.row_bytes = 4 * len(fields) + (self.row_elems + 3) // 4
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, F) float32 σ_f = m·sqrt(mean (x/m)²) per field of each row, m = max |x| (0 if m = 0 or the
-        field is empty; non-finite if a value is)."""
-        cols = []
-        for o, s in zip(self.offsets, self.sizes):
-            if not s:
-                cols.append(x.new_zeros(len(x)))
-                continue
-            xf = x[:, o : o + s]
-            m = xf.abs().amax(1, keepdim=True)
-            safe = torch.where(m > 0, m, torch.ones_like(m))  # NaN/Inf stay: the caller refuses them
-            cols.append((m * (xf / safe).square().mean(1, keepdim=True).sqrt()).squeeze(1))
-        return torch.stack(cols, 1) if cols else x.new_zeros(len(x), 0)
+        """(B, F) float32 σ_f = ‖x_f‖₂ / √n_f per field of each row (0 for an empty or all-zero field;
+        non-finite if a value is). A field whose sum of squares overflows float32 is recomputed as
+        m·‖x_f / m‖₂ / √n_f with m = max |x_f|."""
+        out = x.new_zeros(len(x), len(self.sizes))
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            if s:
+                torch.linalg.vector_norm(x[:, o : o + s], dim=1, out=out[:, j])
+                out[:, j].mul_(1.0 / np.sqrt(s))
+        over = ~torch.isfinite(out)
+        if bool(over.any()):  # overflow of Σx², or a NaN/Inf value (which stays non-finite: refused)
+            for j in over.any(0).nonzero().flatten().tolist():
+                xf = x[:, self.offsets[j] : self.offsets[j] + self.sizes[j]]
+                m = xf.abs().amax(1, keepdim=True)
+                safe = torch.where(m > 0, m, torch.ones_like(m))
+                rescaled = (m * torch.linalg.vector_norm(xf / safe, dim=1, keepdim=True)).squeeze(1)
+                out[:, j] = torch.where(over[:, j], rescaled / np.sqrt(self.sizes[j]), out[:, j])
+        return out
 
     def encode(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """(B, row_elems) values -> (B, row_bytes) uint8: [σ as float32 bytes | packed codes], on the
-        rows' device (``overwrite``: accepted for the writer's staging buffer, which is only read)."""
-        x = rows.detach().to(torch.float32)
+        rows' device. ``overwrite=True``: ``rows`` are float32 and may be overwritten (|x| is taken in
+        place: the writer's staging buffer); otherwise they are copied first.
+
+        Passes over the values: ‖x‖ per field, [x ≥ 0], |x|, [|x| > T·σ] per field (no division: the
+        code compares |x| with T·σ), c = 2·[x ≥ 0] + [|x| > T·σ] as uint8, and the packing (four codes
+        read as one little-endian int32 w, byte = (w | w >> 6 | w >> 12 | w >> 18) & 0xFF)."""
+        x = rows.detach()
+        if not overwrite:
+            x = x.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # same bytes for any layout
+        elif x.dtype != torch.float32:
+            raise TypeError(f"{self.name} encode(overwrite=True) needs float32 rows, got {x.dtype}")
         scales = self.scales(x)
         bad = ~torch.isfinite(scales)
         if bool(bad.any()):
             f = int(bad.any(0).nonzero()[0])
             raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f], self.name)
-        divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-        codes = torch.zeros(len(x), 4 * (self.row_bytes - 4 * len(self.fields)), dtype=torch.uint8,
-                            device=x.device)
-        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
-            z = x[:, o : o + s] / divisor[:, j : j + 1]
-            codes[:, o : o + s] = (z >= 0).to(torch.uint8) * 2 + (z.abs() > self.threshold).to(torch.uint8)
-        c = codes.view(len(x), -1, 4)
-        packed = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)
-        nf = 4 * len(self.fields)
+        n, nf = self.row_elems, 4 * len(self.fields)
         out = torch.empty(len(x), self.row_bytes, dtype=torch.uint8, device=x.device)
         out[:, :nf].copy_(scales.contiguous().view(torch.uint8))
-        out[:, nf:].copy_(packed)
+        if not n * len(x):
+            return out
+        width = 4 * (self.row_bytes - nf)
+        codes = torch.empty(len(x), width, dtype=torch.uint8, device=x.device)
+        codes[:, n:] = 0
+        sign = torch.ge(x, 0)  # [x ≥ 0] (bool: one byte, 0 or 1)
+        x.abs_()
+        big = torch.empty(len(x), n, dtype=torch.bool, device=x.device)
+        cut = scales * self.threshold
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            torch.gt(x[:, o : o + s], cut[:, j : j + 1], out=big[:, o : o + s])
+        torch.add(big.view(torch.uint8), sign.view(torch.uint8), alpha=2, out=codes[:, :n])
+        if _LITTLE_ENDIAN:
+            w = codes.view(torch.int32)  # rows of width bytes, width a multiple of 4: contiguous int32s
+            packed = w | (w >> 6) | (w >> 12) | (w >> 18)
+            out[:, nf:].copy_(packed.bitwise_and_(0xFF))  # values 0..255: the cast to uint8 is exact
+        else:  # strided byte by byte (the same bytes, slower)
+            c = codes.view(len(x), -1, 4)
+            out[:, nf:].copy_(c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6))
         return out
 
     def decode(self, raw: np.ndarray) -> torch.Tensor:

@@ -127,3 +127,22 @@ def test_int2_store_verify_flip_and_repair(tmp_path, capsys):
     expect = LogStore(tmp_path / "s").rows(0, N).numpy()
     check_verify_flip_repair(tmp_path / "s", N, flip_at=ROW + 16, flip_mask=0x04, reference_rows=expect,
                              capsys=capsys)
+
+
+def test_int2_scale_of_huge_values_does_not_overflow():
+    """Σx² of values near 1e25 overflows float32 (max 3.4e38); σ is then taken as m·‖x/m‖/√n, and the codes
+    are those of the float64 formula. A float64, non-contiguous input gives the same bytes as its float32
+    contiguous copy."""
+    fields = [{"module": "big", "kind": "grad", "shape": [6]}, {"module": "small", "kind": "grad", "shape": [3]}]
+    codec = row_codec("int2", fields)
+    x = torch.tensor([[1e25, -3e25, 2e24, -5e24, 4e25, 1e23, 0.1, -0.2, 0.3],
+                      [1.0, -2.0, 0.5, 0.1, -0.3, 3.0, 1e-30, -2e-30, 0.0]], dtype=torch.float64)
+    raw = codec.encode(x.T.contiguous().T).numpy()  # a transposed view: not contiguous
+    np.testing.assert_array_equal(raw, codec.encode(x.float().contiguous()).numpy())
+    sigma = raw[:, :8].copy().view(np.float32)
+    ref_s, ref_c, near = gauss2_reference(x.float().numpy(), [6, 3])
+    assert np.isfinite(sigma).all() and not near.any()
+    np.testing.assert_allclose(sigma, ref_s, rtol=2e-6)
+    out = codec.decode(raw).numpy()
+    np.testing.assert_array_equal(out, LEVELS[ref_c] * np.repeat(sigma, [6, 3], axis=1))
+    assert out.size == 18 and abs(out[0, 4] / 4e25 - 1.5104 * ref_s[0, 0] / 4e25) < 1e-6
