@@ -40,8 +40,8 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
     Lloyd–Max quantiser of a standard Gaussian (the levels and thresholds minimising E(z − ẑ)² for
     z ~ N(0, 1): thresholds 0, ±T with T = 0.9816, levels ±a = ±0.4528 and ±b = ±1.5104)::
 
-        σ_f   = sqrt(mean_j x_fj²) = ‖x_f‖₂ / √n_f   (float32; a field whose Σx² overflows is
-                                               rescaled by its max |x|; 0 for an all-zero field)
+        σ_f   = sqrt(mean_j x_fj²) = ‖x_f‖₂ / √n_f   (float32; a field whose Σx² over- or underflows
+                                               is rescaled by its max |x|; 0 for an all-zero field)
         c_fj  = 2·[x_fj ≥ 0] + [|x_fj| > T·σ_f]     (0: −a, 1: −b, 2: +a, 3: +b)
         x̂_fj  = LEVEL[c_fj] · σ_f          (what readers return, float32; 0 where σ_f = 0)
 
@@ -267,16 +267,18 @@ class Gauss2Rows:
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) float32 σ_f = ‖x_f‖₂ / √n_f per field of each row (0 for an empty or all-zero field;
-        non-finite if a value is). A field whose sum of squares overflows float32 is recomputed as
-        m·‖x_f / m‖₂ / √n_f with m = max |x_f|."""
+        non-finite if a value is). A field whose sum of squares overflows float32 or underflows to 0 is
+        recomputed as m·‖x_f / m‖₂ / √n_f with m = max |x_f|."""
         out = x.new_zeros(len(x), len(self.sizes))
         for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
             if s:
                 torch.linalg.vector_norm(x[:, o : o + s], dim=1, out=out[:, j])
                 out[:, j].mul_(1.0 / np.sqrt(s))
-        over = ~torch.isfinite(out)
-        if bool(over.any()):  # overflow of Σx², or a NaN/Inf value (which stays non-finite: refused)
+        over = ~torch.isfinite(out) | (out == 0)
+        if bool(over.any()):  # Σx² overflowed or underflowed, or a NaN/Inf value (stays non-finite: refused)
             for j in over.any(0).nonzero().flatten().tolist():
+                if not self.sizes[j]:
+                    continue  # an empty field: σ 0
                 xf = x[:, self.offsets[j] : self.offsets[j] + self.sizes[j]]
                 m = xf.abs().amax(1, keepdim=True)
                 safe = torch.where(m > 0, m, torch.ones_like(m))

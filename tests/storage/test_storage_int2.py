@@ -130,7 +130,8 @@ def test_int2_store_verify_flip_and_repair(tmp_path, capsys):
 
 
 def test_int2_scale_of_huge_values_does_not_overflow():
-    """Σx² of values near 1e25 overflows float32 (max 3.4e38); σ is then taken as m·‖x/m‖/√n, and the codes
+    """Σx² of values near 1e25 overflows float32 (max 3.4e38), that of values near 1e-30 underflows to 0; σ is
+    then taken as m·‖x/m‖/√n, and the codes
     are those of the float64 formula. A float64, non-contiguous input gives the same bytes as its float32
     contiguous copy."""
     fields = [{"module": "big", "kind": "grad", "shape": [6]}, {"module": "small", "kind": "grad", "shape": [3]}]
