@@ -277,8 +277,8 @@ class AnaLog:
         self._last = (ids, logs)
 
     def _writer_checks_finite(self) -> bool:
-        """Whether this block's rows go to an int8/int4 store, whose writer refuses non-finite rows itself
-        (its absmax scales are the same reduction), so that the check is not made twice (_write)."""
+        """Whether this block's rows go to a quantised (int8/int4/int2) store, whose writer refuses non-finite
+        rows itself (its per-field scales are the same reduction), so that the check is not made twice (_write)."""
         return (self.mode == "log" and self.phase == "log" and self.config.save
                 and self.config.store_dtype in QUANTISED_DTYPES)
 

@@ -26,7 +26,7 @@ compression    ``{type: logra|dense|none, rank: int | [r_out, r_in] | {glob: ran
                whitening λ (None: 0.1 × mean eigenvalue of S ⊗ A);
                ``allocate: spectrum`` re-divides the configured ranks' budget Σ r_out·r_in among
                modules and sides by the whitened spectra (uniform: as configured)
-storage        ``{dtype: auto|float32|float16|bfloat16|int8|int4, flush_bytes: int}``: how the training
+storage        ``{dtype: auto|float32|float16|bfloat16|int8|int4|int2, flush_bytes: int}``: how the training
                rows are stored. ``auto`` (default): int8 for compressed logs (LoGra, dense), float32
                without compression (``compression.type: none``) or with ``nonfinite: allow`` (int8
                cannot hold NaN/Inf); a project keeps the dtype it was first logged with (state/
@@ -39,7 +39,11 @@ storage        ``{dtype: auto|float32|float16|bfloat16|int8|int4, flush_bytes: i
                dimension (LoGra rank 32 in int8 ≈ rank 16 in float32). ``int4``: the same with
                scale = max|x|/7, q ∈ [-7, 7], two values a byte — 4F + ⌈n/2⌉ bytes, 8× the
                sketch dimension of float32 at its bytes (LoGra rank 45 in int4, 4 + 1013 bytes a
-               module, ≈ rank 16 in float32, 1024), |x − x̂| ≤ scale/2 = max|x|/14. Only stored
+               module, ≈ rank 16 in float32, 1024), |x − x̂| ≤ scale/2 = max|x|/14. ``int2``: per
+               row and field σ = RMS of x and four levels (±0.4528σ, ±1.5104σ, the Gaussian
+               Lloyd–Max quantiser), four values a byte — 4F + ⌈n/4⌉ bytes, 16× the sketch
+               dimension of float32 at its bytes (LoGra rank 64 in int2 ≈ rank 16 in float32);
+               mean squared error 0.1175σ² on Gaussian values, no per-element bound. Only stored
                training rows are quantised: query gradients, curvature statistics and factors are not.
 segments       ``{rule: repeat|manual, checkpoint: bool}``: when a new segment starts (``repeat``: a batch
                with an id already logged in the current segment; ``manual``: only at

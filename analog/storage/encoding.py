@@ -33,6 +33,29 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
     quantising. A non-finite value cannot be stored: a batch holding one is refused
     (``NonFiniteRows``), naming the field and rows. Reads dequantise only the rows asked for, into
     a new float32 tensor.
+
+``int2``
+    row = the F per-field scales σ_f (float32) followed by the row_elems 2-bit codes, four a byte.
+    Each field f of each row is quantised by its root mean square to the four levels of the
+    Lloyd–Max quantiser of a standard Gaussian (the levels and thresholds minimising E(z − ẑ)² for
+    z ~ N(0, 1): thresholds 0, ±T with T = 0.9816, levels ±a = ±0.4528 and ±b = ±1.5104)::
+
+        σ_f   = sqrt(mean_j x_fj²) = ‖x_f‖₂ / √n_f   (float32; a field whose Σx² over- or underflows
+                                               is rescaled by its max |x|; 0 for an all-zero field)
+        c_fj  = 2·[x_fj ≥ 0] + [|x_fj| > T·σ_f]     (0: −a, 1: −b, 2: +a, 3: +b)
+        x̂_fj  = LEVEL[c_fj] · σ_f          (what readers return, float32; 0 where σ_f = 0)
+
+    Code j of the row (over the row's concatenated values, as int4) is bits 2(j mod 4), 2(j mod 4)+1
+    of byte j // 4; unused trailing bits are 0. Each row is 4F + ceil(row_elems / 4) bytes: at the
+    bytes of float32 it stores 16× the sketch dimension (LoGra rank 64 in int2, 4 + 1024 bytes a
+    module, ≈ rank 16 in float32).
+
+    There is no per-element bound: this is a mean-square code for roughly Gaussian values (sketch
+    coordinates are sums of many random terms). For Gaussian x the mean squared error is
+    0.1175 σ², and the levels are the centroids of their intervals, so E[x̂ x] = E[x̂²] = 0.8825 σ²:
+    an inner product ⟨x̂, q⟩ with an unquantised q is shrunk by about 0.88 on average (the same for
+    every row, so rankings keep) plus noise. Values larger than b·σ are clipped to b·σ; an exact 0
+    reads as +a·σ. Non-finite values are refused as in int8/int4.
 """
 
 from __future__ import annotations
@@ -224,10 +247,103 @@ class Int4Rows(AbsmaxRows):
         return torch.from_numpy(q)
 
 
+class Gauss2Rows:
+    """Rows stored as per-field RMS scales and 2-bit Gaussian Lloyd–Max codes (see the module docstring)."""
+
+    name = "int2"
+    value_dtype = torch.float32
+    #: threshold T and the level of each code c = 2·[z ≥ 0] + [|z| > T] (Lloyd–Max, N(0, 1), 4 levels)
+    threshold = 0.9816
+    levels = (-0.4528, -1.5104, 0.4528, 1.5104)
+    #: encode returns new bytes (the writer may stage the rows in a reused buffer, as for int8/int4)
+    copies = True
+
+    def __init__(self, fields: Fields):
+        self.fields = fields
+        self.sizes = [field_size(f) for f in fields]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
+        self.row_elems = sum(self.sizes)
+        self.row_bytes = 4 * len(fields) + (self.row_elems + 3) // 4
+
+    def scales(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, F) float32 σ_f = ‖x_f‖₂ / √n_f per field of each row (0 for an empty or all-zero field;
+        non-finite if a value is). A field whose sum of squares overflows float32 or underflows to 0 is
+        recomputed as m·‖x_f / m‖₂ / √n_f with m = max |x_f|."""
+        out = x.new_zeros(len(x), len(self.sizes))
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            if s:
+                torch.linalg.vector_norm(x[:, o : o + s], dim=1, out=out[:, j])
+                out[:, j].mul_(1.0 / np.sqrt(s))
+        over = ~torch.isfinite(out) | (out == 0)
+        if bool(over.any()):  # Σx² overflowed or underflowed, or a NaN/Inf value (stays non-finite: refused)
+            for j in over.any(0).nonzero().flatten().tolist():
+                if not self.sizes[j]:
+                    continue  # an empty field: σ 0
+                xf = x[:, self.offsets[j] : self.offsets[j] + self.sizes[j]]
+                m = xf.abs().amax(1, keepdim=True)
+                safe = torch.where(m > 0, m, torch.ones_like(m))
+                rescaled = (m * torch.linalg.vector_norm(xf / safe, dim=1, keepdim=True)).squeeze(1)
+                out[:, j] = torch.where(over[:, j], rescaled / np.sqrt(self.sizes[j]), out[:, j])
+        return out
+
+    def encode(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """(B, row_elems) values -> (B, row_bytes) uint8: [σ as float32 bytes | packed codes], on the
+        rows' device. ``overwrite=True``: ``rows`` are float32 and may be overwritten (|x| is taken in
+        place: the writer's staging buffer); otherwise they are copied first.
+
+        Passes over the values: ‖x‖ per field, [x ≥ 0], |x|, [|x| > T·σ] per field (no division: the
+        code compares |x| with T·σ), c = 2·[x ≥ 0] + [|x| > T·σ] as uint8, and the packing (four codes
+        read as one little-endian int32 w, byte = (w | w >> 6 | w >> 12 | w >> 18) & 0xFF)."""
+        x = rows.detach()
+        if not overwrite:
+            x = x.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # same bytes for any layout
+        elif x.dtype != torch.float32:
+            raise TypeError(f"{self.name} encode(overwrite=True) needs float32 rows, got {x.dtype}")
+        scales = self.scales(x)
+        bad = ~torch.isfinite(scales)
+        if bool(bad.any()):
+            f = int(bad.any(0).nonzero()[0])
+            raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f], self.name)
+        n, nf = self.row_elems, 4 * len(self.fields)
+        out = torch.empty(len(x), self.row_bytes, dtype=torch.uint8, device=x.device)
+        out[:, :nf].copy_(scales.contiguous().view(torch.uint8))
+        if not n * len(x):
+            return out
+        width = 4 * (self.row_bytes - nf)
+        codes = torch.empty(len(x), width, dtype=torch.uint8, device=x.device)
+        codes[:, n:] = 0
+        sign = torch.ge(x, 0)  # [x ≥ 0] (bool: one byte, 0 or 1)
+        x.abs_()
+        big = torch.empty(len(x), n, dtype=torch.bool, device=x.device)
+        cut = scales * self.threshold
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            torch.gt(x[:, o : o + s], cut[:, j : j + 1], out=big[:, o : o + s])
+        torch.add(big.view(torch.uint8), sign.view(torch.uint8), alpha=2, out=codes[:, :n])
+        if _LITTLE_ENDIAN:
+            w = codes.view(torch.int32)  # rows of width bytes, width a multiple of 4: contiguous int32s
+            packed = w | (w >> 6) | (w >> 12) | (w >> 18)
+            out[:, nf:].copy_(packed.bitwise_and_(0xFF))  # values 0..255: the cast to uint8 is exact
+        else:  # strided byte by byte (the same bytes, slower)
+            c = codes.view(len(x), -1, 4)
+            out[:, nf:].copy_(c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6))
+        return out
+
+    def decode(self, raw: np.ndarray) -> torch.Tensor:
+        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = LEVEL[c] · σ (a new tensor)."""
+        nf = 4 * len(self.fields)
+        scales = torch.from_numpy(raw[:, :nf].copy().view(np.float32))
+        body = raw[:, nf:]
+        codes = np.stack([(body >> shift) & 0x3 for shift in (0, 2, 4, 6)], 2).reshape(len(raw), -1)
+        out = torch.from_numpy(np.asarray(self.levels, dtype=np.float32)[codes[:, : self.row_elems]])
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            out[:, o : o + s].mul_(scales[:, j : j + 1])
+        return out
+
+
 _FLOATS = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
            "bfloat16": (torch.bfloat16, np.uint16)}
 #: the store dtypes (``storage.dtype``), in the order they are offered
-_QUANTISED = {"int8": Int8Rows, "int4": Int4Rows}
+_QUANTISED = {"int8": Int8Rows, "int4": Int4Rows, "int2": Gauss2Rows}
 STORE_DTYPES: Sequence[str] = (*_FLOATS, *_QUANTISED)
 #: the store dtypes whose rows are quantised (their writer refuses non-finite rows)
 QUANTISED_DTYPES: Sequence[str] = tuple(_QUANTISED)
@@ -243,5 +359,5 @@ def row_codec(dtype: str, fields: Fields):
 
 
 def value_dtype(dtype: str) -> torch.dtype:
-    """The dtype of the values a store of ``dtype`` holds and returns (int8 and int4 stores: float32)."""
+    """The dtype of the values a store of ``dtype`` holds and returns (int8, int4 and int2 stores: float32)."""
     return row_codec(dtype, []).value_dtype

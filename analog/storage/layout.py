@@ -16,7 +16,8 @@ row_elems values in that dtype (row_bytes = row_elems × 4 or 2); for ``int8`` t
 float32 scales followed by the row_elems int8 values (row_bytes = 4F + row_elems, no padding); for
 ``int4`` the F scales followed by the row_elems 4-bit values packed two a byte, low nibble first,
 over the whole row (field boundaries may fall mid-byte; an odd row_elems pads the row's last byte
-with a zero high nibble), so row_bytes = 4F + ceil(row_elems / 2). Every row of a store has the
+with a zero high nibble), so row_bytes = 4F + ceil(row_elems / 2); for ``int2`` the F per-field RMS scales
+followed by 2-bit codes, four a byte (row_bytes = 4F + ceil(row_elems / 4)). Every row of a store has the
 same size, so a chunk of n rows is n × row_bytes bytes. ``row_bytes(header)`` is the one place that size
 is computed; writer, reader and integrity checks all take it from there.
 
@@ -180,8 +181,8 @@ def _header_problem(header: Any) -> str:
 
 def row_bytes(header: Dict[str, Any]) -> int:
     """Bytes per row of the store whose (validated) ``store.json`` is ``header``: its codec's size
-    (row_elems × itemsize for float dtypes, 4F + row_elems for int8, 4F + ceil(row_elems / 2) for int4;
-    see analog.storage.encoding)."""
+    (row_elems × itemsize for float dtypes, 4F + row_elems for int8, 4F + ceil(row_elems / 2) for int4,
+    4F + ceil(row_elems / 4) for int2; see analog.storage.encoding)."""
     return row_codec(header["dtype"], header["fields"]).row_bytes
 
 

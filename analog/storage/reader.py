@@ -3,7 +3,8 @@
 Rows are memory-mapped copy-on-write (``mode="c"``) as bytes and decoded by the store's codec
 (analog.storage.encoding). In a float store, reading a contiguous range of one chunk is a view on
 the page cache, never a copy, in the store's dtype; writes to the returned tensors never reach the
-file. An int8 or int4 store returns float32 x̂ = q · scale, dequantised from the rows asked for only.
+file. An int8, int4 or int2 store returns float32 x̂ (q · scale; int2: level · σ), dequantised from
+the rows asked for only.
 
 Integrity (analog.storage.integrity): opening checks the chunk sequence (gaps, data whose metadata
 is missing) and refuses links; with ``verify=True`` (the default) each chunk's CRC-32 is checked
@@ -68,7 +69,7 @@ class LogStore:
         self.row_elems = int(self.header["row_elems"])
         self.codec = row_codec(self.header["dtype"], self.fields)
         self.row_bytes = self.codec.row_bytes  # = layout.row_bytes(header), from the codec built here
-        self.torch_dtype = self.codec.value_dtype  # of the rows returned (int8 and int4 stores: float32)
+        self.torch_dtype = self.codec.value_dtype  # of the rows returned (quantised stores: float32)
         self._check("fields", self.fields, expect_fields)
         self._check("compression", self.header.get("compression"), expect_compression)
         if expect_modules is not None:
@@ -210,7 +211,7 @@ class LogStore:
     # -- rows -------------------------------------------------------------------------------
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as one (n, row_elems) tensor of ``torch_dtype``; zero-copy within one chunk
-        of a float store, dequantised (a new float32 tensor) in an int8 or int4 store."""
+        of a float store, dequantised (a new float32 tensor) in a quantised (int8, int4, int2) store."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"rows [{start}, {stop}) out of range for {len(self)} examples")
         parts = []

@@ -1,7 +1,7 @@
 """Background writer: batches of rows in, synced chunks out, memory bounded in bytes.
 
 ``write`` encodes a batch by the store's codec (analog.storage.encoding: cast to the store dtype,
-or quantised to int8 or int4 with per-field scales) on the rows' device, and appends the encoded bytes,
+or quantised to int8, int4 or int2 with per-field scales) on the rows' device, and appends the encoded bytes,
 moved to the CPU, to an in-memory buffer; once the buffer holds at
 least ``flush_bytes`` it is handed to a writer thread. A new chunk is handed over only after the
 previous one is on disk (double buffering), so the writer holds at most two chunks — each under
@@ -10,7 +10,7 @@ logging. The buffer holds the encoded rows, so ``flush_bytes`` counts bytes as t
 disk. The writer may keep references to the rows it is given (a float store of the rows' own dtype
 encodes without a copy): do not modify them in place after ``write``.
 
-An int8 or int4 store's codec copies (it returns new bytes), so the writer stages the values it
+A quantised (int8, int4, int2) store's codec copies (it returns new bytes), so the writer stages the values it
 quantises in one float32 buffer of (largest batch so far) × row_elems, reused batch after batch on
 the rows' device: ``write_logs`` packs the logs into it and ``write`` copies the rows into it (the
 caller's rows are never modified), and the codec divides, rounds and clamps there in place. Reusing
@@ -73,7 +73,7 @@ except ImportError:  # pragma: no cover
 
 
 class NonFiniteBatch(ValueError):
-    """A batch holding NaN or ±Inf in ``module``'s ``kind`` log at ``ids``, which an int8/int4 store cannot
+    """A batch holding NaN or ±Inf in ``module``'s ``kind`` log at ``ids``, which a quantised store cannot
     hold; nothing of the batch was stored."""
 
     def __init__(self, module: str, kind: str, ids: List[Any], dtype: str, path):
@@ -133,7 +133,7 @@ class LogWriter:
         self._buffer_ids: List[Any] = []
         self._buffer_bytes = 0
         self._buffer_stats: Dict[str, torch.Tensor] = {}
-        self._staging: Optional[torch.Tensor] = None  # float32 values to quantise (int8/int4), reused
+        self._staging: Optional[torch.Tensor] = None  # float32 values to quantise (quantised stores), reused
         self._error: Optional[BaseException] = None
         self._queue: "queue.Queue" = queue.Queue(maxsize=1)
         self._thread = threading.Thread(target=self._run, name="analog-log-writer", daemon=True)
@@ -219,7 +219,7 @@ class LogWriter:
 
     def write_logs(self, ids: Sequence[Any], logs, stats: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Append a batch's logs ``{module: {kind: (B, *shape)}}``, packed by analog.storage.rows.pack
-        (for an int8/int4 store into the staging buffer, which ``write`` then quantises in place)."""
+        (for an quantised store into the staging buffer, which ``write`` then quantises in place)."""
         first = next((t for kinds in logs.values() for t in kinds.values()), None)
         out = None
         if self.codec.copies and first is not None and first.dim() and len(first) == len(ids):

@@ -75,12 +75,13 @@ def root_inv(m, lam):
     return (v * (e.clamp_min(0) + lam).rsqrt()) @ v.T
 
 
-def captured_cpu_lm(cache):
-    """(task, train, query) for the offline probes: the CPU preset LM with its 50 retrained halves (from
-    ``cache``) and ``capture`` of every training sequence (summed loss) and every fact query (answer loss)."""
+def captured_cpu_lm(cache, preset="cpu"):
+    """(task, train, query) for the offline probes: the ``preset`` LM (``cpu`` or ``cpu4k``) with its 50
+    retrained halves (from ``cache``) and ``capture`` of every training sequence (summed loss) and every fact
+    query (answer loss)."""
     from pathlib import Path
 
-    task = build_lm("cpu", "cpu", Path(cache), False, {"model": {}, "subsets": 50}, min_accuracy=0.5)
+    task = build_lm(preset, "cpu", Path(cache), False, {"model": {}, "subsets": 50}, min_accuracy=0.5)
     train = capture(task, [b for _, b in task.train_batches()], task.train_loss)
     query = capture(task, [task.corpus.query_tokens], lambda m, b: task.query_loss(m))
     return task, train, query

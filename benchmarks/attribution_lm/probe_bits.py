@@ -3,10 +3,13 @@
 ternary, sign. Query rows stay float. Results: sketch_probe.md section 6.
 
     python -m benchmarks.attribution_lm.probe_bits [cache dir]
+    python -m benchmarks.attribution_lm.probe_bits CACHE --preset cpu4k --ks 256:int8 529:int4 1024:2bit-lloyd
+
+The second form compares chosen (k, codec) pairs, e.g. equal bytes a module, on the 4,096-sequence LM.
 """
 
+import argparse
 import math
-import sys
 import time
 import zlib
 
@@ -15,7 +18,12 @@ import torch
 from benchmarks.attribution_lm.probe import captured_cpu_lm, kfac_whitener, raw_scores
 
 torch.set_num_threads(2)
-task, train, query = captured_cpu_lm(sys.argv[1] if len(sys.argv) > 1 else "outputs/attribution_lm")
+parser = argparse.ArgumentParser()
+parser.add_argument("cache", nargs="?", default="outputs/attribution_lm")
+parser.add_argument("--preset", default="cpu")
+parser.add_argument("--ks", nargs="*", help="k:codec pairs (default: k 256 and 1,024, every codec)")
+args = parser.parse_args()
+task, train, query = captured_cpu_lm(args.cache, args.preset)
 
 
 def whiten_fn(n):
@@ -54,24 +62,21 @@ Q = {
     "ternary": q_ternary,
     "1bit-sign": q_sign,
 }
-for k in (256, 1024):
-    for init in ("random-white",):
-        for qn, qf in Q.items():
-            t = time.time()
-            total = 0
-            for n in train:
-                w = whiten_fn(n)
-                gen = torch.Generator().manual_seed(zlib.crc32(n.encode()) % 997)
-                (d, a), (dq, aq) = w(*train[n]), w(*query[n])
-                r = int(round(math.sqrt(k)))
-                po = torch.randn(d.shape[-1], r, generator=gen, dtype=d.dtype) / math.sqrt(r)
-                pi = torch.randn(a.shape[-1], r, generator=gen, dtype=d.dtype) / math.sqrt(r)
-                xt = qf(torch.einsum("ntr,nts->nrs", d @ po, a @ pi).flatten(1))
-                xq = torch.einsum("ntr,nts->nrs", dq @ po, aq @ pi).flatten(1)
-                total = total + raw_scores(xq, xt)
-            res = task.evaluate(total.numpy())
-            print(
-                f"k={k:5d} {init} {qn:12s} recall@2 {res['recall@2']:.3f} lds {res['lds']:.3f} "
-                f"({time.time() - t:.1f}s)",
-                flush=True,
-            )
+pairs = [(int(p.split(":")[0]), p.split(":")[1]) for p in args.ks] if args.ks else \
+    [(k, qn) for k in (256, 1024) for qn in Q]
+for k, qn in pairs:
+    t = time.time()
+    total = 0
+    for n in train:  # the Kronecker random sketch of the K-FAC-whitened gradient ("random-white")
+        w = whiten_fn(n)
+        gen = torch.Generator().manual_seed(zlib.crc32(n.encode()) % 997)
+        (d, a), (dq, aq) = w(*train[n]), w(*query[n])
+        r = int(round(math.sqrt(k)))
+        po = torch.randn(d.shape[-1], r, generator=gen, dtype=d.dtype) / math.sqrt(r)
+        pi = torch.randn(a.shape[-1], r, generator=gen, dtype=d.dtype) / math.sqrt(r)
+        xt = Q[qn](torch.einsum("ntr,nts->nrs", d @ po, a @ pi).flatten(1))
+        xq = torch.einsum("ntr,nts->nrs", dq @ po, aq @ pi).flatten(1)
+        total = total + raw_scores(xq, xt)
+    res = task.evaluate(total.numpy())
+    print(f"k={k:5d} random-white {qn:12s} recall@2 {res['recall@2']:.3f} lds {res['lds']:.3f} "
+          f"({time.time() - t:.1f}s)", flush=True)

@@ -43,6 +43,13 @@ PRESETS = {
                                     n_queries=64),
                 model=dict(d_model=64, n_heads=4, d_ff=128, epochs=30, batch=32), subsets=50, seeds=(0,), chunk=50,
                 ranks=(8, 16)),
+    # the CPU design with 4× the sequences (4096), so that every projection at the bytes of rank 16 in
+    # float32 — rank 32 in int8 (1,024 numbers per module), rank 45 in int4 (2,025) — has k < N numbers per
+    # module and ``raw``'s covariance is full rank (on ``cpu`` they are rank-deficient); ~40 min here
+    "cpu4k": dict(corpus=CorpusConfig(n_entities=256, n_cities=32, n_foods=16, n_filler=128, n_train=4096,
+                                      seq_len=16, n_queries=128),
+                  model=dict(d_model=64, n_heads=4, d_ff=128, epochs=30, batch=32), subsets=50, seeds=(0,),
+                  chunk=25, ranks=(16, 64)),
 }
 
 

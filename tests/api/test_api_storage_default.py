@@ -108,10 +108,10 @@ def test_auto_is_accepted_and_an_unknown_dtype_lists_it(tmp_path):
     assert Config.from_dict({"storage": {"dtype": "auto"}}).store_dtype == "int8"
     assert Config.from_dict({"storage": {"dtype": "auto"}, "compression": {"type": "none"}}).store_dtype == "float32"
     assert Config.from_dict({"storage": {"dtype": "int4"}}).store_dtype == "int4"
-    with pytest.raises(ValueError, match=r"storage.dtype': unknown 'int2'") as err:
-        AnaLog("p", {"root_dir": str(tmp_path), "storage": {"dtype": "int2"}})
+    with pytest.raises(ValueError, match=r"storage.dtype': unknown 'int3'") as err:
+        AnaLog("p", {"root_dir": str(tmp_path), "storage": {"dtype": "int3"}})
     offered = str(err.value).split("choose from ")[1]
-    assert all(f"'{d}'" in offered for d in ("auto", *STORE_DTYPES)) and len(STORE_DTYPES) == 5
+    assert all(f"'{d}'" in offered for d in ("auto", *STORE_DTYPES)) and len(STORE_DTYPES) == 6
 
 
 def test_the_saved_config_records_the_resolved_dtype_and_a_reopen_keeps_it(tmp_path):

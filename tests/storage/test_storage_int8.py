@@ -131,8 +131,8 @@ def test_reopening_an_int8_store_with_another_dtype_is_refused(tmp_path):
     write_store(tmp_path / "s", make_rows(10))
     with pytest.raises(StoreError, match="different dtype .*stored 'int8', now 'float32'"):
         LogWriter(tmp_path / "s", FIELDS, "float32")
-    with pytest.raises(ValueError, match=r"unknown storage dtype 'int2'.*'int8', 'int4'"):
-        LogWriter(tmp_path / "t", FIELDS, "int2")
+    with pytest.raises(ValueError, match=r"unknown storage dtype 'int3'.*'int8', 'int4', 'int2'"):
+        LogWriter(tmp_path / "t", FIELDS, "int3")
     assert Config().update({"storage": {"dtype": "int8"}}).storage.dtype == "int8"
     assert Config().storage.dtype == "auto" and Config().store_dtype == "int8"  # the default for LoGra
     with pytest.raises(ValueError, match=r"storage.dtype.*'int8'"):

@@ -1,0 +1,149 @@
+"""int2 stores: per-row, per-field RMS scale σ and 2-bit codes of the Gaussian Lloyd–Max quantiser, four a
+byte over the whole row (analog.storage.encoding). The bytes on disk are parsed with numpy alone and
+checked against a numpy reference of the formula packed by a plain Python loop; every read path returns
+LEVEL[c] · σ; on Gaussian values the mean squared error and the shrinkage are the quantiser's closed forms."""
+
+import numpy as np
+import pytest
+import torch
+from absmax_reference import check_read_paths, check_verify_flip_repair
+from gauss2_reference import LEVELS, gauss2_reference, pack_codes
+
+from analog.storage import LogStore, LogWriter
+from analog.storage.encoding import row_codec
+from analog.storage.writer import NonFiniteBatch
+
+FIELDS = [
+    {"module": "a", "kind": "grad", "shape": [3, 3]},  # mixed signs, odd size
+    {"module": "zero", "kind": "grad", "shape": [2]},  # all zero in every row: σ 0, reads 0; starts mid-byte
+    {"module": "spike", "kind": "forward", "shape": [5]},  # one huge element: clipped to 1.5104 σ
+    {"module": "one", "kind": "grad", "shape": [1]},  # a single value: |z| = 1, code ±b
+]
+SIZES = [9, 2, 5, 1]
+F, E = len(FIELDS), sum(SIZES)  # E = 17: the last byte of each row holds one code and 6 zero bits
+VALUE_BYTES = (E + 3) // 4
+ROW = 4 * F + VALUE_BYTES
+N, BATCH = 37, 5
+
+
+def make_rows(n=N, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, E, generator=gen) * torch.logspace(-3, 2, n)[:, None]
+    x[:, 9:11] = 0.0
+    x[:, 11:16] = torch.rand(n, 5, generator=gen) * 1e-3
+    x[:, 13] = -3e6
+    x[:, 16] = torch.where(torch.arange(n) % 2 == 0, -1.0, 1.0) * torch.linspace(0.5, 7.0, n)
+    return x
+
+
+def write_store(path, x, flush_bytes=40):
+    w = LogWriter(path, FIELDS, "int2", flush_bytes=flush_bytes)
+    for start in range(0, len(x), BATCH):
+        w.write([f"ex{i}" for i in range(start, min(start + BATCH, len(x)))], x[start : start + BATCH])
+    w.close()
+
+
+def on_disk(path):
+    """(chunks, σ, packed bytes, codes) of every chunk, parsed with a numpy record layout and shifts."""
+    record = np.dtype([("scale", "<f4", (F,)), ("v", "u1", (VALUE_BYTES,))])
+    assert record.itemsize == ROW
+    chunks = sorted(path.glob("chunk_*.bin"))
+    parsed = [np.fromfile(c, dtype=record) for c in chunks]
+    scales = np.concatenate([p["scale"] for p in parsed])
+    packed = np.concatenate([p["v"] for p in parsed])
+    codes = np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], 2).reshape(len(packed), -1)
+    assert (codes[:, E:] == 0).all(), "the unused bits of the last byte are 0"
+    return chunks, scales, packed, codes[:, :E]
+
+
+def test_int2_round_trip_equals_the_formula_on_disk_and_through_every_read(tmp_path):
+    x = make_rows()
+    write_store(tmp_path / "s", x)
+    ref_s, ref_c, near = gauss2_reference(x.numpy(), SIZES)
+    chunks, scales, packed, codes = on_disk(tmp_path / "s")
+    assert len(chunks) >= 3, "flush_bytes should have split the rows into several chunks"
+    assert sum(c.stat().st_size for c in chunks) == N * ROW == 37 * (16 + 5)
+    np.testing.assert_allclose(scales, ref_s, rtol=2e-6, atol=0)
+    assert (scales[:, 1] == 0).all(), "an all-zero field has σ 0"
+    far = ~near
+    assert far.sum() >= N * E - 3, "a value may sit on a threshold only by accident"
+    np.testing.assert_array_equal(codes[far], ref_c[far])
+    np.testing.assert_array_equal(packed, pack_codes(codes))  # the plain-Python packing of the codes read
+    assert (ref_c[:, 16] % 2 == 1).all(), "a single value is ±σ: |z| = 1 > T"
+    assert set(np.unique(codes[:, :9]).tolist()) == {0, 1, 2, 3}
+
+    expect = LEVELS[codes] * np.repeat(scales, SIZES, axis=1)  # float32 level × float32 σ
+    store = LogStore(tmp_path / "s")
+    assert store.row_bytes == ROW and store.torch_dtype == torch.float32
+    rows = store.rows(0, N)
+    assert rows.shape == (N, E)
+    np.testing.assert_array_equal(rows.numpy(), expect)
+    assert (rows[:, 9:11] == 0).all()
+    np.testing.assert_allclose(rows[:, 13].numpy(), -1.5104 * scales[:, 2], rtol=0)  # the spike is clipped
+    check_read_paths(store, expect, FIELDS, SIZES)
+
+
+def test_int2_on_gaussian_values_has_the_lloyd_max_error_and_shrinkage():
+    """For z ~ N(0, 1): E(z − ẑ)² = 0.1175 and E[ẑ z] = E[ẑ²] = 0.8825 (the levels are centroids), so a
+    score ⟨x̂, q⟩ with q unquantised is ≈ 0.88 ⟨x, q⟩; checked over 400 rows of 4,096 values."""
+    codec = row_codec("int2", [{"module": "m", "kind": "grad", "shape": [64, 64]}])
+    x = torch.randn(400, 4096, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float() * 3.0
+    xhat = codec.decode(codec.encode(x).numpy())
+    sigma = x.pow(2).mean(1, keepdim=True).sqrt()
+    z, zhat = (x / sigma).double(), (xhat / sigma).double()
+    assert z.numel() == 400 * 4096
+    assert abs((z - zhat).pow(2).mean().item() - 0.1175) < 0.002
+    assert abs((z * zhat).mean().item() - 0.8825) < 0.002 and abs(zhat.pow(2).mean().item() - 0.8825) < 0.002
+    q = torch.randn(4096, generator=torch.Generator().manual_seed(2)).double() + 0.5 * x[0].double() / 3
+    ratio = (xhat[0].double() @ q) / (x[0].double() @ q)
+    assert 0.8 < ratio.item() < 0.96
+
+
+def test_int2_rows_cost_four_bytes_per_field_plus_a_quarter_byte_per_value(tmp_path):
+    """LoGra rank 64 in int2 costs about what rank 16 costs in float32 (4 + 1,024 vs 1,024 bytes a module)."""
+    w = LogWriter(tmp_path / "r64", [{"module": "m", "kind": "grad", "shape": [64, 64]}], "int2")
+    w.write([0, 1], torch.randn(2, 4096))
+    w.close()
+    assert LogStore(tmp_path / "r64").row_bytes == 4 + 1024
+    assert sum(c.stat().st_size for c in (tmp_path / "r64").glob("chunk_*.bin")) == 2 * 1028
+    empty = row_codec("int2", [{"module": "m", "kind": "grad", "shape": [0]}])
+    assert empty.row_bytes == 4 and empty.decode(empty.encode(torch.zeros(3, 0)).numpy()).shape == (3, 0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int2_refuses_non_finite_rows_naming_module_and_ids(tmp_path, bad):
+    x = make_rows(5)
+    x[3, 12] = bad
+    w = LogWriter(tmp_path / "s", FIELDS, "int2")
+    with pytest.raises(NonFiniteBatch, match=r"'spike'.*\['ex3'\]"):
+        w.write([f"ex{i}" for i in range(5)], x)
+    w.close()
+    assert len(LogStore(tmp_path / "s")) == 0, "the refused batch left nothing behind"
+
+
+def test_int2_store_verify_flip_and_repair(tmp_path, capsys):
+    x = make_rows()
+    write_store(tmp_path / "s", x)
+    expect = LogStore(tmp_path / "s").rows(0, N).numpy()
+    check_verify_flip_repair(tmp_path / "s", N, flip_at=ROW + 16, flip_mask=0x04, reference_rows=expect,
+                             capsys=capsys)
+
+
+def test_int2_scale_of_huge_values_does_not_overflow():
+    """Σx² of values near 1e25 overflows float32 (max 3.4e38), that of values near 1e-30 underflows to 0; σ is
+    then taken as m·‖x/m‖/√n, and the codes
+    are those of the float64 formula. A float64, non-contiguous input gives the same bytes as its float32
+    contiguous copy."""
+    fields = [{"module": "big", "kind": "grad", "shape": [6]}, {"module": "small", "kind": "grad", "shape": [3]}]
+    codec = row_codec("int2", fields)
+    x = torch.tensor([[1e25, -3e25, 2e24, -5e24, 4e25, 1e23, 0.1, -0.2, 0.3],
+                      [1.0, -2.0, 0.5, 0.1, -0.3, 3.0, 1e-30, -2e-30, 0.0]], dtype=torch.float64)
+    raw = codec.encode(x.T.contiguous().T).numpy()  # a transposed view: not contiguous
+    np.testing.assert_array_equal(raw, codec.encode(x.float().contiguous()).numpy())
+    sigma = raw[:, :8].copy().view(np.float32)
+    ref_s, ref_c, near = gauss2_reference(x.float().numpy(), [6, 3])
+    assert np.isfinite(sigma).all() and not near.any()
+    np.testing.assert_allclose(sigma, ref_s, rtol=2e-6)
+    out = codec.decode(raw).numpy()
+    np.testing.assert_array_equal(out, LEVELS[ref_c] * np.repeat(sigma, [6, 3], axis=1))
+    assert out.size == 18 and abs(out[0, 4] / 4e25 - 1.5104 * ref_s[0, 0] / 4e25) < 1e-6
