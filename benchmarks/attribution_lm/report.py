@@ -181,7 +181,7 @@ def plot(runs: List[dict], path: Path) -> None:
 
 COLORS = {"uncompressed": "black", "random": "tab:blue", "pca": "tab:orange", "whiten": "tab:green",
           "whiten_pca": "tab:purple", "query": "tab:red", "dense": "tab:gray", "other": "tab:brown"}
-MARKERS = {"ekfac": "o", "kfac": "s", "raw": "^", "none": "v", "diagonal": "d"}
+MARKERS = {"ekfac": "o", "kfac": "s", "raw": "^", "none": "v", "diagonal": "d", "auto": "*"}
 
 
 def _color(r) -> str:
