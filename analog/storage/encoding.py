@@ -42,7 +42,8 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
 
         σ_f   = sqrt(mean_j x_fj²) = ‖x_f‖₂ / √n_f   (float32; a field whose Σx² over- or underflows
                                                is rescaled by its max |x|; 0 for an all-zero field)
-        c_fj  = 2·[x_fj ≥ 0] + [|x_fj| > T·σ_f]     (0: −a, 1: −b, 2: +a, 3: +b)
+        c_fj  = clamp(⌊x_fj · r_f⌋, −2, 1) + 2,  r_f = 1 / (T·σ_f) in float32 (0 where σ_f = 0)
+                (0: x < −Tσ, level −b; 1: −Tσ ≤ x < 0, −a; 2: 0 ≤ x < Tσ, +a; 3: x ≥ Tσ, +b)
         x̂_fj  = LEVEL[c_fj] · σ_f          (what readers return, float32; 0 where σ_f = 0)
 
     Code j of the row (over the row's concatenated values, as int4) is bits 2(j mod 4), 2(j mod 4)+1
@@ -55,7 +56,7 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
     0.1175 σ², and the levels are the centroids of their intervals, so E[x̂ x] = E[x̂²] = 0.8825 σ²:
     an inner product ⟨x̂, q⟩ with an unquantised q is shrunk by about 0.88 on average (the same for
     every row, so rankings keep) plus noise. Values larger than b·σ are clipped to b·σ; an exact 0
-    reads as +a·σ. Non-finite values are refused as in int8/int4.
+    (either sign) reads as +a·σ. Non-finite values are refused as in int8/int4.
 """
 
 from __future__ import annotations
@@ -252,9 +253,9 @@ class Gauss2Rows:
 
     name = "int2"
     value_dtype = torch.float32
-    #: threshold T and the level of each code c = 2·[z ≥ 0] + [|z| > T] (Lloyd–Max, N(0, 1), 4 levels)
+    #: threshold T and the level of each code c = clamp(⌊z / T⌋, −2, 1) + 2 (Lloyd–Max, N(0, 1), 4 levels)
     threshold = 0.9816
-    levels = (-0.4528, -1.5104, 0.4528, 1.5104)
+    levels = (-1.5104, -0.4528, 0.4528, 1.5104)
     #: encode returns new bytes (the writer may stage the rows in a reused buffer, as for int8/int4)
     copies = True
 
@@ -288,12 +289,12 @@ class Gauss2Rows:
 
     def encode(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """(B, row_elems) values -> (B, row_bytes) uint8: [σ as float32 bytes | packed codes], on the
-        rows' device. ``overwrite=True``: ``rows`` are float32 and may be overwritten (|x| is taken in
-        place: the writer's staging buffer); otherwise they are copied first.
+        rows' device. ``overwrite=True``: ``rows`` are float32 and may be overwritten (the code is
+        computed in place: the writer's staging buffer); otherwise they are copied first.
 
-        Passes over the values: ‖x‖ per field, [x ≥ 0], |x|, [|x| > T·σ] per field (no division: the
-        code compares |x| with T·σ), c = 2·[x ≥ 0] + [|x| > T·σ] as uint8, and the packing (four codes
-        read as one little-endian int32 w, byte = (w | w >> 6 | w >> 12 | w >> 18) & 0xFF)."""
+        Passes over the values: ‖x‖ per field, x · r per field, clamp to [−2, 1], floor, and the packing
+        as one product with (1, 4, 16, 64) per four values (then + 170 and the cast to uint8, on a quarter
+        of the values). All float passes: no comparison masks, no bit shifts."""
         x = rows.detach()
         if not overwrite:
             x = x.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # same bytes for any layout
@@ -309,24 +310,24 @@ class Gauss2Rows:
         out[:, :nf].copy_(scales.contiguous().view(torch.uint8))
         if not n * len(x):
             return out
-        width = 4 * (self.row_bytes - nf)
-        codes = torch.empty(len(x), width, dtype=torch.uint8, device=x.device)
-        codes[:, n:] = 0
-        sign = torch.ge(x, 0)  # [x ≥ 0] (bool: one byte, 0 or 1)
-        x.abs_()
-        big = torch.empty(len(x), n, dtype=torch.bool, device=x.device)
         cut = scales * self.threshold
+        # r = 1 / (T·σ) as a tensor division (see AbsmaxRows.scales on CUDA's scalar division)
+        r = torch.where(cut > 0, torch.ones_like(cut) / torch.where(cut > 0, cut, torch.ones_like(cut)),
+                        torch.zeros_like(cut))
         for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
-            torch.gt(x[:, o : o + s], cut[:, j : j + 1], out=big[:, o : o + s])
-        torch.add(big.view(torch.uint8), sign.view(torch.uint8), alpha=2, out=codes[:, :n])
-        if _LITTLE_ENDIAN:
-            w = codes.view(torch.int32)  # rows of width bytes, width a multiple of 4: contiguous int32s
-            packed = w | (w >> 6) | (w >> 12) | (w >> 18)
-            out[:, nf:].copy_(packed.bitwise_and_(0xFF))  # values 0..255: the cast to uint8 is exact
-        else:  # strided byte by byte (the same bytes, slower)
-            c = codes.view(len(x), -1, 4)
-            out[:, nf:].copy_(c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6))
+            x[:, o : o + s].mul_(r[:, j : j + 1])
+        x.clamp_(-2.0, 1.0).floor_()  # f = c − 2 ∈ {−2, −1, 0, 1} (a −0.0 floors to −0.0: code 2)
+        width = 4 * (self.row_bytes - nf)
+        if width > n:  # pad to whole bytes with code 0 (f = −2): the unused bits are 0
+            x = torch.cat([x, x.new_full((len(x), width - n), -2.0)], 1)
+        # byte = Σ_i c_i 4^i over its four codes = Σ_i f_i 4^i + 2·(1 + 4 + 16 + 64): exact in float32
+        packed = x.reshape(len(x), -1, 4) @ self._powers(x)
+        out[:, nf:].copy_(packed.add_(170.0))  # integral floats 0..255: the cast to uint8 is exact
         return out
+
+    def _powers(self, x: torch.Tensor) -> torch.Tensor:
+        """(4,) the place values 4^i of the four codes of a byte (small integers: exact also under TF32)."""
+        return torch.tensor([1.0, 4.0, 16.0, 64.0], dtype=x.dtype, device=x.device)
 
     def decode(self, raw: np.ndarray) -> torch.Tensor:
         """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = LEVEL[c] · σ (a new tensor)."""

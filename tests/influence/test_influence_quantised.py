@@ -152,11 +152,12 @@ def check_reopen_and_verify(root, run, dtype):
 
 def int2_reference(x: np.ndarray):
     """(σ (n,), x̂ (n, D) float32, near (n, D)) of one field by int2's formula in numpy (σ = RMS in float64;
-    codes 2·[z ≥ 0] + [|z| > 0.9816]; levels ∓0.4528, ∓1.5104); ``near``: |z| within 1e-5 of the threshold."""
+    codes 0..3 for z below −0.9816, below 0, below 0.9816, above; levels −1.5104, −0.4528, 0.4528,
+    1.5104); ``near``: |z| within 1e-5 of the threshold."""
     s = np.sqrt((x.astype(np.float64) ** 2).mean(1))
     z = x / np.where(s > 0, s, 1.0)[:, None]
-    codes = 2 * (z >= 0) + (np.abs(z) > 0.9816)
-    levels = np.array([-0.4528, -1.5104, 0.4528, 1.5104], np.float32)
+    codes = (z >= -0.9816).astype(int) + (z >= 0) + (z >= 0.9816)
+    levels = np.array([-1.5104, -0.4528, 0.4528, 1.5104], np.float32)
     return s, levels[codes] * s.astype(np.float32)[:, None], np.abs(np.abs(z) - 0.9816) < 1e-5
 
 

@@ -1,11 +1,12 @@
 """The 2-bit Gaussian Lloyd–Max code of int2 stores (analog.storage.encoding), written out in numpy for the
-tests: per row and field σ = sqrt(mean x²) (here in float64), z = x / σ, code c = 2·[z ≥ 0] + [|z| > T],
-x̂ = LEVEL[c] · σ; codes packed four a byte, code j of the row in bits 2(j mod 4) of byte j // 4."""
+tests: per row and field σ = sqrt(mean x²) (here in float64), z = x / σ, code c = 0 (z < −T), 1 (−T ≤ z < 0),
+2 (0 ≤ z < T) or 3 (z ≥ T), by comparisons (not analog's floor), x̂ = LEVEL[c] · σ; codes packed four a
+byte, code j of the row in bits 2(j mod 4) of byte j // 4."""
 
 import numpy as np
 
 T = 0.9816
-LEVELS = np.array([-0.4528, -1.5104, 0.4528, 1.5104], dtype=np.float32)
+LEVELS = np.array([-1.5104, -0.4528, 0.4528, 1.5104], dtype=np.float32)
 #: ||z| − T| below this: float32 rounding of σ may put the value in either code
 NEAR = 1e-5
 
@@ -19,7 +20,7 @@ def gauss2_reference(x: np.ndarray, sizes):
         xf = x[:, offset : offset + size]
         s = np.sqrt((xf**2).mean(1)) if size else np.zeros(len(x))
         z = xf / np.where(s > 0, s, 1.0)[:, None]
-        codes.append((2 * (z >= 0) + (np.abs(z) > T)).astype(np.uint8))
+        codes.append(((z >= -T).astype(int) + (z >= 0) + (z >= T)).astype(np.uint8))
         near.append(np.abs(np.abs(z) - T) < NEAR)  # the sign of z is that of x: exact
         sig.append(s)
         offset += size
