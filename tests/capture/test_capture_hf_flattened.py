@@ -12,29 +12,14 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from capture_reference import analog_per_sample, assert_grads_match, loop_per_sample, make_analog, tied_sums
-from torch import nn
+from hf_lm_helpers import LM, lm_loss
 
 from analog import AnaLog
 
 tf = pytest.importorskip("transformers")
 
 B, T, V = 3, 6, 40
-
-
-class LM(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids, mask):
-        return self.m(input_ids=ids, attention_mask=mask).logits
-
-
-def lm_loss(logits, ids, mask):
-    labels = ids.masked_fill(mask == 0, -100)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def opt():

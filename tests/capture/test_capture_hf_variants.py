@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from capture_reference import analog_per_sample, assert_grads_match, loop_per_sample, make_analog, tied_sums
+from hf_lm_helpers import LM, lm_loss
 from torch import nn
 
 from analog import AnaLog
@@ -40,20 +41,6 @@ B, T, V = 3, 6, 50
 def lm_config(cls, **kw):
     return cls(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, **kw)
-
-
-class LM(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids, mask):
-        return self.m(input_ids=ids, attention_mask=mask).logits
-
-
-def lm_loss(logits, ids, mask):
-    labels = ids.masked_fill(mask == 0, -100)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, V), labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def padded():
