@@ -109,6 +109,29 @@ def test_modules_with_more_numbers_than_examples_keep_kfac(tmp_path):
     assert not torch.allclose(scores, all_raw, rtol=1e-2)
 
 
+def test_modules_whose_raw_sums_exceed_fit_bytes_keep_kfac_with_a_warning(tmp_path):
+    """Uncompressed MLP, N = 64 ≥ k for both modules; fit_bytes = 10,000 holds module "2"'s 8 · 27² = 5,832
+    bytes of sums but not module "0"'s 8 · 56² = 25,088: "0" keeps K-FAC (warned, by name), "2" is raw;
+    scores are the explicit kron(S, A) and raw blocks summed."""
+    model = make_mlp()
+    x, y = make_data(n=64)
+    xq, yq = make_data(n=4, seed=5)
+    with pytest.warns(UserWarning, match=r"module\(s\) '0' keep K-FAC .* fit_bytes = 9\.8 KiB"):
+        run = _log(tmp_path, model, x, y, project="capped", compression={"type": "none"}, fit_bytes=10_000)
+        run.finalize()
+    assert run.curvature.choices() == {"0": "kfac", "2": "raw"}
+    scores = run.influence.compute_influence_all(query_log(run, model, xq, yq)).scores.double()
+    gt, gq = per_sample_grads(model, x, y), per_sample_grads(model, xq, yq)
+    t = {m: flat_module_grads(gt, m) for m in MLP_MODULES}
+    q = {m: flat_module_grads(gq, m) for m in MLP_MODULES}
+    a, s = explicit_factors(model, x, y)["0"]
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+    expect = (q["0"] @ torch.linalg.solve(torch.kron(s, a) + 0.05 * eye(56), t["0"].T)
+              + q["2"] @ torch.linalg.solve(t["2"].T @ t["2"] / 64 + 0.05 * eye(27), t["2"].T))
+    assert scores.shape == (4, 64)
+    torch.testing.assert_close(scores, expect, rtol=2e-4, atol=1e-5)
+
+
 def test_without_a_store_every_module_is_kfac(tmp_path):
     model = make_mlp()
     x, y = make_data(n=32)
