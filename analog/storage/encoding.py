@@ -108,12 +108,13 @@ class FloatRows:
         return t.view(torch.bfloat16) if self.value_dtype == torch.bfloat16 else t
 
 
-class AbsmaxRows:
-    """Rows stored as per-field float32 scales and values quantised to ``levels`` a side (see the
-    module docstring); subclasses say how the (B, row_elems) integers q become bytes and back."""
+class ScaledRows:
+    """Rows stored as one float32 scale per field followed by the row's quantised values: what the
+    quantised codecs share (field layout, the float32 working copy, the refusal of non-finite scales,
+    the scale bytes, and decoding as the unscaled values times each field's scale). Subclasses say how a
+    scale is taken, how values become bytes (``value_bytes``, ``encode``) and back (``unscaled``)."""
 
     value_dtype = torch.float32
-    levels: int
     name: str
 
     def __init__(self, fields: Fields):
@@ -123,6 +124,58 @@ class AbsmaxRows:
         self.row_elems = sum(self.sizes)
         self.row_bytes = 4 * len(fields) + self.value_bytes(self.row_elems)
 
+    #: encode returns new bytes, never a view of its input: the writer may hand it a reused float32
+    #: staging buffer to overwrite (``overwrite=True``) instead of a copy of the rows
+    copies = True
+
+    def working_copy(self, rows: torch.Tensor, overwrite: bool) -> torch.Tensor:
+        """The float32 rows encode may change in place: ``rows`` themselves with ``overwrite`` (which
+        must then be float32), else a contiguous float32 copy (the same bytes for any input layout)."""
+        x = rows.detach()
+        if not overwrite:
+            return x.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        if x.dtype != torch.float32:
+            raise TypeError(f"{self.name} encode(overwrite=True) needs float32 rows, got {x.dtype}")
+        return x
+
+    def refuse_nonfinite(self, bad: torch.Tensor) -> None:
+        """Raise ``NonFiniteRows`` for the first field with a non-finite scale (``bad``: (B, F) bool,
+        already known to hold a True)."""
+        f = int(bad.any(0).nonzero()[0])
+        raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f], self.name)
+
+    def with_scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """(B, row_bytes) uint8 output rows on the scales' device, their first 4F bytes the scales."""
+        out = torch.empty(len(scales), self.row_bytes, dtype=torch.uint8, device=scales.device)
+        out[:, : 4 * len(self.fields)].copy_(scales.contiguous().view(torch.uint8))
+        return out
+
+    def decode(self, raw: np.ndarray) -> torch.Tensor:
+        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = unscaled value · its field's scale (new)."""
+        nf = 4 * len(self.fields)
+        # a copy, not ascontiguousarray: one row sliced from the map counts as contiguous but keeps the
+        # row stride (row_bytes, not always a multiple of 4), which torch refuses for float32
+        scales = torch.from_numpy(raw[:, :nf].copy().view(np.float32))
+        out = self.unscaled(raw[:, nf:])
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            out[:, o : o + s].mul_(scales[:, j : j + 1])
+        return out
+
+    def value_bytes(self, n: int) -> int:
+        """Bytes holding a row's ``n`` quantised values."""
+        raise NotImplementedError
+
+    def unscaled(self, raw: np.ndarray) -> torch.Tensor:
+        """(k, value_bytes) uint8 -> (k, row_elems) float32 values before the scales (a new tensor)."""
+        raise NotImplementedError
+
+
+class AbsmaxRows(ScaledRows):
+    """Rows stored as per-field float32 scales and values quantised to ``levels`` a side (see the
+    module docstring); subclasses say how the (B, row_elems) integers q become bytes and back."""
+
+    levels: int
+
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) float32: max |x| over each field of each row, / levels (0 for an empty field)."""
         cols = [x[:, o : o + s].abs().amax(1) if s else x.new_zeros(len(x)) for o, s in zip(self.offsets, self.sizes)]
@@ -130,10 +183,6 @@ class AbsmaxRows:
         # divided by a tensor: CUDA turns a division by a Python scalar into a product with its
         # rounded reciprocal, which differs from max/levels in the last bit
         return amax / torch.full_like(amax, float(self.levels))
-
-    #: encode returns new bytes, never a view of its input: the writer may hand it a reused float32
-    #: staging buffer to overwrite (``overwrite=True``) instead of a copy of the rows
-    copies = True
 
     def encode(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """(B, row_elems) values -> (B, row_bytes) uint8: [scales as float32 bytes | packed q], on the
@@ -144,18 +193,13 @@ class AbsmaxRows:
         tensor), round, the clamp (only where a scale is subnormal: otherwise it changes nothing), and
         the cast to int8 written straight into the output's value bytes (int4: into an int8 q, then
         packed into them as int16 byte pairs)."""
-        x = rows.detach()
-        if not overwrite:
-            x = x.to(torch.float32, copy=True)
-        elif x.dtype != torch.float32:
-            raise TypeError(f"{self.name} encode(overwrite=True) needs float32 rows, got {x.dtype}")
+        x = self.working_copy(rows, overwrite)
         scales = self.scales(x)
         bad = ~torch.isfinite(scales)
         subnormal = (scales > 0) & (scales < torch.finfo(torch.float32).tiny)
         any_bad, any_subnormal = torch.stack([bad.any(), subnormal.any()]).tolist()  # one sync on a GPU
         if any_bad:
-            f = int(bad.any(0).nonzero()[0])
-            raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f], self.name)
+            self.refuse_nonfinite(bad)
         divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
         for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
             x[:, o : o + s].div_(divisor[:, j : j + 1])
@@ -166,26 +210,13 @@ class AbsmaxRows:
         # A subnormal scale's relative error is up to 1/2 (m = 190·2^-149: scale 2^-149, m / scale 190).
         if any_subnormal:
             x.clamp_(-self.levels, self.levels)
-        nf = 4 * len(self.fields)
-        out = torch.empty(len(x), self.row_bytes, dtype=torch.uint8, device=x.device)
-        out[:, :nf].copy_(scales.contiguous().view(torch.uint8))
-        self.pack_into(x, out[:, nf:])
+        out = self.with_scales(scales)
+        self.pack_into(x, out[:, 4 * len(self.fields) :])
         return out
 
-    def decode(self, raw: np.ndarray) -> torch.Tensor:
-        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = q · scale (a new tensor)."""
-        nf = 4 * len(self.fields)
-        # a copy, not ascontiguousarray: one row sliced from the map counts as contiguous but keeps the
-        # row stride (row_bytes, not always a multiple of 4), which torch refuses for float32
-        scales = torch.from_numpy(raw[:, :nf].copy().view(np.float32))
-        out = self.unpack(raw[:, nf:]).to(torch.float32)
-        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
-            out[:, o : o + s].mul_(scales[:, j : j + 1])
-        return out
-
-    def value_bytes(self, n: int) -> int:
-        """Bytes holding a row's ``n`` quantised values."""
-        raise NotImplementedError
+    def unscaled(self, raw: np.ndarray) -> torch.Tensor:
+        """q as float32: decoding gives x̂ = q · scale."""
+        return self.unpack(raw).to(torch.float32)
 
     def pack_into(self, q: torch.Tensor, dest: torch.Tensor) -> None:
         """Write (B, row_elems) q — float32 holding integers in [-levels, levels] — into ``dest``, a
@@ -248,23 +279,16 @@ class Int4Rows(AbsmaxRows):
         return torch.from_numpy(q)
 
 
-class Gauss2Rows:
+class Gauss2Rows(ScaledRows):
     """Rows stored as per-field RMS scales and 2-bit Gaussian Lloyd–Max codes (see the module docstring)."""
 
     name = "int2"
-    value_dtype = torch.float32
     #: threshold T and the level of each code c = clamp(⌊z / T⌋, −2, 1) + 2 (Lloyd–Max, N(0, 1), 4 levels)
     threshold = 0.9816
     levels = (-1.5104, -0.4528, 0.4528, 1.5104)
-    #: encode returns new bytes (the writer may stage the rows in a reused buffer, as for int8/int4)
-    copies = True
 
-    def __init__(self, fields: Fields):
-        self.fields = fields
-        self.sizes = [field_size(f) for f in fields]
-        self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
-        self.row_elems = sum(self.sizes)
-        self.row_bytes = 4 * len(fields) + (self.row_elems + 3) // 4
+    def value_bytes(self, n: int) -> int:
+        return (n + 3) // 4
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) float32 σ_f = ‖x_f‖₂ / √n_f per field of each row (0 for an empty or all-zero field;
@@ -295,19 +319,13 @@ class Gauss2Rows:
         Passes over the values: ‖x‖ per field, x · r per field, clamp to [−2, 1], floor, and the packing
         as one product with (1, 4, 16, 64) per four values (then + 170 and the cast to uint8, on a quarter
         of the values). All float passes: no comparison masks, no bit shifts."""
-        x = rows.detach()
-        if not overwrite:
-            x = x.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # same bytes for any layout
-        elif x.dtype != torch.float32:
-            raise TypeError(f"{self.name} encode(overwrite=True) needs float32 rows, got {x.dtype}")
+        x = self.working_copy(rows, overwrite)
         scales = self.scales(x)
         bad = ~torch.isfinite(scales)
         if bool(bad.any()):
-            f = int(bad.any(0).nonzero()[0])
-            raise NonFiniteRows(bad[:, f].nonzero().flatten().tolist(), self.fields[f], self.name)
+            self.refuse_nonfinite(bad)
         n, nf = self.row_elems, 4 * len(self.fields)
-        out = torch.empty(len(x), self.row_bytes, dtype=torch.uint8, device=x.device)
-        out[:, :nf].copy_(scales.contiguous().view(torch.uint8))
+        out = self.with_scales(scales)
         if not n * len(x):
             return out
         cut = scales * self.threshold
@@ -329,16 +347,10 @@ class Gauss2Rows:
         """(4,) the place values 4^i of the four codes of a byte (small integers: exact also under TF32)."""
         return torch.tensor([1.0, 4.0, 16.0, 64.0], dtype=x.dtype, device=x.device)
 
-    def decode(self, raw: np.ndarray) -> torch.Tensor:
-        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = LEVEL[c] · σ (a new tensor)."""
-        nf = 4 * len(self.fields)
-        scales = torch.from_numpy(raw[:, :nf].copy().view(np.float32))
-        body = raw[:, nf:]
-        codes = np.stack([(body >> shift) & 0x3 for shift in (0, 2, 4, 6)], 2).reshape(len(raw), -1)
-        out = torch.from_numpy(np.asarray(self.levels, dtype=np.float32)[codes[:, : self.row_elems]])
-        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
-            out[:, o : o + s].mul_(scales[:, j : j + 1])
-        return out
+    def unscaled(self, raw: np.ndarray) -> torch.Tensor:
+        """LEVEL[c] per code: decoding gives x̂ = LEVEL[c] · σ."""
+        codes = np.stack([(raw >> shift) & 0x3 for shift in (0, 2, 4, 6)], 2).reshape(len(raw), -1)
+        return torch.from_numpy(np.asarray(self.levels, dtype=np.float32)[codes[:, : self.row_elems]])
 
 
 _FLOATS = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
