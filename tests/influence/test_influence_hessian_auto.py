@@ -84,6 +84,25 @@ def test_hessian_true_on_logra_fits_raw_equal_to_the_explicit_inverse(tmp_path):
     torch.testing.assert_close(again.influence.compute_influence_all(query_log(again, model, xq, yq)).scores, scores)
 
 
+def _mixed_reference(model, x, y, xq, yq):
+    """Explicit float64 blocks of the uncompressed MLP's scores, from torch.func per-sample gradients:
+    module "0" with K-FAC, kron(S, A) + λI (row-major vec(δ aᵀ) = δ ⊗ a), module "2" with raw, F̂ + λI
+    (F̂ = (1/N) Σ g gᵀ), and module "0" with raw too (for the all-raw alternative); λ = 0.05."""
+    gt, gq = per_sample_grads(model, x, y), per_sample_grads(model, xq, yq)
+    t = {m: flat_module_grads(gt, m) for m in MLP_MODULES}
+    q = {m: flat_module_grads(gq, m) for m in MLP_MODULES}
+    a, s = explicit_factors(model, x, y)["0"]
+    kfac = torch.kron(s, a)
+    assert kfac.shape == (56, 56) and t["2"].shape[1] == 27
+
+    def solve(m, curvature):
+        eye = torch.eye(len(curvature), dtype=torch.float64)
+        return q[m] @ torch.linalg.solve(curvature + 0.05 * eye, t[m].T)
+
+    raw = {m: t[m].T @ t[m] / len(x) for m in MLP_MODULES}
+    return {"0": solve("0", kfac), "2": solve("2", raw["2"]), "0 raw": solve("0", raw["0"])}
+
+
 def test_modules_with_more_numbers_than_examples_keep_kfac(tmp_path):
     """Uncompressed MLP, N = 48: module "0" logs 8 × 7 = 56 > 48 numbers (K-FAC), "2" 3 × 9 = 27 (raw)."""
     model = make_mlp()
@@ -93,20 +112,11 @@ def test_modules_with_more_numbers_than_examples_keep_kfac(tmp_path):
     assert run.curvature.choices() == {"0": "kfac", "2": "raw"}
     scores = run.influence.compute_influence_all(query_log(run, model, xq, yq)).scores.double()
 
-    gt, gq = per_sample_grads(model, x, y), per_sample_grads(model, xq, yq)
-    t = {m: flat_module_grads(gt, m) for m in MLP_MODULES}
-    q = {m: flat_module_grads(gq, m) for m in MLP_MODULES}
-    a, s = explicit_factors(model, x, y)["0"]
-    kfac = torch.kron(s, a)  # row-major vec(δ aᵀ) = δ ⊗ a
-    raw = t["2"].T @ t["2"] / len(x)
-    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
-    blocks = {"0": q["0"] @ torch.linalg.solve(kfac + 0.05 * eye(56), t["0"].T),
-              "2": q["2"] @ torch.linalg.solve(raw + 0.05 * eye(27), t["2"].T)}
-    assert kfac.shape == (56, 56) and raw.shape == (27, 27) and scores.shape == (4, 48)
+    blocks = _mixed_reference(model, x, y, xq, yq)
+    assert scores.shape == (4, 48)
     torch.testing.assert_close(scores, blocks["0"] + blocks["2"], rtol=2e-4, atol=1e-5)
     # either kind everywhere scores differently: the mix is what the test sees
-    all_raw = blocks["2"] + q["0"] @ torch.linalg.solve(t["0"].T @ t["0"] / 48 + 0.05 * eye(56), t["0"].T)
-    assert not torch.allclose(scores, all_raw, rtol=1e-2)
+    assert not torch.allclose(scores, blocks["2"] + blocks["0 raw"], rtol=1e-2)
 
 
 def test_modules_whose_raw_sums_exceed_fit_bytes_keep_kfac_with_a_warning(tmp_path):
@@ -121,15 +131,9 @@ def test_modules_whose_raw_sums_exceed_fit_bytes_keep_kfac_with_a_warning(tmp_pa
         run.finalize()
     assert run.curvature.choices() == {"0": "kfac", "2": "raw"}
     scores = run.influence.compute_influence_all(query_log(run, model, xq, yq)).scores.double()
-    gt, gq = per_sample_grads(model, x, y), per_sample_grads(model, xq, yq)
-    t = {m: flat_module_grads(gt, m) for m in MLP_MODULES}
-    q = {m: flat_module_grads(gq, m) for m in MLP_MODULES}
-    a, s = explicit_factors(model, x, y)["0"]
-    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
-    expect = (q["0"] @ torch.linalg.solve(torch.kron(s, a) + 0.05 * eye(56), t["0"].T)
-              + q["2"] @ torch.linalg.solve(t["2"].T @ t["2"] / 64 + 0.05 * eye(27), t["2"].T))
+    blocks = _mixed_reference(model, x, y, xq, yq)
     assert scores.shape == (4, 64)
-    torch.testing.assert_close(scores, expect, rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(scores, blocks["0"] + blocks["2"], rtol=2e-4, atol=1e-5)
 
 
 def test_without_a_store_every_module_is_kfac(tmp_path):
