@@ -25,6 +25,7 @@ from capture_reference import (
     make_analog,
     tied_sums,
 )
+from hf_lm_helpers import LM
 from torch import nn
 
 from analog.capture.masks import seq2seq_masks
@@ -39,15 +40,6 @@ def padding_mask():
     mask[1, 5:] = 0
     mask[2, 3:] = 0
     return mask
-
-
-class LM(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids, mask):
-        return self.m(input_ids=ids, attention_mask=mask).logits
 
 
 def lm_loss(logits, ids, mask):
