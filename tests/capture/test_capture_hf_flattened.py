@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 from capture_reference import analog_per_sample, assert_grads_match, loop_per_sample, make_analog, tied_sums
-from hf_lm_helpers import LM, lm_loss
+from hf_lm_helpers import LM, lm_loss, padded
 
 from analog import AnaLog
 
@@ -29,20 +29,12 @@ def opt():
     return LM(tf.OPTForCausalLM(config).eval())
 
 
-def padded():
-    torch.manual_seed(1)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 4:] = 0
-    mask[2, 2:] = 0
-    return torch.randint(1, V, (B, T)) * mask, mask
-
-
 FLAT = ["m.model.decoder.layers.0.final_layer_norm", "m.model.decoder.layers.0.fc1", "m.model.decoder.layers.0.fc2"]
 
 
 def test_opt_flattened_layers_are_exact(tmp_path):
     model = opt()
-    ids, mask = padded()
+    ids, mask = padded(B, T, V)
     analog = make_analog(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # coverage: OPT's learned position embedding is left out
@@ -62,7 +54,7 @@ def test_opt_flattened_layers_are_exact(tmp_path):
 
 def test_without_a_mask_the_error_says_to_pass_one(tmp_path):
     model = opt()
-    ids, mask = padded()
+    ids, mask = padded(B, T, V)
     analog = make_analog(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -90,7 +82,7 @@ def kfac_factors(tmp_path, project, model, batches):
 
 def test_mask_keeps_padded_rows_out_of_the_factors(tmp_path):
     model = opt()
-    ids, mask = padded()
+    ids, mask = padded(B, T, V)
     got = kfac_factors(tmp_path, "padded", model, [(ids, mask)])
     alone = [(ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(mask.sum(1).tolist())]
     ref = kfac_factors(tmp_path, "alone", model, alone)

@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from capture_reference import analog_per_sample, assert_grads_match, loop_per_sample, make_analog, tied_sums
-from hf_lm_helpers import LM, lm_loss
+from hf_lm_helpers import LM, lm_loss, padded
 from torch import nn
 
 from analog import AnaLog
@@ -41,14 +41,6 @@ B, T, V = 3, 6, 50
 def lm_config(cls, **kw):
     return cls(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, **kw)
-
-
-def padded():
-    torch.manual_seed(1)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 4:] = 0
-    mask[2, 2:] = 0
-    return torch.randint(1, V, (B, T)) * mask, mask
 
 
 MODELS = {
@@ -74,7 +66,7 @@ def test_default_watch_is_complete_and_exact(tmp_path, name):
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(-0.5, 0.5)
-    ids, mask = padded()
+    ids, mask = padded(B, T, V)
     analog = make_analog(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no coverage warning
@@ -177,7 +169,7 @@ PER_HEAD = {  # q_norm/k_norm on (B, T, heads, head_dim) for Qwen3, on (B, heads
 def test_per_head_norm_takes_the_padding_mask(tmp_path, name):
     torch.manual_seed(0)
     model = PER_HEAD[name]().eval()
-    ids, mask = padded()
+    ids, mask = padded(B, T, V)
     padded_state = kfac_state(tmp_path, "padded", model, [(ids, mask, True)])
     lengths = mask.sum(1).tolist()
     alone = [(ids[i:i + 1, :n], mask[i:i + 1, :n], False) for i, n in enumerate(lengths)]
@@ -233,7 +225,7 @@ def test_bart_scaled_embeddings_exact_learned_positions_left_out(tmp_path):
         return F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="sum")
 
     model = Seq2Seq()
-    ids, mask = padded()
+    ids, mask = padded(B, T, V)
     dec = torch.randint(1, V, (B, 4))
     analog = make_analog(tmp_path)
     with pytest.warns(UserWarning, match="embed_positions"):
