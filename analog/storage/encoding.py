@@ -57,17 +57,26 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
     an inner product ⟨x̂, q⟩ with an unquantised q is shrunk by about 0.88 on average (the same for
     every row, so rankings keep) plus noise. Values larger than b·σ are clipped to b·σ; an exact 0
     (either sign) reads as +a·σ. Non-finite values are refused as in int8/int4.
+
+Reading one field (``decode_field``): field f of k rows without decoding the rest of the row. A float
+store gives a view of the field's columns of the memory map. A quantised store reads the field's scale
+and only the bytes holding its values: int4 and int2 from the byte holding its first value (which it
+may share with the field before), skipping the values in front of it. Reading field f of k rows into
+an ``out`` of k × n_f values touches k · ``read_bytes(f)`` mapped bytes (page cache) and allocates at
+most k · n_f · ``work_bytes`` bytes while it decodes (the float32 values and the unpacked codes; 0 for a
+float store, which converts straight from the map into ``out``). ``decode`` of whole rows is the
+fields' ``decode_field`` side by side.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from analog.storage.rows import Fields, field_size, row_elems
+from analog.storage.rows import Fields, field_size
 
 #: int4 packing reads byte pairs as int16 where the first byte is the low one
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -82,13 +91,32 @@ class NonFiniteRows(ValueError):
                          f"{rows[:10]}: an {dtype} store cannot hold NaN or Inf")
 
 
-class FloatRows:
+class FieldLayout:
+    """Where each field's values sit in a row: ``sizes[f]`` values from ``offsets[f]`` (C order, field
+    after field, analog.storage.rows); ``row_elems`` = Σ sizes."""
+
+    def __init__(self, fields: Fields):
+        self.fields = fields
+        self.sizes = [field_size(f) for f in fields]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
+        self.row_elems = sum(self.sizes)
+
+    def check_field(self, f: int) -> None:
+        if not 0 <= f < len(self.fields):
+            raise IndexError(f"field {f} out of range: the store has {len(self.fields)} fields")
+
+
+class FloatRows(FieldLayout):
     """Rows stored as they are, in one floating dtype: ``value_dtype`` on disk and when read."""
 
+    #: bytes a ``decode_field`` allocates per value: none (a view, or converted straight into ``out``)
+    work_bytes = 0
+
     def __init__(self, fields: Fields, value_dtype: torch.dtype, np_dtype):
-        self.fields, self.value_dtype, self.np_dtype = fields, value_dtype, np_dtype
-        self.row_elems = row_elems(fields)
-        self.row_bytes = self.row_elems * np.dtype(np_dtype).itemsize
+        super().__init__(fields)
+        self.value_dtype, self.np_dtype = value_dtype, np_dtype
+        self.itemsize = np.dtype(np_dtype).itemsize
+        self.row_bytes = self.row_elems * self.itemsize
 
     #: encode may return a view of its input (the writer then keeps the rows it was given)
     copies = False
@@ -107,21 +135,34 @@ class FloatRows:
         t = torch.from_numpy(raw.view(self.np_dtype))
         return t.view(torch.bfloat16) if self.value_dtype == torch.bfloat16 else t
 
+    def decode_field(self, raw: np.ndarray, f: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(k, row_bytes) uint8 -> field ``f``'s (k, n_f) values: a view of ``raw``'s columns, or copied
+        (converted) into ``out``, a (k, n_f) tensor of any float dtype, which is returned."""
+        self.check_field(f)
+        o, s = self.offsets[f], self.sizes[f]
+        view = self.decode(raw)[:, o : o + s]
+        return view if out is None else out.copy_(view)
 
-class ScaledRows:
+    def read_bytes(self, f: int) -> int:
+        """Bytes of a row that ``decode_field(·, f)`` reads."""
+        return self.sizes[f] * self.itemsize
+
+
+class ScaledRows(FieldLayout):
     """Rows stored as one float32 scale per field followed by the row's quantised values: what the
-    quantised codecs share (field layout, the float32 working copy, the refusal of non-finite scales,
-    the scale bytes, and decoding as the unscaled values times each field's scale). Subclasses say how a
-    scale is taken, how values become bytes (``value_bytes``, ``encode``) and back (``unscaled``)."""
+    quantised codecs share (the float32 working copy, the refusal of non-finite scales, the scale
+    bytes, and decoding field by field as the unscaled values times the field's scale). Subclasses say
+    how a scale is taken, how values become bytes (``per_byte``, ``encode``) and back (``unscaled``)."""
 
     value_dtype = torch.float32
     name: str
+    #: values a byte holds, packed over the whole row (a field may start mid-byte when above 1)
+    per_byte: int
+    #: bytes ``decode_field`` allocates per value of the field, at most (see each codec's ``unscaled``)
+    work_bytes: int
 
     def __init__(self, fields: Fields):
-        self.fields = fields
-        self.sizes = [field_size(f) for f in fields]
-        self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
-        self.row_elems = sum(self.sizes)
+        super().__init__(fields)
         self.row_bytes = 4 * len(fields) + self.value_bytes(self.row_elems)
 
     #: encode returns new bytes, never a view of its input: the writer may hand it a reused float32
@@ -151,22 +192,47 @@ class ScaledRows:
         return out
 
     def decode(self, raw: np.ndarray) -> torch.Tensor:
-        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = unscaled value · its field's scale (new)."""
+        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = unscaled value · its field's scale (new),
+        field by field (``decode_field``)."""
+        out = torch.empty(len(raw), self.row_elems, dtype=torch.float32)
+        for f, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            self.decode_field(raw, f, out[:, o : o + s])
+        return out
+
+    def value_span(self, f: int) -> Tuple[int, int, int]:
+        """(first byte, end byte, values to skip): field ``f``'s values are the ``sizes[f]`` values after
+        the first ``skip`` of value bytes [first, end) (counted from the end of the scales)."""
+        first = self.offsets[f] // self.per_byte
+        return first, self.value_bytes(self.offsets[f] + self.sizes[f]), self.offsets[f] - first * self.per_byte
+
+    def decode_field(self, raw: np.ndarray, f: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(k, row_bytes) uint8 -> field ``f``'s (k, n_f) x̂ = unscaled value · scale_f, from the field's
+        scale and value bytes only; into ``out`` (a (k, n_f) tensor of any float dtype) when given, else
+        a new float32 tensor. The product is taken in float32, as ``decode`` does, then stored."""
+        self.check_field(f)
         nf = 4 * len(self.fields)
         # a copy, not ascontiguousarray: one row sliced from the map counts as contiguous but keeps the
         # row stride (row_bytes, not always a multiple of 4), which torch refuses for float32
-        scales = torch.from_numpy(raw[:, :nf].copy().view(np.float32))
-        out = self.unscaled(raw[:, nf:])
-        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
-            out[:, o : o + s].mul_(scales[:, j : j + 1])
-        return out
+        scale = torch.from_numpy(raw[:, 4 * f : 4 * f + 4].copy().view(np.float32))
+        first, end, skip = self.value_span(f)
+        values = self.unscaled(raw[:, nf + first : nf + end], skip, self.sizes[f])
+        if out is None or out.dtype != torch.float32:
+            values.mul_(scale)
+            return values if out is None else out.copy_(values)
+        return torch.mul(values, scale, out=out)
+
+    def read_bytes(self, f: int) -> int:
+        """Bytes of a row that ``decode_field(·, f)`` reads: its scale and the bytes holding its values."""
+        first, end, _ = self.value_span(f)
+        return 4 + end - first
 
     def value_bytes(self, n: int) -> int:
-        """Bytes holding a row's ``n`` quantised values."""
-        raise NotImplementedError
+        """Bytes holding a row's first ``n`` quantised values."""
+        return -(-n // self.per_byte)
 
-    def unscaled(self, raw: np.ndarray) -> torch.Tensor:
-        """(k, value_bytes) uint8 -> (k, row_elems) float32 values before the scales (a new tensor)."""
+    def unscaled(self, raw: np.ndarray, skip: int, n: int) -> torch.Tensor:
+        """(k, b) uint8 value bytes -> (k, n) float32 values before the scales (a new tensor): the n
+        values after the first ``skip`` values the bytes hold."""
         raise NotImplementedError
 
 
@@ -214,42 +280,41 @@ class AbsmaxRows(ScaledRows):
         self.pack_into(x, out[:, 4 * len(self.fields) :])
         return out
 
-    def unscaled(self, raw: np.ndarray) -> torch.Tensor:
+    def unscaled(self, raw: np.ndarray, skip: int, n: int) -> torch.Tensor:
         """q as float32: decoding gives x̂ = q · scale."""
-        return self.unpack(raw).to(torch.float32)
+        return self.unpack(raw, skip, n).to(torch.float32)
 
     def pack_into(self, q: torch.Tensor, dest: torch.Tensor) -> None:
         """Write (B, row_elems) q — float32 holding integers in [-levels, levels] — into ``dest``, a
         (B, value_bytes) uint8 view (the value bytes of the output rows), on q's device."""
         raise NotImplementedError
 
-    def unpack(self, raw: np.ndarray) -> torch.Tensor:
-        """(k, value_bytes) uint8 -> (k, row_elems) int8 q."""
+    def unpack(self, raw: np.ndarray, skip: int, n: int) -> torch.Tensor:
+        """(k, b) uint8 value bytes -> (k, n) int8 q: the n values after the first ``skip`` the bytes hold."""
         raise NotImplementedError
 
 
 class Int8Rows(AbsmaxRows):
     """q in [-127, 127], one int8 byte each."""
 
-    name, levels = "int8", 127
-
-    def value_bytes(self, n: int) -> int:
-        return n
+    name, levels, per_byte = "int8", 127, 1
+    #: the float32 q (the int8 q are a view of the map)
+    work_bytes = 4
 
     def pack_into(self, q: torch.Tensor, dest: torch.Tensor) -> None:
         dest.view(torch.int8).copy_(q)  # the cast of an integral float32 to int8 is exact
 
-    def unpack(self, raw: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(raw.view(np.int8))
+    def unpack(self, raw: np.ndarray, skip: int, n: int) -> torch.Tensor:
+        return torch.from_numpy(raw.view(np.int8))[:, skip : skip + n]
 
 
 class Int4Rows(AbsmaxRows):
     """q in [-7, 7], two 4-bit two's complement nibbles a byte, low nibble first, over the whole row."""
 
-    name, levels = "int4", 7
-
-    def value_bytes(self, n: int) -> int:
-        return (n + 1) // 2
+    name, levels, per_byte = "int4", 7, 2
+    #: the nibbles (1 a value, then the int8 q in place), the low/high halves taken from the bytes
+    #: (1/2 each) while they are written, and the float32 q (4): at most 1 + 4 at once
+    work_bytes = 5
 
     def pack_into(self, q: torch.Tensor, dest: torch.Tensor) -> None:
         # q's two's complement bytes b (an odd row padded with a 0 byte): byte k of the output is
@@ -270,25 +335,27 @@ class Int4Rows(AbsmaxRows):
             torch.bitwise_left_shift(u[:, 1::2], 4, out=dest)  # uint8 shift, mod 256: the low nibble moved up
             dest.bitwise_or_(u[:, 0::2] & 0x0F)
 
-    def unpack(self, raw: np.ndarray) -> torch.Tensor:
+    def unpack(self, raw: np.ndarray, skip: int, n: int) -> torch.Tensor:
         nib = np.empty((len(raw), 2 * raw.shape[1]), dtype=np.uint8)
         nib[:, 0::2] = raw & 0x0F
         nib[:, 1::2] = raw >> 4
-        # sign-extend a 4-bit two's complement nibble: 0x8..0xF -> -8..-1
-        q = ((nib[:, : self.row_elems] ^ 0x08).astype(np.int8) - np.int8(8)).astype(np.int8)
-        return torch.from_numpy(q)
+        # sign-extend a 4-bit two's complement nibble in place: 0x0..0x7 -> 0..7, 0x8..0xF -> -8..-1
+        # (x ^ 8 is 8..15 for the first, 0..7 for the second; minus 8 in int8 cannot overflow)
+        nib ^= 0x08
+        q = nib.view(np.int8)
+        q -= np.int8(8)
+        return torch.from_numpy(q)[:, skip : skip + n]
 
 
 class Gauss2Rows(ScaledRows):
     """Rows stored as per-field RMS scales and 2-bit Gaussian Lloyd–Max codes (see the module docstring)."""
 
-    name = "int2"
+    name, per_byte = "int2", 4
+    #: the codes (1 a value: four shifted quarters, then stacked) and the float32 levels (4)
+    work_bytes = 5
     #: threshold T and the level of each code c = clamp(⌊z / T⌋, −2, 1) + 2 (Lloyd–Max, N(0, 1), 4 levels)
     threshold = 0.9816
     levels = (-1.5104, -0.4528, 0.4528, 1.5104)
-
-    def value_bytes(self, n: int) -> int:
-        return (n + 3) // 4
 
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """(B, F) float32 σ_f = ‖x_f‖₂ / √n_f per field of each row (0 for an empty or all-zero field;
@@ -347,10 +414,10 @@ class Gauss2Rows(ScaledRows):
         """(4,) the place values 4^i of the four codes of a byte (small integers: exact also under TF32)."""
         return torch.tensor([1.0, 4.0, 16.0, 64.0], dtype=x.dtype, device=x.device)
 
-    def unscaled(self, raw: np.ndarray) -> torch.Tensor:
+    def unscaled(self, raw: np.ndarray, skip: int, n: int) -> torch.Tensor:
         """LEVEL[c] per code: decoding gives x̂ = LEVEL[c] · σ."""
-        codes = np.stack([(raw >> shift) & 0x3 for shift in (0, 2, 4, 6)], 2).reshape(len(raw), -1)
-        return torch.from_numpy(np.asarray(self.levels, dtype=np.float32)[codes[:, : self.row_elems]])
+        codes = np.stack([(raw >> shift) & 0x3 for shift in (0, 2, 4, 6)], 2).reshape(len(raw), 4 * raw.shape[1])
+        return torch.from_numpy(np.asarray(self.levels, dtype=np.float32)[codes[:, skip : skip + n]])
 
 
 _FLOATS = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),

@@ -4,7 +4,8 @@ Rows are memory-mapped copy-on-write (``mode="c"``) as bytes and decoded by the 
 (analog.storage.encoding). In a float store, reading a contiguous range of one chunk is a view on
 the page cache, never a copy, in the store's dtype; writes to the returned tensors never reach the
 file. An int8, int4 or int2 store returns float32 x̂ (q · scale; int2: level · σ), dequantised from
-the rows asked for only.
+the rows asked for only. ``field_rows`` (and ``batch`` given ``modules`` or ``kinds``) reads chosen
+fields alone, decoding only their bytes; ``read_cost`` is the memory such a read takes per row.
 
 Integrity (analog.storage.integrity): opening checks the chunk sequence (gaps, data whose metadata
 is missing) and refuses links; with ``verify=True`` (the default) each chunk's CRC-32 is checked
@@ -19,7 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -209,23 +210,80 @@ class LogStore:
             raise KeyError(f"id {data_id!r} is not in store {self.path}") from None
 
     # -- rows -------------------------------------------------------------------------------
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) as one (n, row_elems) tensor of ``torch_dtype``; zero-copy within one chunk
-        of a float store, dequantised (a new float32 tensor) in a quantised (int8, int4, int2) store."""
+    def _spans(self, start: int, stop: int) -> Iterator[Tuple[int, np.ndarray]]:
+        """(position of its first row, (k, row_bytes) uint8 mapped bytes) of each chunk's part of rows
+        [start, stop), in order, each chunk checked (``_check_chunk``) before its bytes are given."""
         if not 0 <= start <= stop <= len(self):
             raise IndexError(f"rows [{start}, {stop}) out of range for {len(self)} examples")
-        parts = []
         pos = start
         while pos < stop:
             c = bisect.bisect_right(self._starts, pos) - 1
             local = pos - self._starts[c]
             take = min(stop - pos, self._maps[c].shape[0] - local)
             self._check_chunk(c)
-            parts.append(self.codec.decode(self._maps[c][local : local + take]))
+            yield pos, self._maps[c][local : local + take]
             pos += take
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as one (n, row_elems) tensor of ``torch_dtype``; zero-copy within one chunk
+        of a float store, dequantised (a new float32 tensor) in a quantised (int8, int4, int2) store."""
+        parts = [self.codec.decode(raw) for _, raw in self._spans(start, stop)]
         if not parts:
             return torch.empty(0, self.row_elems, dtype=self.torch_dtype)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def field_rows(self, start: int, stop: int, f: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Field ``f`` (an index into ``fields``) of rows [start, stop) as (n, n_f) values, n_f the
+        product of its shape, decoding that field's bytes only (analog.storage.encoding, ``decode_field``):
+        in a float store a view of the map within one chunk, in a quantised store a new float32 tensor.
+        With ``out`` (a (n, n_f) tensor of any float dtype) each chunk's part is converted straight into
+        it and ``out`` is returned: the working memory is then one chunk part's decode, at most
+        n · n_f · ``codec.work_bytes`` bytes (see ``read_cost``)."""
+        self.codec.check_field(f)
+        shape = (stop - start, self.codec.sizes[f])
+        if out is not None:
+            if tuple(out.shape) != shape:
+                raise ValueError(f"field_rows: out must be {shape} for field {f} (module "
+                                 f"{self.fields[f]['module']!r}, {self.fields[f]['kind']}) of rows [{start}, {stop}), "
+                                 f"got {tuple(out.shape)}")
+            for pos, raw in self._spans(start, stop):
+                self.codec.decode_field(raw, f, out[pos - start : pos - start + len(raw)])
+            return out
+        parts = [self.codec.decode_field(raw, f) for _, raw in self._spans(start, stop)]
+        if not parts:
+            return torch.empty(shape, dtype=self.torch_dtype)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def select(self, modules: Optional[Iterable[str]] = None, kinds: Optional[Iterable[str]] = None) -> List[int]:
+        """Indices into ``fields`` of the fields of ``modules`` (default: every module) and ``kinds``
+        (default: every kind), in store order. A module or kind the store does not hold is a KeyError
+        naming it and those it holds."""
+        wanted_modules = None if modules is None else list(dict.fromkeys(modules))
+        wanted_kinds = None if kinds is None else list(dict.fromkeys(kinds))
+        for what, wanted, held in (("module", wanted_modules, self.modules),
+                                   ("log kind", wanted_kinds, list(dict.fromkeys(f["kind"] for f in self.fields)))):
+            missing = [w for w in wanted or () if w not in held]
+            if missing:
+                raise KeyError(f"store {self.path} holds no {what} {missing}; it holds {held}")
+        return [f for f, field in enumerate(self.fields)
+                if (wanted_modules is None or field["module"] in wanted_modules)
+                and (wanted_kinds is None or field["kind"] in wanted_kinds)]
+
+    def read_cost(self, fields: Sequence[int], itemsize: int = 8) -> int:
+        """Bytes one row costs when ``fields`` (indices into ``fields``) are read with ``field_rows`` into
+        ``out`` tensors of ``itemsize`` bytes a value (8: float64), each field after the other::
+
+            Σ_f (itemsize · n_f + read_bytes(f))  +  work_bytes · max_f n_f
+
+        the outputs, which the batch holds together; the mapped bytes read, held in the page cache (a
+        float store's n_f · its itemsize; a quantised store's scale and value bytes, analog.storage.encoding);
+        and the working memory of decoding one field, freed before the next. B rows cost at most B times
+        this, whatever the store's other fields. 0 when ``fields`` is empty."""
+        if not fields:
+            return 0
+        codec = self.codec
+        return (sum(itemsize * codec.sizes[f] + codec.read_bytes(f) for f in fields)
+                + codec.work_bytes * max(codec.sizes[f] for f in fields))
 
     def gather(self, positions: Sequence[int]) -> torch.Tensor:
         """Rows at arbitrary positions (a copy)."""
@@ -235,5 +293,16 @@ class LogStore:
         """(B, row_elems) -> {module: {kind: (B, *shape)}} as views of ``rows`` (see analog.storage.rows)."""
         return split(rows, self.fields)
 
-    def batch(self, start: int, stop: int) -> LogBatch:
-        return self.ids[start:stop], self.split(self.rows(start, stop))
+    def batch(self, start: int, stop: int, modules: Optional[Iterable[str]] = None,
+              kinds: Optional[Iterable[str]] = None) -> LogBatch:
+        """(ids, {module: {kind: (n, *shape)}}) of rows [start, stop). Without ``modules`` and ``kinds``
+        every field, as views of ``rows``; with either, only the fields ``select`` picks, each decoded
+        alone (``field_rows``: a quantised store decodes none of the other fields' bytes)."""
+        if modules is None and kinds is None:
+            return self.ids[start:stop], self.split(self.rows(start, stop))
+        logs: Dict[str, Dict[str, torch.Tensor]] = {}
+        for f in self.select(modules, kinds):
+            field = self.fields[f]
+            values = self.field_rows(start, stop, f)
+            logs.setdefault(field["module"], {})[field["kind"]] = values.reshape(len(values), *field["shape"])
+        return self.ids[start:stop], logs

@@ -68,6 +68,21 @@ def check_read_paths(store, ref_x: np.ndarray, fields, sizes) -> None:
     got = torch.cat([b[1][first["module"]][first["kind"]].reshape(len(b[0]), -1) for b in batches])
     np.testing.assert_array_equal(got.numpy(), ref_x[:, : sizes[0]])
     assert compared == 1 + 9 + 22 + 1 and len(batches) == 7 and offset == ref_x.shape[1]
+    # each field alone (its bytes only), across chunk boundaries: as float32, into a float64 out, by batch()
+    offset = fields_read = 0
+    for f, (field, size) in enumerate(zip(fields, sizes)):
+        want = ref_x[9:31, offset : offset + size]
+        np.testing.assert_array_equal(store.field_rows(9, 31, f).numpy(), want)
+        out = torch.full((22, size), float("nan"), dtype=torch.float64)
+        assert store.field_rows(9, 31, f, out=out) is out
+        np.testing.assert_array_equal(out.numpy(), want.astype(np.float64))
+        ids, logs = store.batch(9, 31, modules=[field["module"]], kinds=[field["kind"]])
+        assert ids == [f"ex{i}" for i in range(9, 31)] and list(logs) == [field["module"]]
+        assert list(logs[field["module"]]) == [field["kind"]]
+        np.testing.assert_array_equal(logs[field["module"]][field["kind"]].reshape(22, -1).numpy(), want)
+        offset += size
+        fields_read += 1
+    assert fields_read == len(fields) and offset == ref_x.shape[1]
 
 
 def check_verify_flip_repair(path, n: int, flip_at: int, flip_mask: int, reference_rows: np.ndarray, capsys) -> None:
