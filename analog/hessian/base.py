@@ -26,6 +26,8 @@ from analog.distributed import all_reduce_sum, local_step, rank, world_size
 _KINDS: Dict[str, Type["Curvature"]] = {}
 HEURISTIC_DAMPING = 0.1
 DEFAULT_FIT_BYTES = 2**30  # config ``fit_bytes``: float64 sums held at once by a fit from the store
+#: bytes a batch of rows read from the store for a fit may take (see ``batch_rows``): 256 MiB
+DEFAULT_READ_BYTES = 2**28
 
 
 class CurvatureError(RuntimeError):
@@ -137,32 +139,72 @@ def build_curvature(kind: str) -> Curvature:
     return _KINDS[kind]()
 
 
-def store_batches(store, batch_size: int = 512, progress: bool = False, desc: str = "fitting curvature",
-                  modules: Optional[Iterable[str]] = None):
+def grad_fields(store, modules: Optional[Iterable[str]] = None) -> List[int]:
+    """Indices into ``store.fields`` of the ``grad`` fields of ``modules`` (default: every module that
+    logged ``grad``), in store order; a module in ``modules`` with no ``grad`` in the store is skipped."""
+    wanted = None if modules is None else set(modules)
+    return [f for f, field in enumerate(store.fields)
+            if field["kind"] == "grad" and (wanted is None or field["module"] in wanted)]
+
+
+def batch_rows(store, fields: List[int], read_bytes: Optional[int] = None) -> int:
+    """Rows a batch of ``store_batches`` reads at once: B = max(1, ⌊read_bytes / c⌋), c =
+    ``store.read_cost(fields)`` the bytes one row costs read into float64 (analog.storage.reader)::
+
+        c = Σ_f (8 · n_f + m_f)  +  w · max_f n_f
+
+    over the wanted fields f of n_f values: their float64 values (8 · n_f, held together as the
+    batch), the mapped bytes read (m_f = ``store.codec.read_bytes(f)``, page cache: n_f · 4 or 2 in a
+    float store, 4 + the bytes holding its values in a quantised one) and the working memory of
+    decoding one field at a time (w = ``store.codec.work_bytes``: 0 float, 4 int8, 5 int4 and int2).
+    A batch then holds at most max(read_bytes, c) bytes, whatever the store's other fields (the
+    consumer's own temporaries not counted); a row costing more than ``read_bytes`` is read alone.
+    B depends only on the store's header (fields, dtype), ``fields`` and ``read_bytes`` (None:
+    ``DEFAULT_READ_BYTES``), so every rank derives the same B from the same arguments. Every row
+    when no field is wanted."""
+    read_bytes = DEFAULT_READ_BYTES if read_bytes is None else read_bytes
+    if isinstance(read_bytes, bool) or not isinstance(read_bytes, int) or read_bytes < 1:
+        raise ValueError(f"read_bytes must be a positive number of bytes, got {read_bytes!r}")
+    cost = store.read_cost(fields)
+    return max(1, len(store)) if not cost else max(1, read_bytes // cost)
+
+
+def store_batches(store, batch_size: Optional[int] = None, progress: bool = False, desc: str = "fitting curvature",
+                  modules: Optional[Iterable[str]] = None, read_bytes: Optional[int] = None):
     """Yield {module: grad (B, D) float64} over this rank's share of the store (every batch when
     not distributed; batch i goes to rank i mod world otherwise), with an optional tqdm bar. Only
-    the modules in ``modules`` (default: every module that logged ``grad``) are converted."""
+    the ``grad`` fields of ``modules`` (default: every module that logged ``grad``) are read, each
+    decoded alone straight into its float64 batch (``store.field_rows``): other fields' bytes are
+    never decoded. ``batch_size``: rows a batch (default: ``batch_rows`` under ``read_bytes``, the
+    same on every rank; one given explicitly must be too). Nothing is yielded when no field is wanted."""
     from tqdm.auto import tqdm
 
-    wanted = None if modules is None else set(modules)
-    starts = range(rank() * batch_size, len(store), world_size() * batch_size)
+    fields = grad_fields(store, modules)
+    if not fields:
+        return
+    size = batch_rows(store, fields, read_bytes) if batch_size is None else int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1 row, got {batch_size!r}")
+    starts = range(rank() * size, len(store), world_size() * size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        _, logs = store.batch(start, min(start + batch_size, len(store)))
-        yield {m: kinds["grad"].reshape(kinds["grad"].shape[0], -1).double() for m, kinds in logs.items()
-               if "grad" in kinds and (wanted is None or m in wanted)}
+        stop = min(start + size, len(store))
+        yield {store.fields[f]["module"]: store.field_rows(start, stop, f, out=torch.empty(
+            stop - start, store.codec.sizes[f], dtype=torch.float64)) for f in fields}
 
 
 def share_sums(store, add, progress: bool = False, desc: str = "fitting curvature",
-               modules: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+               modules: Optional[Iterable[str]] = None,
+               read_bytes: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """{module: Σ over this rank's share of the store (see store_batches)}, of every logged module or of
-    those in ``modules`` (only those are read into float64), accumulated batch by batch as
+    those in ``modules`` (only those are read, into float64, in batches under ``read_bytes``: the same
+    value on every rank), accumulated batch by batch as
     ``total = add(module, total, g)`` (``total`` None at the module's first batch; ``add`` may add into
     it in place); a module of which it read no batch is absent. An error on any rank is raised on
     every rank (a RankError naming each rank that failed: analog.distributed.local_step), so none
     waits alone in ``reduce_sums``."""
     def local():
         sums: Dict[str, torch.Tensor] = {}
-        for logs in store_batches(store, progress=progress, desc=desc, modules=modules):
+        for logs in store_batches(store, progress=progress, desc=desc, modules=modules, read_bytes=read_bytes):
             for name, g in logs.items():
                 sums[name] = add(name, sums.get(name), g)
         return sums
