@@ -205,8 +205,10 @@ def share_sums(store, add, progress: bool = False, desc: str = "fitting curvatur
     def local():
         sums: Dict[str, torch.Tensor] = {}
         for logs in store_batches(store, progress=progress, desc=desc, modules=modules, read_bytes=read_bytes):
-            for name, g in logs.items():
-                sums[name] = add(name, sums.get(name), g)
+            # each module's batch is taken out of ``logs`` as it is added, so none is held past its ``add``
+            # (nor while the next batch is read: the loop variable would otherwise keep the last one)
+            for name in list(logs):
+                sums[name] = add(name, sums.get(name), logs.pop(name))
         return sums
 
     return local_step(desc, local)

@@ -14,8 +14,9 @@
 (k values for ``diagonal``, k² for ``raw``, float64) is accumulated over the rows, summed over
 ranks, divided by N and fitted. Modules are fitted in groups whose sums fit ``fit_bytes`` (one read
 of the store per group, see analog.hessian.base.fit_groups): besides the fitted state, a fit holds
-at most the budget plus one batch of rows and one module's eigendecomposition, whatever the number
-of modules.
+at most the budget plus one batch of rows (the group's grads in float64, ``read_bytes`` = 256 MiB at
+most unless one row is larger: analog.hessian.base.batch_rows) and one module's eigendecomposition,
+whatever the number of modules.
 """
 
 from __future__ import annotations

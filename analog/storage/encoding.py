@@ -64,8 +64,8 @@ and only the bytes holding its values: int4 and int2 from the byte holding its f
 may share with the field before), skipping the values in front of it. Reading field f of k rows into
 an ``out`` of k × n_f values touches k · ``read_bytes(f)`` mapped bytes (page cache) and allocates at
 most k · n_f · ``work_bytes`` bytes while it decodes (the float32 values and the unpacked codes; 0 for a
-float store, which converts straight from the map into ``out``). ``decode`` of whole rows is the
-fields' ``decode_field`` side by side.
+float store, which converts straight from the map into ``out``). The values equal those columns of
+``decode`` of whole rows.
 """
 
 from __future__ import annotations
@@ -192,12 +192,19 @@ class ScaledRows(FieldLayout):
         return out
 
     def decode(self, raw: np.ndarray) -> torch.Tensor:
-        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = unscaled value · its field's scale (new),
-        field by field (``decode_field``)."""
-        out = torch.empty(len(raw), self.row_elems, dtype=torch.float32)
-        for f, (o, s) in enumerate(zip(self.offsets, self.sizes)):
-            self.decode_field(raw, f, out[:, o : o + s])
+        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = unscaled value · its field's scale (new):
+        the whole row's values unpacked at once, then each field scaled in place."""
+        scales = self.scales_of(raw, 0, len(self.fields))
+        out = self.unscaled(raw[:, 4 * len(self.fields) :], 0, self.row_elems)
+        for j, (o, s) in enumerate(zip(self.offsets, self.sizes)):
+            out[:, o : o + s].mul_(scales[:, j : j + 1])
         return out
+
+    def scales_of(self, raw: np.ndarray, first: int, end: int) -> torch.Tensor:
+        """(k, row_bytes) uint8 -> (k, end - first) float32 scales of fields [first, end) (a copy)."""
+        # a copy, not ascontiguousarray: one row sliced from the map counts as contiguous but keeps the
+        # row stride (row_bytes, not always a multiple of 4), which torch refuses for float32
+        return torch.from_numpy(raw[:, 4 * first : 4 * end].copy().view(np.float32))
 
     def value_span(self, f: int) -> Tuple[int, int, int]:
         """(first byte, end byte, values to skip): field ``f``'s values are the ``sizes[f]`` values after
@@ -211,9 +218,7 @@ class ScaledRows(FieldLayout):
         a new float32 tensor. The product is taken in float32, as ``decode`` does, then stored."""
         self.check_field(f)
         nf = 4 * len(self.fields)
-        # a copy, not ascontiguousarray: one row sliced from the map counts as contiguous but keeps the
-        # row stride (row_bytes, not always a multiple of 4), which torch refuses for float32
-        scale = torch.from_numpy(raw[:, 4 * f : 4 * f + 4].copy().view(np.float32))
+        scale = self.scales_of(raw, f, f + 1)
         first, end, skip = self.value_span(f)
         values = self.unscaled(raw[:, nf + first : nf + end], skip, self.sizes[f])
         if out is None or out.dtype != torch.float32:

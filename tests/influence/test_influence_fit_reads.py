@@ -4,6 +4,8 @@ batches equal the whole-row read for float32, int8, int4 and int2 stores; the ba
 formula, shrinks as rows widen and never goes below one row; ranks split the batches as before; and a raw
 or diagonal fit read in small batches equals the explicit Fisher."""
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,40 @@ def test_a_fit_in_small_batches_equals_the_explicit_fisher(tmp_path, monkeypatch
             torch.testing.assert_close(q @ torch.diag(e) @ q.T, fisher, rtol=1e-5, atol=1e-6 * scale)
         compared += k
     assert compared == sum(GRADS.values())
+
+
+def test_share_sums_holds_no_batch_past_its_add(tmp_path, monkeypatch):
+    """While the next batch is read, no tensor of an earlier batch is alive, and while a module's batch is
+    added, none of an earlier batch nor of a module added before: a fit holds one batch of rows at most
+    (weak references, not timing)."""
+    store = write_store(tmp_path / "s", "int8")
+    refs, added, alive = [], [], []  # per batch: {module: weak ref}; per batch: modules added so far
+    alive_reading = []
+    inner, read = base.store_batches, store.field_rows
+
+    def reading(*args, **kwargs):
+        alive_reading.append(sum(r() is not None for batch in refs for r in batch.values()))
+        return read(*args, **kwargs)
+
+    def recorded(*args, **kwargs):
+        for batch in inner(*args, **kwargs):
+            refs.append({name: weakref.ref(g) for name, g in batch.items()})
+            added.append([])
+            yield batch
+
+    def add(name, total, g):
+        earlier = [r for batch in refs[:-1] for r in batch.values()] + [refs[-1][m] for m in added[-1]]
+        alive.append(sum(r() is not None for r in earlier))
+        added[-1].append(name)
+        term = (g * g).sum(0)
+        return term if total is None else total.add_(term)
+
+    monkeypatch.setattr(base, "store_batches", recorded)
+    monkeypatch.setattr(store, "field_rows", reading)
+    sums = base.share_sums(store, add, read_bytes=600)
+    assert len(refs) > 2 and len(alive) == len(alive_reading) == len(refs) * len(GRADS)
+    assert alive == alive_reading == [0] * len(alive)
+    _, logs = store.batch(0, N)
+    for m in GRADS:
+        g = logs[m]["grad"].reshape(N, -1).double()
+        torch.testing.assert_close(sums[m], (g * g).sum(0), rtol=1e-12, atol=0)
