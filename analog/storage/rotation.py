@@ -11,7 +11,8 @@ transform::
 
     R x = H · D · x[π]            R⁻¹ y = (D · H y)[π⁻¹]        (H = Hᵀ = H⁻¹, D² = I, so Rᵀ R = I)
 
-- π: a permutation of 0..n−1, the stable argsort of u_i (below);
+- π: a permutation of 0..n−1, the stable argsort of u_i (below); the identity when n is a power of
+  two (one block: the signs alone make every value a signed sum of all of them);
 - D = diag(d), d_i = +1 if the top bit of v_i is 0 else −1;
 - H: block diagonal, one block per set bit of n in decreasing size (n = 2025 = 1024 + 512 + 256 + 128
   + 64 + 32 + 8 + 1 gives eight blocks), block m the normalised Sylvester–Hadamard matrix
@@ -71,7 +72,7 @@ def _permutation_and_signs(n: int) -> Tuple[np.ndarray, np.ndarray]:
     with np.errstate(over="ignore"):
         u = splitmix64(s + np.uint64(2) * i)
         v = splitmix64(s + np.uint64(2) * i + np.uint64(1))
-    perm = np.argsort(u, kind="stable").astype(np.int64)
+    perm = np.arange(n, dtype=np.int64) if n & (n - 1) == 0 else np.argsort(u, kind="stable").astype(np.int64)
     signs = np.where(v >> np.uint64(63), -1.0, 1.0).astype(np.float32)
     return perm, signs
 
@@ -93,6 +94,7 @@ class Rotation:
         perm, signs = _permutation_and_signs(self.n)
         self._perm, self._signs = torch.from_numpy(perm), torch.from_numpy(signs)
         self._inverse = torch.from_numpy(np.argsort(perm).astype(np.int64))
+        self._permutes = not bool((perm == np.arange(self.n)).all())
         self._cache: dict = {}
 
     def _on(self, x: torch.Tensor):
@@ -105,15 +107,19 @@ class Rotation:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, n) -> (B, n) R x = H · D · x[π] (a new tensor)."""
         perm, signs, _ = self._on(x)
-        return self._hadamard(x.index_select(1, perm).mul_(signs))
+        return self._hadamard(x.index_select(1, perm).mul_(signs) if self._permutes else x * signs)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """(B, n) -> (B, n) R⁻¹ y = (D · H y)[π⁻¹] (a new tensor)."""
         _, signs, inverse = self._on(y)
-        return self._hadamard(y).mul_(signs).index_select(1, inverse)
+        out = self._hadamard(y).mul_(signs)
+        return out.index_select(1, inverse) if self._permutes else out
 
     def _hadamard(self, x: torch.Tensor) -> torch.Tensor:
-        """H x for (B, n) x: each block in place of a new tensor (H is its own inverse)."""
+        """H x for (B, n) x, a new tensor (H is its own inverse)."""
+        parts = blocks(self.n)
+        if len(parts) == 1:
+            return _hadamard_block(x, parts[0][1])
         out = torch.empty_like(x)
         for offset, m in blocks(self.n):
             out[:, offset : offset + (1 << m)] = _hadamard_block(x[:, offset : offset + (1 << m)], m)

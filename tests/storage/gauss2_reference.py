@@ -30,7 +30,8 @@ def rotation_matrix(n: int) -> np.ndarray:
     s = splitmix64(n)
     u = [splitmix64((s + 2 * i) & _MASK) for i in range(n)]
     v = [splitmix64((s + 2 * i + 1) & _MASK) for i in range(n)]
-    perm = sorted(range(n), key=lambda i: (u[i], i))
+    one_block = bin(n).count("1") == 1
+    perm = list(range(n)) if one_block else sorted(range(n), key=lambda i: (u[i], i))
     signs = [-1.0 if v[i] >> 63 else 1.0 for i in range(n)]
     h = np.zeros((n, n))
     offset = 0
