@@ -199,7 +199,9 @@ class AnaLog:
     # -- logging ----------------------------------------------------------------------------
     def __call__(self, data_id=None, mask: Optional[torch.Tensor] = None, per_token: bool = False) -> "AnaLog":
         """Arguments of the next ``with`` block. ``per_token=True`` (analysis mode) also keeps one
-        gradient per position, ``log[module]["token_grad"]`` of shape (B, T, *grad_shape)."""
+        gradient per token, ``log[module]["token_grad"]`` of shape (B, T, *grad_shape) (a per-head norm's
+        heads summed per token; T: the mask's positions, else the model's first input's dimension 1, see
+        analog.capture.tokens)."""
         self._pending = {"data_id": data_id, "mask": mask, "per_token": per_token}
         return self
 

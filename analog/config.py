@@ -40,8 +40,9 @@ storage        ``{dtype: auto|float32|float16|bfloat16|int8|int4|int2, flush_byt
                scale = max|x|/7, q ∈ [-7, 7], two values a byte — 4F + ⌈n/2⌉ bytes, 8× the
                sketch dimension of float32 at its bytes (LoGra rank 45 in int4, 4 + 1013 bytes a
                module, ≈ rank 16 in float32, 1024), |x − x̂| ≤ scale/2 = max|x|/14. ``int2``: per
-               row and field σ = RMS of x and four levels (±0.4528σ, ±1.5104σ, the Gaussian
-               Lloyd–Max quantiser), four values a byte — 4F + ⌈n/4⌉ bytes, 16× the sketch
+               row and field a fixed random rotation y = R x (randomised Hadamard, which makes
+               the values Gaussian), σ = RMS of y and four levels (±0.4528σ, ±1.5104σ, the Gaussian
+               Lloyd–Max quantiser), read back as Rᵀ ŷ, four values a byte — 4F + ⌈n/4⌉ bytes, 16× the sketch
                dimension of float32 at its bytes (LoGra rank 64 in int2 ≈ rank 16 in float32);
                mean squared error 0.1175σ² on Gaussian values, no per-element bound. Only stored
                training rows are quantised: query gradients, curvature statistics and factors are not.

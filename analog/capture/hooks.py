@@ -40,6 +40,7 @@ from analog.capture import compiled
 from analog.capture.completeness import check_complete
 from analog.capture.masks import MaskArg, is_encoder_decoder, mask_for_factors, resolve_masks
 from analog.capture.rules import Call, LayerRule
+from analog.capture.tokens import position_grid, token_axis, token_products
 
 #: observer(name, a, d, mask) is called with each call's factors (B, T, G, r_in), (B, T, G, r_out)
 FactorObserver = Callable[[str, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None]
@@ -48,8 +49,9 @@ FactorObserver = Callable[[str, torch.Tensor, torch.Tensor, Optional[torch.Tenso
 class Capture:
     """Per-batch capture of ``kinds`` ⊆ {"grad", "token_grad", "forward", "backward"} from watched modules.
 
-    ``grad``: Σ_t δ̃_t ã_tᵀ per example (compressed); ``token_grad`` keeps one gradient per position (for
-    per-token influence of queries); ``forward``: the layer's input as it saw it, (B, *input_shape[1:]),
+    ``grad``: Σ_t δ̃_t ã_tᵀ per example (compressed); ``token_grad`` keeps one gradient per token (for
+    per-token influence of queries; a per-head norm's heads are summed per token: analog.capture.tokens);
+    ``forward``: the layer's input as it saw it, (B, *input_shape[1:]),
     float32, uncompressed (no bias column: that lives only inside the gradient maths); ``backward``: δ̃,
     (B, T, G, r_out). ``mask`` (see analog.capture.masks) reaches only the observer (statistics); it never
     changes a logged value. ``root`` (the watched model) tells the batch size when no ids are given.
@@ -81,6 +83,7 @@ class Capture:
         self.broadcast: Dict[str, int] = {}  # module -> batch size its batch-1 output was expanded to
         self.flattened: Dict[str, int] = {}  # module -> batch size its (B·T, …) rows were read back as (B, T, …)
         self._root_batch: Optional[int] = None
+        self._root_length: Optional[int] = None  # dimension 1 of the model's first input (its tokens: per_token)
         self._names = {id(m): n for n, m in modules.items()}
         self._by_key = {compiled.module_key(m, rules[n]): n for n, m in modules.items()}
         self._handles = []
@@ -96,7 +99,7 @@ class Capture:
         try:
             for module in self.modules.values():  # one hook function for every module and every block
                 self._handles.append(module.register_forward_hook(compiled.capture_hook, with_kwargs=True))
-            if self.root is not None and self.batch_size is None:
+            if self.root is not None and (self.batch_size is None or "token_grad" in self.kinds):
                 self._handles.append(self.root.register_forward_pre_hook(compiled.root_hook, with_kwargs=True))
         except BaseException:
             self.remove()
@@ -121,6 +124,7 @@ class Capture:
         if self._root_batch is None:
             first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
             self._root_batch = None if first is None else first.shape[0]
+            self._root_length = first.shape[1] if first is not None and first.dim() >= 2 else None
 
     # -- the torch.compile path (analog.capture.compiled) ---------------------------------------
     def tapped_forward(self, key: int, x: torch.Tensor) -> None:
@@ -147,7 +151,8 @@ class Capture:
         module = self.modules[name]
         expand = grad.shape[0] if x.shape[0] != grad.shape[0] else 0  # a batch-1 input expanded in the traced hook
         a, x, mask = self._factors(name, module, x, expand)
-        self._backward(name, module, a, mask, x if "forward" in self.kinds else None, (grad,))
+        tokens = self._token_layout(name, x.shape, a.shape[1])
+        self._backward(name, module, a, mask, x if "forward" in self.kinds else None, (grad,), tokens=tokens)
 
     def _forward_hook(self, module, args, kwargs, output):
         name = self._names[id(module)]
@@ -158,6 +163,7 @@ class Capture:
         expand = 0 if fold else self._expand_to(name, call.x)
         self.called.add(name)
         a, x, mask = self._factors(name, module, _unfold(call.x, fold), expand)
+        shape = x.shape
         if expand:
             call = self._expanded(name, call, expand)
         sites = call.sites
@@ -167,7 +173,9 @@ class Capture:
                 self._add(name, "forward", x)
         elif any(t.requires_grad for t in sites):
             self.calls[name] += 1
-            pending = _Pending(functools.partial(self._backward, name, module, a, mask, x, fold=fold), sites)
+            tokens = self._token_layout(name, shape, a.shape[1])
+            pending = _Pending(functools.partial(self._backward, name, module, a, mask, x, fold=fold, tokens=tokens),
+                               sites)
             for i, t in enumerate(sites):
                 if t.requires_grad:
                     t.register_hook(functools.partial(pending.receive, i))
@@ -256,7 +264,7 @@ class Capture:
             "one id per example; if this module's input has no batch dimension in front, its per-sample gradients "
             f"cannot be recovered at its boundary: leave it out with watch(..., exclude=[{name!r}]){flat}")
 
-    def _backward(self, name, module, a, mask, x, grads, fold: int = 0) -> None:
+    def _backward(self, name, module, a, mask, x, grads, fold: int = 0, tokens=None) -> None:
         if not self._open:
             return  # a backward run after the block (through a graph built inside it) changes nothing
         self.grad_calls[name] += 1
@@ -275,17 +283,32 @@ class Capture:
                 g = torch.einsum("btgo,btgi->bgoi", d, a)
                 self._add(name, "grad", self.projector.compress_grad(name, g))  # linear: Σ_calls commutes
             if "token_grad" in self.kinds:
-                self._add(name, "token_grad", self._token_grads(name, d, a))
+                self._add(name, "token_grad", self._token_grads(name, d, a, tokens))
             if x is not None:
                 self._add(name, "forward", x)
             if "backward" in self.kinds:
                 self._add(name, "backward", d)
 
-    def _token_grads(self, name, d, a) -> torch.Tensor:
-        """Per-position gradients δ̃_t ã_tᵀ, (B, T, *grad_shape); Σ_t gives the per-sample gradient."""
-        b, t = d.shape[:2]
-        g = torch.einsum("btgo,btgi->btgoi", d, a).reshape(b * t, *d.shape[2:], a.shape[-1])
-        g = self.projector.compress_grad(name, g)
+    def _token_layout(self, name: str, shape: torch.Size, positions: int):
+        """(grid, token axis) of a call whose ``positions`` per example are tokens × heads (analog.capture.tokens),
+        None when each position is a token (or no per-token gradients are asked for)."""
+        if "token_grad" not in self.kinds or not self.rules[name].channels_last:
+            return None
+        grid = position_grid(shape, positions)
+        mask = self.masks.get(name)
+        if mask is not None:
+            t, source = mask.shape[1], "its mask"
+        else:
+            t, source = self._root_length, "the watched model's first input"
+        axis = token_axis(name, grid, t, source)
+        return None if axis is None else (grid, axis)
+
+    def _token_grads(self, name, d, a, tokens=None) -> torch.Tensor:
+        """Per-token gradients, (B, T, *grad_shape); Σ_t gives the per-sample gradient. ``tokens``: the (grid, token
+        axis) of a call whose positions are tokens × heads (``_token_layout``), None when each position is a token."""
+        g = token_products(d, a, *(tokens or ((), None)))
+        b, t = g.shape[:2]
+        g = self.projector.compress_grad(name, g.reshape(b * t, *g.shape[2:]))
         return g.reshape(b, t, *g.shape[1:])
 
     # -- end of the block -------------------------------------------------------------------

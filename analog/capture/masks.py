@@ -13,7 +13,8 @@ The mask (1 = a real position, 0 = padding) is used for what is *about positions
   (LoGra ``init: query``, analog.compression.query): a query gradient's directions are those of
   Σ_t m_t δ_t a_tᵀ over its real positions;
 * per-token positions — ``analog(per_token=True)`` keeps every position's share δ̃_t ã_tᵀ (they sum to
-  the logged gradient); the mask tells the caller which positions are real.
+  the logged gradient); the mask tells the caller which positions are real, and its T which axis of a
+  per-head norm's (tokens × heads) positions holds the tokens (analog.capture.tokens).
 
 A module gets the mask only when its input has positions: one with a single position per example (a
 classifier head on pooled features) has nothing to mask. A module with T > 1 positions must match the
@@ -31,10 +32,11 @@ builds the dict for Hugging Face encoder-decoders (T5, BART-style names) with th
 from __future__ import annotations
 
 import fnmatch
-import math
 from typing import Dict, Iterable, Mapping, Optional, Union
 
 import torch
+
+from analog.capture.tokens import axes_of_length, position_grid
 
 MaskArg = Union[None, torch.Tensor, Mapping[str, torch.Tensor]]
 
@@ -116,9 +118,9 @@ def mask_for_factors(mask: Optional[torch.Tensor], name: str, x: torch.Tensor,
     """
     if mask is None or x.shape[1] == 1:
         return None
-    if input_shape is not None and len(input_shape) >= 4 and x.shape[1] != mask.shape[1] \
-            and x.shape[0] == mask.shape[0] and x.shape[1] == math.prod(input_shape[1:-1]):
-        mask = _over_grid(mask, name, tuple(input_shape[1:-1]))
+    grid = () if input_shape is None else position_grid(input_shape, x.shape[1])
+    if len(grid) >= 2 and x.shape[1] != mask.shape[1] and x.shape[0] == mask.shape[0]:
+        mask = _over_grid(mask, name, grid)
     if tuple(mask.shape) != tuple(x.shape[:2]):
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not fit module {name!r}, whose inputs have "
@@ -129,7 +131,7 @@ def mask_for_factors(mask: Optional[torch.Tensor], name: str, x: torch.Tensor,
 def _over_grid(mask: torch.Tensor, name: str, grid: tuple) -> torch.Tensor:
     """(B, T) -> (B, ΠG): the mask broadcast along the axes of ``grid`` other than the one of length T."""
     b, t = mask.shape
-    axes = [i for i, n in enumerate(grid) if n == t]
+    axes = axes_of_length(grid, t)
     if not axes:
         return mask  # fits no axis: the caller's shape check names the module
     if len(axes) > 1 and not bool((mask != 0).all()):

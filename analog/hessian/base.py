@@ -156,7 +156,7 @@ def batch_rows(store, fields: List[int], read_bytes: Optional[int] = None) -> in
     over the wanted fields f of n_f values: their float64 values (8 · n_f, held together as the
     batch), the mapped bytes read (m_f = ``store.codec.read_bytes(f)``, page cache: n_f · 4 or 2 in a
     float store, 4 + the bytes holding its values in a quantised one) and the working memory of
-    decoding one field at a time (w = ``store.codec.work_bytes``: 0 float, 4 int8, 5 int4 and int2).
+    decoding one field at a time (w = ``store.codec.work_bytes``: 0 float, 4 int8, 5 int4, 16 int2).
     A batch then holds at most max(read_bytes, c) bytes, whatever the store's other fields (the
     consumer's own temporaries not counted); a row costing more than ``read_bytes`` is read alone.
     B depends only on the store's header (fields, dtype), ``fields`` and ``read_bytes`` (None:

@@ -36,36 +36,43 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
 
 ``int2``
     row = the F per-field scales σ_f (float32) followed by the row_elems 2-bit codes, four a byte.
-    Each field f of each row is quantised by its root mean square to the four levels of the
-    Lloyd–Max quantiser of a standard Gaussian (the levels and thresholds minimising E(z − ẑ)² for
-    z ~ N(0, 1): thresholds 0, ±T with T = 0.9816, levels ±a = ±0.4528 and ±b = ±1.5104)::
+    Each field f of each row is first rotated, y_f = R_n x_f with the fixed orthogonal randomised
+    Hadamard transform of its n values (analog.storage.rotation; store.json records it as
+    ``"rotation": "hadamard-v1"``), which makes every coordinate a signed sum of all the field's values,
+    close to Gaussian whatever the field holds. y_f is then quantised by its root mean square to the four
+    levels of the Lloyd–Max quantiser of a standard Gaussian (the levels and thresholds minimising
+    E(z − ẑ)² for z ~ N(0, 1): thresholds 0, ±T with T = 0.9816, levels ±a = ±0.4528 and ±b = ±1.5104)::
 
-        σ_f   = sqrt(mean_j x_fj²) = ‖x_f‖₂ / √n_f   (float32; a field whose Σx² over- or underflows
-                                               is rescaled by its max |x|; 0 for an all-zero field)
-        c_fj  = clamp(⌊x_fj · r_f⌋, −2, 1) + 2,  r_f = 1 / (T·σ_f) in float32 (0 where σ_f = 0)
-                (0: x < −Tσ, level −b; 1: −Tσ ≤ x < 0, −a; 2: 0 ≤ x < Tσ, +a; 3: x ≥ Tσ, +b)
-        x̂_fj  = LEVEL[c_fj] · σ_f          (what readers return, float32; 0 where σ_f = 0)
+        y_f   = R_n x_f                         (float32; ‖y_f‖ = ‖x_f‖)
+        σ_f   = sqrt(mean_j y_fj²) = ‖y_f‖₂ / √n  (float32; a field whose Σy² over- or underflows
+                                               is rescaled by its max |y|; 0 for an all-zero field)
+        c_fj  = clamp(⌊y_fj · r_f⌋, −2, 1) + 2,  r_f = 1 / (T·σ_f) in float32 (0 where σ_f = 0)
+                (0: y < −Tσ, level −b; 1: −Tσ ≤ y < 0, −a; 2: 0 ≤ y < Tσ, +a; 3: y ≥ Tσ, +b)
+        x̂_f   = R_nᵀ (LEVEL[c_f] · σ_f)          (what readers return, float32; 0 where σ_f = 0)
 
     Code j of the row (over the row's concatenated values, as int4) is bits 2(j mod 4), 2(j mod 4)+1
     of byte j // 4; unused trailing bits are 0. Each row is 4F + ceil(row_elems / 4) bytes: at the
     bytes of float32 it stores 16× the sketch dimension (LoGra rank 64 in int2, 4 + 1024 bytes a
     module, ≈ rank 16 in float32).
 
-    There is no per-element bound: this is a mean-square code for roughly Gaussian values (sketch
-    coordinates are sums of many random terms). For Gaussian x the mean squared error is
-    0.1175 σ², and the levels are the centroids of their intervals, so E[x̂ x] = E[x̂²] = 0.8825 σ²:
-    an inner product ⟨x̂, q⟩ with an unquantised q is shrunk by about 0.88 on average (the same for
-    every row, so rankings keep) plus noise. Values larger than b·σ are clipped to b·σ; an exact 0
-    (either sign) reads as +a·σ. Non-finite values are refused as in int8/int4.
+    There is no per-element bound: this is a mean-square code for Gaussian values, which the rotation
+    provides. For Gaussian y the mean squared error is 0.1175 σ², and the levels are the centroids of
+    their intervals, so E[ŷ y] = E[ŷ²] = 0.8825 σ²: an inner product ⟨x̂, q⟩ = ⟨ŷ, R q⟩ with an
+    unquantised q is shrunk by about 0.88 on average (the same for every row, so rankings keep) plus
+    noise. Rotated values larger than b·σ are clipped to b·σ. Without the rotation, fields far from
+    Gaussian lose much more (digits' one-token gradients, LoGra rank 64: LDS 0.507 unrotated, 0.592
+    rotated; benchmarks/results/attribution_lm_summary.md run 15). Non-finite values are refused as in
+    int8/int4. A store written before the rotation (no ``"rotation"`` in store.json) is refused, not misread.
 
 Reading one field (``decode_field``): field f of k rows without decoding the rest of the row. A float
 store gives a view of the field's columns of the memory map. A quantised store reads the field's scale
 and only the bytes holding its values: int4 and int2 from the byte holding its first value (which it
-may share with the field before), skipping the values in front of it. Reading field f of k rows into
-an ``out`` of k × n_f values touches k · ``read_bytes(f)`` mapped bytes (page cache) and allocates at
-most k · n_f · ``work_bytes`` bytes while it decodes (the float32 values and the unpacked codes; 0 for a
-float store, which converts straight from the map into ``out``). The values equal those columns of
-``decode`` of whole rows.
+may share with the field before), skipping the values in front of it; an int2 field is then rotated
+back (R⁻¹ of that field alone: the rotation never mixes fields). Reading field f of k rows into an
+``out`` of k × n_f values touches k · ``read_bytes(f)`` mapped bytes (page cache) and allocates at most
+k · n_f · ``work_bytes`` bytes while it decodes (the float32 values, the unpacked codes and, in int2,
+the rotation's products; 0 for a float store, which converts straight from the map into ``out``). The
+values equal those columns of ``decode`` of whole rows.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from analog.storage.rotation import Rotation
 from analog.storage.rows import Fields, field_size
 
 #: int4 packing reads byte pairs as int16 where the first byte is the low one
@@ -109,6 +117,8 @@ class FieldLayout:
 class FloatRows(FieldLayout):
     """Rows stored as they are, in one floating dtype: ``value_dtype`` on disk and when read."""
 
+    #: keys the codec adds to store.json (and requires of a store it reads): none
+    header: Dict[str, Any] = {}
     #: bytes a ``decode_field`` allocates per value: none (a view, or converted straight into ``out``)
     work_bytes = 0
 
@@ -156,6 +166,8 @@ class ScaledRows(FieldLayout):
 
     value_dtype = torch.float32
     name: str
+    #: keys the codec adds to store.json (and requires of a store it reads)
+    header: Dict[str, Any] = {}
     #: values a byte holds, packed over the whole row (a field may start mid-byte when above 1)
     per_byte: int
     #: bytes ``decode_field`` allocates per value of the field, at most (see each codec's ``unscaled``)
@@ -356,8 +368,10 @@ class Gauss2Rows(ScaledRows):
     """Rows stored as per-field RMS scales and 2-bit Gaussian Lloyd–Max codes (see the module docstring)."""
 
     name, per_byte = "int2", 4
-    #: the codes (1 a value: four shifted quarters, then stacked) and the float32 levels (4)
-    work_bytes = 5
+    #: the codes (1 a value: four shifted quarters, then stacked) with the float32 levels (4), then the
+    #: rotation back (analog.storage.rotation): the levels (4), H's output (4) and one Hadamard block's
+    #: two factor products (4 + 4) at once, at most
+    work_bytes = 16
     #: threshold T and the level of each code c = clamp(⌊z / T⌋, −2, 1) + 2 (Lloyd–Max, N(0, 1), 4 levels)
     threshold = 0.9816
     levels = (-1.5104, -0.4528, 0.4528, 1.5104)
@@ -383,15 +397,27 @@ class Gauss2Rows(ScaledRows):
                 out[:, j] = torch.where(over[:, j], rescaled / np.sqrt(self.sizes[j]), out[:, j])
         return out
 
+    #: store.json of an int2 store says which rotation its codes are taken after (analog.storage.rotation);
+    #: a store without it was written unrotated by an earlier analog and is refused (analog.storage.layout)
+    header = {"rotation": "hadamard-v1"}
+
+    def __init__(self, fields: Fields):
+        super().__init__(fields)
+        self.rotations = [Rotation(s) if s else None for s in self.sizes]
+
     def encode(self, rows: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-        """(B, row_elems) values -> (B, row_bytes) uint8: [σ as float32 bytes | packed codes], on the
-        rows' device. ``overwrite=True``: ``rows`` are float32 and may be overwritten (the code is
+        """(B, row_elems) values -> (B, row_bytes) uint8: [σ as float32 bytes | packed codes of R x], on
+        the rows' device. ``overwrite=True``: ``rows`` are float32 and may be overwritten (the code is
         computed in place: the writer's staging buffer); otherwise they are copied first.
 
-        Passes over the values: ‖x‖ per field, x · r per field, clamp to [−2, 1], floor, and the packing
-        as one product with (1, 4, 16, 64) per four values (then + 170 and the cast to uint8, on a quarter
-        of the values). All float passes: no comparison masks, no bit shifts."""
+        Passes over the values: the rotation R of each field (a gather, a sign product and the Hadamard
+        factors), ‖x‖ per field, x · r per field, clamp to [−2, 1], floor, and the packing as one product
+        with (1, 4, 16, 64) per four values (then + 170 and the cast to uint8, on a quarter of the values).
+        All float passes: no comparison masks, no bit shifts."""
         x = self.working_copy(rows, overwrite)
+        for rotation, o, s in zip(self.rotations, self.offsets, self.sizes):
+            if rotation is not None and len(x):
+                x[:, o : o + s] = rotation.forward(x[:, o : o + s])
         scales = self.scales(x)
         bad = ~torch.isfinite(scales)
         if bool(bad.any()):
@@ -419,8 +445,24 @@ class Gauss2Rows(ScaledRows):
         """(4,) the place values 4^i of the four codes of a byte (small integers: exact also under TF32)."""
         return torch.tensor([1.0, 4.0, 16.0, 64.0], dtype=x.dtype, device=x.device)
 
+    def decode(self, raw: np.ndarray) -> torch.Tensor:
+        """(k, row_bytes) uint8 -> (k, row_elems) float32 x̂ = R⁻¹(LEVEL[c] · σ) per field (new)."""
+        out = super().decode(raw)
+        for rotation, o, s in zip(self.rotations, self.offsets, self.sizes):
+            if rotation is not None and len(out):
+                out[:, o : o + s] = rotation.inverse(out[:, o : o + s])
+        return out
+
+    def decode_field(self, raw: np.ndarray, f: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Field ``f`` of k rows, x̂_f = R⁻¹(LEVEL[c_f] · σ_f), from its own bytes (see ScaledRows.decode_field);
+        into ``out`` when given, else a new float32 tensor."""
+        values = super().decode_field(raw, f)
+        if self.rotations[f] is not None and len(values):
+            values = self.rotations[f].inverse(values)
+        return values if out is None else out.copy_(values)
+
     def unscaled(self, raw: np.ndarray, skip: int, n: int) -> torch.Tensor:
-        """LEVEL[c] per code: decoding gives x̂ = LEVEL[c] · σ."""
+        """LEVEL[c] per code: decoding gives R⁻¹ of x̂ = LEVEL[c] · σ."""
         codes = np.stack([(raw >> shift) & 0x3 for shift in (0, 2, 4, 6)], 2).reshape(len(raw), 4 * raw.shape[1])
         return torch.from_numpy(np.asarray(self.levels, dtype=np.float32)[codes[:, skip : skip + n]])
 

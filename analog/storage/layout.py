@@ -16,9 +16,10 @@ row_elems values in that dtype (row_bytes = row_elems × 4 or 2); for ``int8`` t
 float32 scales followed by the row_elems int8 values (row_bytes = 4F + row_elems, no padding); for
 ``int4`` the F scales followed by the row_elems 4-bit values packed two a byte, low nibble first,
 over the whole row (field boundaries may fall mid-byte; an odd row_elems pads the row's last byte
-with a zero high nibble), so row_bytes = 4F + ceil(row_elems / 2); for ``int2`` the F per-field RMS scales
-followed by 2-bit codes, four a byte (row_bytes = 4F + ceil(row_elems / 4)). Every row of a store has the
-same size, so a chunk of n rows is n × row_bytes bytes. ``row_bytes(header)`` is the one place that size
+with a zero high nibble), so row_bytes = 4F + ceil(row_elems / 2); for ``int2`` the F per-field RMS
+scales followed by 2-bit codes of each field's rotated values (store.json: ``"rotation"``), four a byte
+(row_bytes = 4F + ceil(row_elems / 4)). Every row of a store has the same size, so a chunk of n rows is
+n × row_bytes bytes. ``row_bytes(header)`` is the one place that size
 is computed; writer, reader and integrity checks all take it from there.
 
 Distributed runs (torch.distributed, world size W > 1): every rank appends its own shard to the
@@ -166,6 +167,11 @@ def _header_problem(header: Any) -> str:
         return f"unsupported format {header.get('format')!r} (this analog reads format {FORMAT_VERSION})"
     if header.get("dtype") not in STORE_DTYPES:
         return f"unknown dtype {header.get('dtype')!r}"
+    for key, value in row_codec(header["dtype"], []).header.items():
+        if header.get(key) != value:
+            return (f"its {header['dtype']} codes need {key!r}: {value!r}, found {header.get(key)!r}: it was written "
+                    f"by an analog whose {header['dtype']} codec differs (before 2026-12-06, int2 codes were not "
+                    "rotated) and would decode wrongly here; log it again")
     fields = header.get("fields")
     if not isinstance(fields, list) or not all(_field_ok(f) for f in fields):
         return f"'fields' must be a list of {{module, kind, shape}}, found {fields!r}"

@@ -3,7 +3,7 @@
 Rows are memory-mapped copy-on-write (``mode="c"``) as bytes and decoded by the store's codec
 (analog.storage.encoding). In a float store, reading a contiguous range of one chunk is a view on
 the page cache, never a copy, in the store's dtype; writes to the returned tensors never reach the
-file. An int8, int4 or int2 store returns float32 x̂ (q · scale; int2: level · σ), dequantised from
+file. An int8, int4 or int2 store returns float32 x̂ (q · scale; int2: Rᵀ(level · σ)), dequantised from
 the rows asked for only. ``field_rows`` (and ``batch`` given ``modules`` or ``kinds``) reads chosen
 fields alone, decoding only their bytes; ``read_cost`` is the memory such a read takes per row.
 

@@ -117,6 +117,7 @@ class LogWriter:
             "world_size": self.world_size,
         }
         self.codec = row_codec(dtype, fields)
+        self.header.update(self.codec.header)
         self.row_bytes = self.codec.row_bytes  # = layout.row_bytes(header), from the codec built here
         self.flush_bytes = int(flush_bytes)
         # a lock handed in (by the project's state owner, which holds it across logging and fitting)

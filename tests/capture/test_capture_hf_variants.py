@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from capture_reference import analog_per_sample, assert_grads_match, loop_per_sample, make_analog, tied_sums
-from hf_lm_helpers import LM, lm_loss, padded
+from hf_lm_helpers import LM, lm_config, lm_loss, padded, randomise_norms
 from torch import nn
 
 from analog import AnaLog
@@ -36,11 +36,6 @@ from analog.capture.masks import seq2seq_masks
 tf = pytest.importorskip("transformers")
 
 B, T, V = 3, 6, 50
-
-
-def lm_config(cls, **kw):
-    return cls(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, **kw)
 
 
 MODELS = {
@@ -62,10 +57,7 @@ MODELS = {
 def test_default_watch_is_complete_and_exact(tmp_path, name):
     torch.manual_seed(0)
     model = LM(MODELS[name]().eval())
-    with torch.no_grad():  # Gemma initialises its norms' w to 0 (scale 1 + w): make w matter
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(-0.5, 0.5)
+    randomise_norms(model)  # Gemma initialises its norms' w to 0 (scale 1 + w): make w matter
     ids, mask = padded(B, T, V)
     analog = make_analog(tmp_path)
     with warnings.catch_warnings():

@@ -4,8 +4,6 @@ The model is a single watched layer followed by a fixed nonlinearity and a per-e
 the batch (``reduction="sum"``), so analog's logged gradient of example b must equal ∇θ ℓ_b.
 """
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +14,7 @@ from capture_reference import (
     loop_per_sample,
     make_analog,
 )
+from hf_lm_helpers import hf_class
 from torch import nn
 
 from analog.capture.embedding import HF_SCALED_EMBEDDINGS
@@ -153,20 +152,10 @@ def test_rms_norm(tmp_path, eps):
     check_layer(tmp_path, layer, torch.randn(B, 4, 6), 1)
 
 
-def _hf_class(path: str):
-    """The class at dotted ``path`` ("transformers.models.x.modeling_x.Cls"); the test is skipped where this
-    transformers version has no such class."""
-    module_path, cls_name = path.rsplit(".", 1)
-    try:
-        return getattr(importlib.import_module(module_path), cls_name)
-    except (ImportError, AttributeError):
-        pytest.skip(f"{path} is not in this transformers version")
-
-
 @pytest.mark.parametrize("path", __import__("analog.capture.norm", fromlist=["HF_RMS_NORMS"]).HF_RMS_NORMS)
 def test_hf_rms_norms(tmp_path, path):
     """Every listed Hugging Face RMSNorm class reuses the RMSNorm rule (the ones this transformers has)."""
-    cls = _hf_class(path)
+    cls = hf_class(path)
     torch.manual_seed(0)
     layer = cls(6, eps=1e-5)
     nn.init.normal_(layer.weight)
@@ -176,7 +165,7 @@ def test_hf_rms_norms(tmp_path, path):
 @pytest.mark.parametrize("path", HF_SCALED_EMBEDDINGS)
 def test_hf_scaled_embeddings(tmp_path, path):
     """Every listed Hugging Face scaled word embedding (lookup × embed_scale) gets the scaled rule."""
-    cls = _hf_class(path)
+    cls = hf_class(path)
     torch.manual_seed(0)
     layer = cls(7, 5, 0, embed_scale=2.5)
     nn.init.normal_(layer.weight)

@@ -72,7 +72,8 @@ def test_batch_rows_is_the_budget_over_the_row_cost(tmp_path):
         "float32": 8 * 9 + 4 * 9,  # float64 values + mapped float32 values, no working memory
         "int8": 8 * 9 + (4 + 6) + (4 + 3) + 4 * 6,  # + scale and value bytes + float32 q of the largest field
         "int4": 8 * 9 + (4 + 3) + (4 + 2) + 5 * 6,  # 'c' = values 18..20: bytes 9..10
-        "int2": 8 * 9 + (4 + 2) + (4 + 2) + 5 * 6,  # 'a' = values 0..5: bytes 0..1; 'c' 18..20: bytes 4..5
+        # 'a' = values 0..5: bytes 0..1; 'c' 18..20: bytes 4..5; working memory with the rotation back
+        "int2": 8 * 9 + (4 + 2) + (4 + 2) + 16 * 6,
     }
     for dtype, cost in costs.items():
         store = write_store(tmp_path / dtype, dtype)

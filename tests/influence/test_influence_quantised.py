@@ -15,10 +15,16 @@ Both bounds get a float32 rounding allowance of 1e-5 · Σ |p| |x|. p, p̂ and t
 formed explicitly here in float64 from the stores' rows (numpy), independently of analog's curvature.
 """
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from conftest import make_data, make_mlp, query_log, run_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "storage"))
+from gauss2_reference import gauss2_decoded, gauss2_reference  # noqa: E402
 
 from analog import AnaLog
 from analog.cli import main as cli
@@ -150,31 +156,23 @@ def check_reopen_and_verify(root, run, dtype):
     assert cli(["store", "verify", str(run.path)]) == 1
 
 
-def int2_reference(x: np.ndarray):
-    """(σ (n,), x̂ (n, D) float32, near (n, D)) of one field by int2's formula in numpy (σ = RMS in float64;
-    codes 0..3 for z below −0.9816, below 0, below 0.9816, above; levels −1.5104, −0.4528, 0.4528,
-    1.5104); ``near``: |z| within 1e-5 of the threshold."""
-    s = np.sqrt((x.astype(np.float64) ** 2).mean(1))
-    z = x / np.where(s > 0, s, 1.0)[:, None]
-    codes = (z >= -0.9816).astype(int) + (z >= 0) + (z >= 0.9816)
-    levels = np.array([-1.5104, -0.4528, 0.4528, 1.5104], np.float32)
-    return s, levels[codes] * s.astype(np.float32)[:, None], np.abs(np.abs(z) - 0.9816) < 1e-5
-
-
 def test_int2_influence_is_the_raw_formula_on_the_formula_s_rows(tmp_path):
-    """An int2 store holds int2's formula applied to the float32 run's rows (the same capture), and the
+    """An int2 store holds int2's formula (rotation R, RMS σ, 2-bit codes, Rᵀ back; R formed densely by
+    tests/storage/gauss2_reference) applied to the float32 run's rows (the same capture), and the
     ``raw`` scores from it are (F̂ + λI)⁻¹ formed explicitly in float64 from those rows; against float32 the
     top-1 training example of each self-query agrees where float32's top two are 5 % apart."""
     runs = log_both(tmp_path, "raw", "int2")
     r32, r2 = runs["float32"], runs["int2"]
     compared = 0
     for m, x in r32["rows"].items():
-        s, xhat, near = int2_reference(x)
+        sigma, codes, near = gauss2_reference(x, [x.shape[1]])
+        clear = ~near.any(1)  # rows none of whose rotated values sits on a threshold
+        xhat = gauss2_decoded(codes, sigma.astype(np.float32), [x.shape[1]])
         got = r2["rows"][m]
-        np.testing.assert_allclose(got[~near], xhat[~near], rtol=3e-6, atol=0)
-        compared += int((~near).sum())
+        assert (np.abs(got[clear] - xhat[clear]) <= 1e-5 * sigma[clear]).all()
+        compared += int(clear.sum()) * x.shape[1]
         assert torch.equal(r2["queries"][m], r32["queries"][m]), "query gradients are not quantised"
-    assert compared >= 48 * (16 + 12) - 2
+    assert compared >= (48 - 2) * (16 + 12)
     ref, _ = raw_reference(r2["rows"], r2["queries"], 48)
     np.testing.assert_allclose(r2["scores"], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
     assert np.abs(r2["scores"] - r32["scores"]).max() > 0

@@ -23,7 +23,7 @@ N = 29
 #: values a byte of each store dtype holds (quantised) and bytes a value (float)
 PER_BYTE = {"int8": 1, "int4": 2, "int2": 4}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
-WORK = {"float32": 0, "float16": 0, "bfloat16": 0, "int8": 4, "int4": 5, "int2": 5}
+WORK = {"float32": 0, "float16": 0, "bfloat16": 0, "int8": 4, "int4": 5, "int2": 16}
 
 
 def write_store(path, dtype, n=N, fields=FIELDS, flush_bytes=200, seed=0):
