@@ -24,6 +24,7 @@ which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
 
 from __future__ import annotations
 
+import reprlib
 import sys
 import warnings
 from pathlib import Path
@@ -52,6 +53,11 @@ from analog.watch import watch_model
 #: keys that may change once logging started in this process (they affect checks and queries only, and
 #: fit_bytes the memory of the fit, not its result)
 QUERY_TIME_KEYS = frozenset({"damping", "progress", "nonfinite", "fit_bytes"})
+
+#: keys that may differ between ranks (torch.distributed): the others must agree at every collective step
+#: (``AnaLog._agreed``). ``fit_bytes``: the smallest is used; ``damping`` is compared where it is used
+#: across ranks, by distributed scoring; ``root_dir`` may be mounted at different paths on different hosts
+PER_RANK_KEYS = frozenset({"root_dir", "progress", "fit_bytes", "damping", "storage.flush_bytes"})
 
 
 class AnaLog:
@@ -82,6 +88,11 @@ class AnaLog:
         self._last: Optional[Tuple[List[Any], Dict[str, Dict[str, torch.Tensor]]]] = None
         self.analyses: Dict[str, Any] = {}
         self.segments: Optional[Trajectory] = None  # set by watch(): the project's segments
+        self._changed: set = set()  # the settings update() was given (named when ranks disagree on one)
+        # (id, text) of the last error a `with analog(...)` block of this run raised, and where (see _in_flight)
+        self._block_failure: Optional[Tuple[int, str]] = None
+        self._ids: Optional[List[Any]] = None  # the ids of the current (or last) block
+        self._stopped: Optional[str] = None  # the RankError a collective step raised on every rank (_collective)
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -119,11 +130,12 @@ class AnaLog:
             raise RuntimeError(f"update() of {fixed} after logging started would mix settings within one store; "
                                f"only {sorted(QUERY_TIME_KEYS)} can change now")
         self._given = _merged(self._given, values)
+        self._changed.update(flatten(values))
         if new.root_dir != self.config.root_dir:
             self.state = ProjectState(new.root_dir, self.project)
         self.config = self.state.reconcile(new, self._given)
         if self.modules and set(fixed) - RUNTIME_KEYS:
-            self._setup_state()
+            self._setup_state("update()")  # collective under torch.distributed, as watch() is
         return self
 
     setup = update
@@ -141,10 +153,10 @@ class AnaLog:
         self._root = watched.root
         self.dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(self.modules.items(),
                                                                                         self.rules.values())}
-        self._setup_state()
+        self._setup_state("watch()")
         return self
 
-    def _setup_state(self) -> None:
+    def _setup_state(self, step: str) -> None:
         c = self.config.compression
         self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init, damping=c.damping,
                                          allocate=c.allocate)
@@ -152,7 +164,7 @@ class AnaLog:
         saved = self.state.load_projection()
         if saved is not None:
             self.projector.load_tensors(saved)
-        self._sync_projector()
+        self._sync_projector(step)
         self.phase = "pca" if self.projector.needs_fit() else "log"
         self.segments = Trajectory(self.path, self.config.segments.rule)
         self.curvature = self.state.load_curvature(self.curvature_path)
@@ -164,17 +176,19 @@ class AnaLog:
                 f"the config asks for {self.config.hessian!r}; set hessian={self.curvature.kind!r} to use it, "
                 "or log into a new project")
 
-    def _sync_projector(self) -> None:
-        """Under torch.distributed: check that ranks agree on what is projected, then give every rank
-        rank 0's projection tensors (seeded alike already; this also covers PCA fits and saved state)."""
+    def _sync_projector(self, step: str) -> None:
+        """Under torch.distributed (the collective step ``step``): check that ranks agree on what is projected,
+        then give every rank rank 0's projection tensors (seeded alike already; this also covers PCA fits
+        and saved state)."""
         self._ranks_checked = None
         if not distributed.is_distributed():
             return
-        distributed.check_same("the watched modules, their (groups, d_out, d_in) and the projection", {
-            "modules": {n: list(d) for n, d in self.dims.items()},
-            "compression": self.config.compression.__dict__,
-            "projection tensors": {k: list(v.shape) for k, v in self.projector.tensors.items()},
-        })
+        self._collective(lambda: distributed.check_same(
+            "the watched modules, their (groups, d_out, d_in) and the projection", {
+                "modules": {n: list(d) for n, d in self.dims.items()},
+                "compression": self.config.compression.__dict__,
+                "projection tensors": {k: list(v.shape) for k, v in self.projector.tensors.items()},
+            }, step, self._in_flight(step), self._agreed(), self._changed))
         if self.projector.tensors:
             self.projector.load_tensors(distributed.broadcast_tensors(self.projector.tensors))
 
@@ -188,13 +202,71 @@ class AnaLog:
             return
         if self.phase not in ("pca", "log"):
             return
-        distributed.check_same("what they log (modules, projection fingerprint, settings)", {
+        step = f"the check of the {self.phase} pass (at its first `with analog(...)` block, or its end if none)"
+        self._collective(lambda: distributed.check_same("what they log (modules, projection fingerprint, settings)", {
             "modules": {n: list(d) for n, d in self.dims.items()},
             "projection": self.projector.fingerprint(),
             "pass": self.phase,
             "settings": {k: getattr(self.config, k) for k in ("log", "save", "hessian")},
-        })
+        }, step, self._in_flight(step), self._agreed(), self._changed))
         self._ranks_checked = self.phase
+
+    # -- collective steps (torch.distributed) -------------------------------------------------
+    def _step(self, what: str, value: Any = None) -> List[Any]:
+        """The first collective of the step ``what`` (``"finalize()"``, ``"new_segment()"``, ...): every rank's
+        ``value`` (analog.distributed.step). Raises the same RankError on every rank when a rank calls it
+        while an error propagates (in a ``finally:`` or ``except:`` of a failed block: ``_in_flight``), when
+        ranks are at different steps, or disagree on a setting (``_agreed``); see ``_collective``."""
+        if not distributed.is_distributed():
+            return [value]
+        return self._collective(lambda: distributed.step(what, value, self._in_flight(what), self._agreed(),
+                                                         self._changed))
+
+    def _collective(self, call):
+        """``call()``, a collective step (analog.distributed.step or check_same). When it raises a RankError
+        (alike on every rank) this AnaLog stops on every rank: its logs so far are closed into the store and
+        the project's lock released (fitting.stop; no curvature or state written), and every later logging
+        block or collective step raises the same error at once, with no collective, so that a ``finally:
+        finalize()`` on each rank cannot leave one waiting for the others. A new AnaLog on the project
+        resumes (``is_logged`` skips what is stored)."""
+        self._check_not_stopped()
+        try:
+            return call()
+        except distributed.RankError as e:
+            self._stopped = str(e)
+            fitting.stop(self)
+            raise
+
+    def _check_not_stopped(self) -> None:
+        if self._stopped is not None:
+            raise distributed.RankError(
+                f"this AnaLog stopped on every rank when a collective step raised: {self._stopped}; open a new "
+                "AnaLog on the project to resume (is_logged() tells which batches its store holds)")
+
+    def _agreed(self) -> Dict[str, Any]:
+        """The settings every rank must hold alike (all but PER_RANK_KEYS), one key per setting."""
+        return {k: v for k, v in flatten(self.config.to_dict()).items() if k not in PER_RANK_KEYS}
+
+    def _in_flight(self, what: str) -> Optional[str]:
+        """This rank's failure as the collective step ``what`` reports it: the error propagating while it
+        was called (it runs in a ``finally:``/``except:`` clause), naming the `with analog(...)` block that
+        raised it (or the error in its chain); None when no error propagates, or without a process group."""
+        error = sys.exc_info()[1]
+        if error is None or not distributed.is_distributed():
+            return None
+        text, block = distributed.describe(error), self._block_failure
+        cause, seen = error, set()
+        while block is not None and cause is not None and id(cause) not in seen:
+            if id(cause) == block[0]:
+                origin = "" if cause is error else f", after {distributed.describe(cause)}"
+                return f"{text}{origin} in its {block[1]}; it called {what} while that propagated"
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        return f"{text}; it called {what} while that propagated"
+
+    def _note_failure(self, error: BaseException, data_id: Any) -> None:
+        """Remember that a `with analog(data_id=...)` block raised ``error`` (see _in_flight)."""
+        self._block_failure = (id(error), f"`with analog(data_id={_short(data_id)})` block")
 
     # -- logging ----------------------------------------------------------------------------
     def __call__(self, data_id=None, mask: Optional[torch.Tensor] = None, per_token: bool = False) -> "AnaLog":
@@ -206,6 +278,15 @@ class AnaLog:
         return self
 
     def __enter__(self) -> "AnaLog":
+        data_id = self._pending.get("data_id")
+        try:
+            return self._enter()
+        except BaseException as e:
+            self._note_failure(e, data_id)
+            raise
+
+    def _enter(self) -> "AnaLog":
+        self._check_not_stopped()
         if not self.modules:
             raise RuntimeError("call analog.watch(model) before `with analog(...)`")
         if self._capture is not None:
@@ -256,6 +337,15 @@ class AnaLog:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            self._note_failure(exc, self._ids)
+        try:
+            self._exit(exc_type, exc, tb)
+        except BaseException as e:
+            self._note_failure(e, self._ids)
+            raise
+
+    def _exit(self, exc_type, exc, tb) -> None:
         capture, self._capture = self._capture, None
         capture.__exit__(exc_type, exc, tb)
         if exc_type is not None:
@@ -333,11 +423,13 @@ class AnaLog:
         derive the whitening from them and start the query pass (blocks over a sample of *queries*), after
         which the projections are fitted from the queries' whitened gradients (analog.compression.query)."""
         if self.phase == "query":
+            self._step("next_pass()")
             self._end_query_pass()
             return
         if self.phase != "pca":
             return
         self._check_ranks()  # a rank that had no block in this pass meets its peers' first-block check here
+        self._step("next_pass()")
         # a rank that reached no block adds zeros to the sums (and its count, 0, to the examples)
         stats = self._pass_stats if self._pass_stats is not None else StatisticsPass()
         if not stats.examples():  # summed over ranks: the same answer, and error, on every rank
@@ -349,7 +441,7 @@ class AnaLog:
         if self.projector.init == "query":
             self._pass_stats, self.phase = QueryGrams(self.projector.roots), "query"
             return
-        self._sync_projector()
+        self._sync_projector("next_pass()")
         self.phase = "log"
 
     def _end_query_pass(self) -> None:
@@ -359,7 +451,7 @@ class AnaLog:
                                "after the statistics pass (AnaLogScheduler yields 'query' for it); this query "
                                "pass saw no queries")
         self.projector.fit_query(grams)
-        self._sync_projector()
+        self._sync_projector("next_pass()")
         self._pass_stats, self.phase = None, "log"
 
     # -- end of logging (analog.fitting) ----------------------------------------------------
@@ -426,6 +518,13 @@ class AnaLog:
         if name in analyses:
             return analyses[name]
         raise AttributeError(f"AnaLog has no attribute {name!r}; added analyses: {sorted(analyses)}")
+
+
+def _short(data_id: Any) -> str:
+    """``data_id`` for an error message: a list's first ids, a tensor's first characters."""
+    short = reprlib.Repr()
+    short.maxlist, short.maxother = 6, 60
+    return short.repr(data_id)
 
 
 def _batch_size(logs) -> int:

@@ -6,7 +6,7 @@ the device that backend needs and back, and nothing calls ``.cuda()`` unless the
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -71,26 +71,92 @@ def any_rank(flag: bool) -> bool:
 
 
 class RankError(RuntimeError):
-    """An error some ranks raised in a step of their own, raised on every rank (see ``local_step``)."""
+    """A collective step that cannot go on, raised alike on every rank (see ``step``): some ranks failed
+    (an error of their own part of the step, or one propagating through the call), were at another step,
+    or disagree on settings that must agree."""
 
 
-def local_step(what: str, fn: Callable[[], _T]) -> _T:
+def step(what: str, value: Any = None, failure: Optional[str] = None, agree: Optional[Dict[str, Any]] = None,
+         changed: Sequence[str] = ()) -> List[Any]:
+    """The one collective of an analog step ``what`` (e.g. ``"finalize()"``) that every other collective
+    step meets: a single all_gather_object of (``what``, ``failure``, ``agree``, ``changed``, ``value``)
+    from every rank; returns the ``value`` of every rank, in rank order.
+
+    Every rank decides from the same gathered records, so all raise the same RankError, at once:
+
+    * some rank reports a ``failure`` (its error, as text): "<what> failed on rank r (<failure>)",
+      every failed rank named;
+    * ranks are at different steps (rank 0 in ``new_segment()``, rank 1 in ``finalize()``): each rank's
+      step is named;
+    * the ``agree`` dicts ({setting: value}; None: nothing to compare) differ: each differing key with
+      every rank's value, and which ranks had set it themselves (``changed``: e.g. by ``update()``).
+
+    Since every collective step of analog starts with this gather, a rank's first collective after it
+    failed or went elsewhere meets its peers' next one, whatever those are, instead of a reduction of
+    another shape. Cost: one all_gather_object of a few hundred bytes per step (not per batch).
+    Without a process group it returns ``[value]``."""
+    if not is_distributed():
+        return [value]
+    records = all_gather_object((what, failure, agree, sorted(changed), value))
+    steps = [r[0] for r in records]
+    same = len(set(steps)) == 1
+    where = ", ".join(f"rank {r}: {s}" for r, s in enumerate(steps))
+    failed = [f"rank {r} ({rec[1]})" for r, rec in enumerate(records) if rec[1] is not None]
+    if failed:
+        raise RankError(f"{what if same else 'a collective step'} failed on {'; '.join(failed)}"
+                        + ("" if same else f" (ranks at different steps: {where})"))
+    if not same:
+        raise RankError(f"ranks are at different collective steps ({where}): every rank must make analog's "
+                        "collective calls (watch, update of a fixed setting after watch, next_pass, new_segment, "
+                        "finalize/eval, refit, distributed scoring) alike and in the same order")
+    differ = _differences([r[2] for r in records], [r[3] for r in records])
+    if differ:
+        raise RankError(f"ranks disagree at {what} on settings that must agree: {differ}")
+    return [r[4] for r in records]
+
+
+def _differences(settings: List[Optional[Dict[str, Any]]], changed: List[List[str]]) -> str:
+    """The keys on which the ranks' ``settings`` differ, each with every rank's value (and the ranks that
+    set it themselves); '' when they agree."""
+    if all(s is None for s in settings):
+        return ""
+    settings = [s or {} for s in settings]
+    keys = [k for k in dict.fromkeys(k for s in settings for k in s)
+            if any(s.get(k) != settings[0].get(k) for s in settings)]
+    parts = []
+    for key in keys:
+        values = ", ".join(f"rank {r}: {s.get(key)!r}" for r, s in enumerate(settings))
+        setters = [r for r, c in enumerate(changed) if key in c]
+        by = f" (set by update() on rank {', '.join(map(str, setters))})" if setters else ""
+        parts.append(f"{key}: {values}{by}")
+    return "; ".join(parts)
+
+
+def describe(error: BaseException) -> str:
+    """``Type: message`` of an error, as RankError names it."""
+    return f"{type(error).__name__}: {error}"
+
+
+def local_step(what: str, fn: Callable[[], _T], failure: Optional[str] = None,
+               agree: Optional[Dict[str, Any]] = None, changed: Sequence[str] = ()) -> _T:
     """``fn()``, this rank's own part of a collective operation (e.g. reading its share of the store),
-    then one collective: when ``fn`` raised an Exception on any rank, every rank raises the same
-    RankError naming ``what``, each rank that failed and its error (chained to this rank's own, if
-    any), instead of its peers waiting alone in the reduction that follows. Without a process group
-    ``fn``'s error propagates as it is."""
+    then one collective (``step``): when ``fn`` raised an Exception on any rank (or a rank came with a
+    ``failure`` of its own), every rank raises the same RankError naming ``what``, each rank that failed
+    and its error (chained to this rank's own, if any), instead of its peers waiting alone in the
+    reduction that follows; ``agree``/``changed`` as for ``step``. Without a process group ``fn``'s error
+    propagates as it is."""
     if not is_distributed():
         return fn()
     error, result = None, None
+    if failure is None:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - any error, reported on every rank
+            error, failure = e, describe(e)
     try:
-        result = fn()
-    except Exception as e:  # noqa: BLE001 - any error, reported on every rank
-        error = e
-    messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
-    failed = [f"rank {r} ({m})" for r, m in enumerate(messages) if m is not None]
-    if failed:
-        raise RankError(f"{what} failed on {'; '.join(failed)}") from error
+        step(what, failure=failure, agree=agree, changed=changed)
+    except RankError as e:
+        raise e from error
     return result
 
 
@@ -99,9 +165,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def check_same(what: str, value: Any) -> None:
-    """Raise on every rank when ranks disagree on ``value`` (module set, projection, ...)."""
-    values = all_gather_object(value)
+def check_same(what: str, value: Any, step_name: Optional[str] = None, failure: Optional[str] = None,
+               agree: Optional[Dict[str, Any]] = None, changed: Sequence[str] = ()) -> None:
+    """Raise on every rank when ranks disagree on ``value`` (module set, projection, ...); the gather is
+    the collective ``step`` named ``step_name`` (default ``what``), carrying ``failure``/``agree``/``changed``."""
+    values = step(step_name or what, value, failure, agree, changed)
     if any(v != values[0] for v in values):
         if all(isinstance(v, dict) for v in values):  # name only the entries that differ
             keys = [k for k in dict.fromkeys(k for v in values for k in v) if any(v.get(k) != values[0].get(k)

@@ -42,7 +42,10 @@ def finalize(run) -> None:
     # (AnaLog._check_ranks); every decision below that leads to a collective is taken alike on every rank.
     if run.mode == "log":
         run._check_ranks()
-    if run.phase == "pca" and distributed.any_rank(run._pass_stats is not None):
+    # the step's first collective: a rank that arrives here while an error propagates (finalize() in the
+    # `finally:` of a failed block), or from another step, or with other settings, stops every rank here
+    in_stats_pass = run._step("finalize()", run._pass_stats is not None)
+    if run.phase == "pca" and any(in_stats_pass):
         raise RuntimeError(
             f"LoGra init={run.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "
             "call next_pass() and run the logging loop again, or wrap the loop in "
@@ -71,6 +74,7 @@ def refit(run) -> None:
     """``run.refit()``: fit the curvature again from the store; an error without saved logs."""
     if not run.config.save:
         raise CurvatureError("refit() fits from the stored logs, and this project has save=False")
+    run._step("refit()")
     close_writers(run)
     try:
         store = store_if_any(run)
@@ -90,6 +94,22 @@ def close_writers(run) -> None:
             run._writer.close()
 
     distributed.local_step("closing the log writer", close)  # its gather waits for every rank: the barrier
+
+
+def stop(run) -> None:
+    """After a collective step failed alike on every rank (a RankError: analog.AnaLog._step): this rank's
+    logs so far go to disk (its writer closed: complete chunks only, the failed block's rows never were
+    among them) and the project's lock is released; no curvature or state is written. A later process
+    reopens the project, skips the batches ``is_logged()`` finds and ``finalize()``s as after a crash."""
+    writer, run._writer = run._writer, None
+    try:
+        if writer is not None and not writer.closed:
+            writer.close()
+    except Exception as e:  # noqa: BLE001 - the RankError being raised says what went wrong first
+        warnings.warn(f"analog: closing the log writer of {writer.path} after a failed collective step "
+                      f"failed too: {e!r}")
+    finally:
+        run.state.release()
 
 
 def fit(run, store: Optional[LogStore]) -> None:

@@ -22,7 +22,8 @@ def new_segment(run, lr: Optional[float], info: Dict[str, Any]) -> int:
         raise RuntimeError("new_segment() is for logging: call analog.watch(model) first, and not after eval()")
     segments = run.segments
     run._check_ranks()  # a rank that logged no batch yet makes the pass check here, meeting its peers'
-    if not distributed.any_rank(segments.has_logs()):  # the same answer on every rank, also one that logged none
+    # the step's first collective (see AnaLog._step); any rank's logs: the same answer on every rank
+    if not any(run._step("new_segment()", segments.has_logs())):
         segments.annotate(lr, info)
         return segments.current.index
     run.finalize()

@@ -207,7 +207,13 @@ class InfluenceFunction:
                 loader, offset = self._shard_loader(log_loader)
                 return self._score(loader, offset, *args)
 
-            return self._gather(*local_step("scoring a share of the store", share), topk)
+            # every rank scores with the same settings; a rank calling this while an error propagates (a failed
+            # query block) stops every rank here (analog.AnaLog._in_flight)
+            agree = {"damping": self.damping if damping is None else damping, "mode": mode, "topk": topk,
+                     "per_module": per_module}
+            failure = self.analog._in_flight("compute_influence_all()") if self.analog is not None else None
+            changed = self.analog._changed if self.analog is not None else ()
+            return self._gather(*local_step("scoring a share of the store", share, failure, agree, changed), topk)
         q_ids, train_ids, chunks, parts_all, best = self._score(log_loader, 0, *args)
         if not train_ids:
             raise ValueError("the training log loader yielded no examples")
