@@ -105,11 +105,12 @@ def step(what: str, value: Any = None, failure: Optional[str] = None, agree: Opt
     if failed:
         raise RankError(f"{what if same else 'a collective step'} failed on {'; '.join(failed)}"
                         + ("" if same else f" (ranks at different steps: {where})"))
+    differ = _differences([r[2] for r in records], [r[3] for r in records])
     if not same:
         raise RankError(f"ranks are at different collective steps ({where}): every rank must make analog's "
                         "collective calls (watch, update of a fixed setting after watch, next_pass, new_segment, "
-                        "finalize/eval, refit, distributed scoring) alike and in the same order")
-    differ = _differences([r[2] for r in records], [r[3] for r in records])
+                        "finalize/eval, refit, distributed scoring) alike and in the same order"
+                        + (f"; they also disagree on settings that must agree: {differ}" if differ else ""))
     if differ:
         raise RankError(f"ranks disagree at {what} on settings that must agree: {differ}")
     return [r[4] for r in records]
@@ -127,7 +128,8 @@ def _differences(settings: List[Optional[Dict[str, Any]]], changed: List[List[st
     for key in keys:
         values = ", ".join(f"rank {r}: {s.get(key)!r}" for r, s in enumerate(settings))
         setters = [r for r, c in enumerate(changed) if key in c]
-        by = f" (set by update() on rank {', '.join(map(str, setters))})" if setters else ""
+        by = (f" (set by update() on rank{'s' if len(setters) > 1 else ''} {', '.join(map(str, setters))})"
+              if setters else "")
         parts.append(f"{key}: {values}{by}")
     return "; ".join(parts)
 
