@@ -113,3 +113,29 @@ def single_process(root, project):
             model.zero_grad()
     run.finalize()
     return Curvature.load(run.curvature_path)
+
+
+def worker_ddp_exit(rank, world, tmp, root):
+    """The model's backward is DDP's (a collective of its own, which analog cannot reach): rank 1's forward
+    fails and, as recommended, its error ends the process (nothing calls analog in a ``finally:``), so rank 0,
+    waiting in DDP's gradient all-reduce, gets the backend's error at once (gloo: the peer closed)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from analog import AnaLog
+
+    x, y, _, _ = make_data()
+    model = make_model()
+    ddp = DDP(model)
+    run = AnaLog("ddp", {"root_dir": str(root), **CONFIG}).watch(ddp)
+    start = time.monotonic()
+    try:
+        for b, ids in enumerate(shard(rank, world)):
+            with run(data_id=ids):
+                if rank == 1 and b == FAILING:
+                    raise ValueError("injected: the forward failed on rank 1")
+                loss_fn(ddp(x[ids]), y[ids]).backward()
+            model.zero_grad()
+        error = None
+    except RuntimeError as e:  # rank 0: the backend's error; rank 1's ValueError ends its process (exit code 1)
+        error = f"{type(e).__name__}: {e}"
+    torch.save({"error": error, "seconds": time.monotonic() - start}, Path(tmp) / f"result_rank{rank}.pt")

@@ -9,7 +9,7 @@ failure and no curvature; a new group resumes it and its curvature equals one pr
 
 import pytest
 import torch
-from block_failure_helpers import SCENARIOS, single_process, worker_block_fails, worker_resume
+from block_failure_helpers import SCENARIOS, single_process, worker_block_fails, worker_ddp_exit, worker_resume
 from distributed_helpers import N, errors, run_group, shard
 
 from analog.hessian import Curvature
@@ -95,3 +95,15 @@ def test_a_new_group_resumes_the_store_and_fits_the_uninterrupted_curvature(grou
         assert want.state[key].abs().max() > 0
         torch.testing.assert_close(got.state[key], want.state[key], **TOL)
     assert got.meta["n_samples"] == want.meta["n_samples"] == N and len(keys) == 8
+
+
+def test_under_ddp_backward_the_failing_rank_exits_and_its_peer_fails_at_once(tmp_path):
+    """The documented limit (README, Distributed): with DDP's backward inside the block, the peers of a failing
+    rank wait in DDP's own all-reduce, which analog cannot reach; the recommended pattern is to let the error
+    end the process (no analog call in a ``finally:``). Under gloo the peer then fails at once."""
+    codes = run_group(worker_ddp_exit, tmp_path, root=str(tmp_path / "logs"), timeout=60.0, pg_timeout=PG_TIMEOUT)
+    assert codes == [0, 1], f"exit codes {codes}\n{errors(tmp_path)}"
+    assert "ValueError: injected: the forward failed on rank 1" in (tmp_path / "error_rank1.txt").read_text()
+    result = torch.load(tmp_path / "result_rank0.pt", weights_only=False)
+    assert result["error"] is not None and "Connection closed by peer" in result["error"], result["error"]
+    assert result["seconds"] < PG_TIMEOUT / 2, result["seconds"]

@@ -54,9 +54,9 @@ def worker_update(rank, world, tmp, root):
         model = make_model()
         run = AnaLog(name, {"root_dir": str(root), **CONFIG}).watch(model)
 
-        def scenario():
-            if updates[rank] is not None:
-                run.update(updates[rank])
+        def scenario(run=run, model=model, update=updates[rank]):
+            if update is not None:
+                run.update(update)
             _log(run, model, rank, world)
             run.finalize()
 
