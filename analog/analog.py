@@ -17,6 +17,14 @@ the same projection (a clear error on every rank otherwise). Each rank appends t
 (see analog.storage.layout), ``finalize`` waits until every rank's chunks are on disk before the
 curvature, reduced across ranks, reads it; rank 0 writes the state files.
 
+Every collective step (watch, update of a fixed key after watch, a pass's first-block check, next_pass,
+new_segment, finalize/eval, refit, distributed scoring) starts with one gather of (step, failure, settings)
+(analog.distributed.step): a rank that calls it while an error propagates (``finally: finalize()`` after its
+block failed), ranks at different steps, or ranks whose settings differ (``update()`` on one rank: every key
+but PER_RANK_KEYS) raise the same RankError on every rank there, and the run stops (AnaLog._collective). A
+peer waiting in another library's collective (DDP's gradient all-reduce inside the block) is out of reach:
+log through the unwrapped model, or let the error end the process (see the README, Distributed).
+
 Per-sample gradients are those of the loss the user backpropagates: with ``reduction="sum"`` the
 logged gradient of example i is ∇θ ℓ_i; with ``reduction="mean"`` it is ∇θ ℓ_i / B (B = batch size),
 which scales every score by 1/B² and mixes batch sizes — use ``"sum"``.
@@ -122,7 +130,13 @@ class AnaLog:
     def update(self, values: Dict[str, Any]) -> "AnaLog":
         """Merge ``values`` into the config (see analog.config for the keys). Runtime keys
         (analog.state.RUNTIME_KEYS: damping, progress, ...) can change at any time; the others only
-        before logging starts, and on a reopened project only to the values it was logged with."""
+        before logging starts, and on a reopened project only to the values it was logged with.
+
+        Under torch.distributed it is local, except that a fixed key changed after ``watch()`` rebuilds the
+        projection collectively (as watch() does). Every key but PER_RANK_KEYS must agree across ranks: one
+        changed on one rank only, or to different values, is a RankError on every rank at the next collective
+        step (naming the key, each rank's value and whose update() set it); ``damping`` is compared by
+        distributed scoring only."""
         new = self.config.update(values)
         fixed = sorted(set(flatten(values)) - QUERY_TIME_KEYS)
         started = self._writer is not None or self._logged

@@ -1,5 +1,9 @@
 """Rank and world helpers on torch.distributed; everything is a no-op without a process group.
 
+Every collective step of analog starts with ``step``'s one gather (the step's name, the rank's failure, its
+settings), so that ranks whose paths diverged (one failed, or went to another step) meet there and raise
+the same RankError, instead of waiting in reductions of different shapes until the group's timeout.
+
 Reductions run on the process group's backend (gloo on CPU, NCCL on GPU): tensors are moved to
 the device that backend needs and back, and nothing calls ``.cuda()`` unless the backend is NCCL.
 """

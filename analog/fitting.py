@@ -9,7 +9,9 @@ owning those attributes; the facade's ``finalize``, ``refit`` and ``is_logged`` 
   otherwise — save the state and release the lock. A curvature whose ``fitted_on`` digest differs
   from the store's is fitted again, with a warning; a fitted, current one is left as it is. Under
   torch.distributed it is collective, also for a rank that logged nothing: that rank fits too, adding
-  zeros to every reduction, so the curvature is that of one process over every rank's logs.
+  zeros to every reduction, so the curvature is that of one process over every rank's logs. Its first
+  collective is AnaLog._step: a rank arriving while an error propagates (its block failed and its
+  ``finally:`` finalizes), or from another step, stops every rank there with one RankError (``stop``).
 * ``refit``: fit again from the store, whatever was fitted before (e.g. after ``analog store repair``).
 * ``is_logged``: which ids the store (or this process's writer) holds, to skip them on resume.
 * ``track_writer``/``collect_dropped``: an AnaLog dropped without ``finalize()`` (e.g. an interrupted
