@@ -226,15 +226,33 @@ class AnaLog:
         self._ranks_checked = self.phase
 
     # -- collective steps (torch.distributed) -------------------------------------------------
-    def _step(self, what: str, value: Any = None) -> List[Any]:
+    def _step(self, what: str, value: Any = None, local: Optional[Tuple[str, Any]] = None) -> List[Any]:
         """The first collective of the step ``what`` (``"finalize()"``, ``"new_segment()"``, ...): every rank's
-        ``value`` (analog.distributed.step). Raises the same RankError on every rank when a rank calls it
-        while an error propagates (in a ``finally:`` or ``except:`` of a failed block: ``_in_flight``), when
-        ranks are at different steps, or disagree on a setting (``_agreed``); see ``_collective``."""
+        ``value`` (analog.distributed.step), after ``local = (description, fn)``: ``fn()``, this rank's own part,
+        which must happen even if the collective fails (closing its log writer: its chunks on disk also when a
+        peer is gone). Raises the same RankError on every rank when a rank calls it while an error propagates
+        (in a ``finally:`` or ``except:`` of a failed block: ``_in_flight``), when ``fn()`` raised on a rank
+        (named with its description), when ranks are at different steps, or disagree on a setting
+        (``_agreed``); see ``_collective``. Without a process group ``fn()``'s error propagates as it is."""
         if not distributed.is_distributed():
+            if local is not None:
+                local[1]()
             return [value]
-        return self._collective(lambda: distributed.step(what, value, self._in_flight(what), self._agreed(),
-                                                         self._changed))
+
+        def call():
+            failure, error = self._in_flight(what), None
+            if local is not None:
+                try:
+                    local[1]()
+                except Exception as e:  # noqa: BLE001 - any error, reported on every rank
+                    error = e
+                    failure = failure or f"{local[0]}: {distributed.describe(e)}"
+            try:
+                return distributed.step(what, value, failure, self._agreed(), self._changed)
+            except distributed.RankError as e:
+                raise e from error
+
+        return self._collective(call)
 
     def _collective(self, call):
         """``call()``, a collective step (analog.distributed.step or check_same). When it raises a RankError

@@ -123,9 +123,8 @@ def step(what: str, value: Any = None, failure: Optional[str] = None, agree: Opt
 def _differences(settings: List[Optional[Dict[str, Any]]], changed: List[List[str]]) -> str:
     """The keys on which the ranks' ``settings`` differ, each with every rank's value (and the ranks that
     set it themselves); '' when they agree."""
-    if all(s is None for s in settings):
+    if any(s is None for s in settings):  # a step that compares no settings (only where steps differ)
         return ""
-    settings = [s or {} for s in settings]
     keys = [k for k in dict.fromkeys(k for s in settings for k in s)
             if any(s.get(k) != settings[0].get(k) for s in settings)]
     parts = []

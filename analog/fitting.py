@@ -44,15 +44,15 @@ def finalize(run) -> None:
     # (AnaLog._check_ranks); every decision below that leads to a collective is taken alike on every rank.
     if run.mode == "log":
         run._check_ranks()
-    # the step's first collective: a rank that arrives here while an error propagates (finalize() in the
-    # `finally:` of a failed block), or from another step, or with other settings, stops every rank here
-    in_stats_pass = run._step("finalize()", run._pass_stats is not None)
+    # the step's first collective, after this rank closed its writer: a rank that arrives here while an error
+    # propagates (finalize() in the `finally:` of a failed block), or from another step, or with other
+    # settings, stops every rank here; every rank's chunks are on disk before the curvature reads the store
+    in_stats_pass = close_writers(run, "finalize()", run._pass_stats is not None)
     if run.phase == "pca" and any(in_stats_pass):
         raise RuntimeError(
             f"LoGra init={run.projector.init!r}: the loop so far was its statistics pass and nothing was logged; "
             "call next_pass() and run the logging loop again, or wrap the loop in "
             "`for _ in AnaLogScheduler(analog)`")
-    close_writers(run)  # every rank's chunks are on disk before the curvature reads the store
     try:
         segmenting.end_of_segment(run)
         if run.curvature is None:
@@ -76,8 +76,7 @@ def refit(run) -> None:
     """``run.refit()``: fit the curvature again from the store; an error without saved logs."""
     if not run.config.save:
         raise CurvatureError("refit() fits from the stored logs, and this project has save=False")
-    run._step("refit()")
-    close_writers(run)
+    close_writers(run, "refit()")
     try:
         store = store_if_any(run)
         if store is None or not len(store):
@@ -87,15 +86,18 @@ def refit(run) -> None:
         run.state.release()
 
 
-def close_writers(run) -> None:
-    """Close this rank's log writer (its last chunk to disk), then wait for every rank's (collective): a
-    writer that fails on some ranks (e.g. its last chunk cannot be written) is a RankError on every rank
-    naming them and their errors, not a wait at the barrier until the group's timeout."""
+def close_writers(run, step: str, value=None):
+    """Close this rank's log writer (its last chunk to disk), then wait for every rank's: the first collective
+    of ``step`` (AnaLog._step; ``value``: what it gathers from every rank, returned). A writer that fails on
+    some ranks (e.g. its last chunk cannot be written) is a RankError on every rank naming them and their
+    errors, not a wait at the barrier until the group's timeout; the writer is closed before the collective,
+    so this rank's logs are on disk also when a peer is gone."""
     def close():
         if run._writer is not None:
             run._writer.close()
 
-    distributed.local_step("closing the log writer", close)  # its gather waits for every rank: the barrier
+    # its gather waits for every rank: the barrier
+    return run._step(step, value, local=("closing the log writer", close))
 
 
 def stop(run) -> None:

@@ -105,5 +105,6 @@ def test_under_ddp_backward_the_failing_rank_exits_and_its_peer_fails_at_once(tm
     assert codes == [0, 1], f"exit codes {codes}\n{errors(tmp_path)}"
     assert "ValueError: injected: the forward failed on rank 1" in (tmp_path / "error_rank1.txt").read_text()
     result = torch.load(tmp_path / "result_rank0.pt", weights_only=False)
-    assert result["error"] is not None and "Connection closed by peer" in result["error"], result["error"]
+    # gloo says "Connection closed by peer" or "Connection reset by peer", as the peer's exit goes
+    assert result["error"] is not None and "by peer" in result["error"], result["error"]
     assert result["seconds"] < PG_TIMEOUT / 2, result["seconds"]

@@ -12,7 +12,7 @@ def test_a_writer_failing_on_one_rank_at_finalize_raises_on_every_rank(tmp_path)
                       pg_timeout=PG_TIMEOUT)
     assert codes == [0, 0], f"exit codes {codes}\n{errors(tmp_path)}"
     results = [torch.load(tmp_path / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
-    expected = ("RankError: closing the log writer failed on rank 1 "
-                "(OSError: injected: no space left for the last chunk)")
+    expected = ("RankError: finalize() failed on rank 1 "
+                "(closing the log writer: OSError: injected: no space left for the last chunk)")
     assert [r["error"] for r in results] == [expected, expected]
     assert all(r["seconds"] < PG_TIMEOUT / 2 for r in results), [r["seconds"] for r in results]
