@@ -97,7 +97,8 @@ def step(what: str, value: Any = None, failure: Optional[str] = None, agree: Opt
 
     Since every collective step of analog starts with this gather, a rank's first collective after it
     failed or went elsewhere meets its peers' next one, whatever those are, instead of a reduction of
-    another shape. Cost: one all_gather_object of a few hundred bytes per step (not per batch).
+    another shape. Cost: one all_gather_object of a few hundred bytes per step (none per batch); the
+    steps that gathered anyway (finalize's close barrier, new_segment, the pass check) gather this instead.
     Without a process group it returns ``[value]``."""
     if not is_distributed():
         return [value]
