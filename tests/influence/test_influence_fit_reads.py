@@ -4,15 +4,18 @@ batches equal the whole-row read for float32, int8, int4 and int2 stores; the ba
 formula, shrinks as rows widen and never goes below one row; ranks split the batches as before; and a raw
 or diagonal fit read in small batches equals the explicit Fisher."""
 
+import sys
 import weakref
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import analog.hessian.base as base
 from analog.hessian import build_curvature
-from analog.storage import LogStore, LogWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "storage"))
+from random_store import write_random_store  # noqa: E402
 
 #: grad fields of odd sizes (int4/int2: all but the first start mid-byte) and one forward field in between
 FIELDS = [
@@ -27,14 +30,7 @@ DTYPES = ["float32", "int8", "int4", "int2"]
 
 
 def write_store(path, dtype, fields=FIELDS, n=N, flush_bytes=300, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    width = sum(int(np.prod(f["shape"])) for f in fields)
-    x = torch.randn(n, width, generator=gen) * torch.logspace(-1, 1, n)[:, None]
-    w = LogWriter(path, fields, dtype, flush_bytes=flush_bytes)
-    for start in range(0, n, 5):
-        w.write(list(range(start, min(start + 5, n))), x[start : start + 5])
-    w.close()
-    return LogStore(path)
+    return write_random_store(path, dtype, fields, n, flush_bytes, seed, decades=(-1, 1), per_write=5, id_of=int)
 
 
 def whole_row_batches(store, size, modules=None):

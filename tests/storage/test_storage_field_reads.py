@@ -2,11 +2,10 @@
 of those columns of the whole-row read, for every store dtype, across chunk boundaries and fields that start
 mid-byte; only the field's own bytes are decoded; ``read_cost`` is its per-row memory formula."""
 
-import numpy as np
 import pytest
 import torch
+from random_store import write_random_store
 
-from analog.storage import LogStore, LogWriter
 from analog.storage.encoding import STORE_DTYPES
 
 #: odd sizes: in int4 and int2 stores every field after the first starts mid-byte (offsets 9, 13, 18, 25)
@@ -28,15 +27,7 @@ WORK = {"float32": 0, "float16": 0, "bfloat16": 0, "int8": 4, "int4": 5, "int2":
 
 def write_store(path, dtype, n=N, fields=FIELDS, flush_bytes=200, seed=0):
     """n rows of Gaussian values at row-dependent magnitudes in several chunks; ids ex0.."""
-    gen = torch.Generator().manual_seed(seed)
-    width = sum(int(np.prod(f["shape"])) for f in fields)
-    x = torch.randn(n, width, generator=gen) * torch.logspace(-2, 2, n)[:, None]
-    w = LogWriter(path, fields, dtype, flush_bytes=flush_bytes)
-    for start in range(0, n, 4):
-        stop = min(start + 4, n)
-        w.write([f"ex{i}" for i in range(start, stop)], x[start:stop])
-    w.close()
-    return LogStore(path)
+    return write_random_store(path, dtype, fields, n, flush_bytes, seed, id_of="ex{}".format)
 
 
 @pytest.mark.parametrize("dtype", STORE_DTYPES)
