@@ -150,6 +150,8 @@ class AnaLog:
         self.config = self.state.reconcile(new, self._given)
         if self.modules and set(fixed) - RUNTIME_KEYS:
             self._setup_state("update()")  # collective under torch.distributed, as watch() is
+        elif self.segments is not None:
+            self.segments.set_rule(self.config.segments.rule)  # the live trajectory follows a changed rule
         return self
 
     setup = update

@@ -52,9 +52,8 @@ class Trajectory:
     """Segments of the project at ``project``; the facade asks it where logs and curvature live."""
 
     def __init__(self, project: Path, rule: str = "repeat"):
-        if rule not in RULES:
-            raise ValueError(f"segments rule must be one of {RULES}, got {rule!r}")
-        self.project, self.rule = Path(project), rule
+        self.set_rule(rule)
+        self.project = Path(project)
         self.records: List[SegmentRecord] = load_records(self.project)
         manifest = read_manifest(self.project)
         self.run = manifest["run"] if manifest else new_run_id()
@@ -92,6 +91,12 @@ class Trajectory:
         return len(self.records)
 
     # -- the rule --------------------------------------------------------------------------------
+    def set_rule(self, rule: str) -> None:
+        """The rule deciding where a segment starts from now on (``starts_new``): ``repeat`` or ``manual``."""
+        if rule not in RULES:
+            raise ValueError(f"segments rule must be one of {RULES}, got {rule!r}")
+        self.rule = rule
+
     def starts_new(self, ids: List[Any]) -> bool:
         """Does this batch start a new segment? Rule ``repeat``: yes when one of its ids was logged in
         the current segment; rule ``manual``: such an id is an error."""

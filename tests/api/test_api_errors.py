@@ -78,6 +78,25 @@ def test_duplicate_ids_name_the_id_and_leave_no_trace(tmp_path):
     assert stored(run).ids == [0, 1, 2, 3, 4, 5, 6, "x"]
 
 
+def test_segments_rule_changed_by_update_after_watch_takes_effect(tmp_path):
+    """update({"segments": {"rule": ...}}) between watch() and the first block is not ignored: watched under
+    "manual" and switched to "repeat", a repeated id starts segment 1; once logging started the rule is
+    fixed (an error naming the key), and an unknown rule is refused."""
+    model, run = make(tmp_path, segments={"rule": "manual"})
+    run.watch(model)
+    with pytest.raises(ValueError, match="segments.rule"):
+        run.update({"segments": {"rule": "sometimes"}})
+    run.update({"segments": {"rule": "repeat"}})
+    assert run.segments.rule == "repeat"
+    step(run, model, [0, 1])
+    step(run, model, [1, 2])
+    assert len(run.segments) == 2
+    with pytest.raises(RuntimeError, match=r"update\(\) of \['segments.rule'\] after logging started"):
+        run.update({"segments": {"rule": "manual"}})
+    step(run, model, [2, 3])  # still "repeat": id 2 again starts segment 2
+    assert run.segments.rule == "repeat" and len(run.segments) == 3
+
+
 @pytest.mark.parametrize("dtype", ["float32", "int8", "int4"])  # float: checked by AnaLog; int8/int4: by the writer
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_is_an_error_naming_module_and_ids(tmp_path, bad, dtype):
