@@ -60,8 +60,9 @@ A codec is bound to the store's ``fields`` (analog.storage.rows) and maps a batc
     their intervals, so E[ŷ y] = E[ŷ²] = 0.8825 σ²: an inner product ⟨x̂, q⟩ = ⟨ŷ, R q⟩ with an
     unquantised q is shrunk by about 0.88 on average (the same for every row, so rankings keep) plus
     noise. Rotated values larger than b·σ are clipped to b·σ. Without the rotation, fields far from
-    Gaussian lose much more (digits' one-token gradients, LoGra rank 64: LDS 0.507 unrotated, 0.592
-    rotated; benchmarks/results/attribution_lm_summary.md run 15). Non-finite values are refused as in
+    Gaussian lose much more (digits' one-token gradients, LoGra rank 64: LDS 0.507 unrotated, 0.593
+    rotated; benchmarks/results/attribution_lm_summary.md run 15); on a small LM, whose sketches are already
+    near Gaussian, the rotation cost up to 0.017 LDS (run 16). Non-finite values are refused as in
     int8/int4. A store written before the rotation (no ``"rotation"`` in store.json) is refused, not misread.
 
 Reading one field (``decode_field``): field f of k rows without decoding the rest of the row. A float
