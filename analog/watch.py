@@ -9,7 +9,8 @@
 * layers whose parameters an enclosing layer's rule already covers (``nn.MultiheadAttention.out_proj``
   is used by weight inside its parent's call, never called itself),
 
-and builds the coverage report (analog.capture.coverage). A module the user *names exactly* in
+and builds the coverage report (analog.capture.coverage), warning also when watched modules share a
+parameter (tied weights: their cross terms are not logged). A module the user *names exactly* in
 ``name_filter`` (or selects by ``type_filter``) that cannot be logged is an error with the reason;
 what the default selection leaves out is a warning when it holds trainable parameters.
 """
@@ -89,9 +90,9 @@ def watch_model(
         _nothing_selected(model, type_filter, name_filter)
     rules = {name: find_rule(m) for name, m in chosen.items()}
     coverage = build_coverage(model, chosen, rules, reasons, frozen, user_excluded)
-    message = coverage.warning()
-    if warn and message:
-        warnings.warn(message, stacklevel=3)
+    for message in (coverage.warning(), coverage.tied_warning()):
+        if warn and message:
+            warnings.warn(message, stacklevel=3)
     return Watched(chosen, rules, model, coverage)
 
 

@@ -13,6 +13,16 @@ bare ``nn.Parameter`` used outside any hookable layer call (ViT's cls token), a 
 rule cannot log, a module whose per-sample gradients are not recoverable at its boundary, or left
 out by ``name_filter``/``type_filter``/``exclude``. Modules with a rule but no trainable parameter
 are listed as frozen (not logged).
+
+*Tied* parameters (``Coverage.tied``): one Parameter object used by two or more watched modules (GPT-2's
+``wte`` and ``lm_head``; ``tie_word_embeddings=True`` in Gemma, small Llama/Qwen configs, OPT, BART). Each
+module logs its own use g_m, in its own layout and with its own projections, while the parameter's true
+per-sample gradient is their sum g = Σ_m g_m (the embedding's use transposed to the parameter's (V, D)
+layout). A gradient-dot influence score then sums ⟨q_m, g_m⟩ over the modules and leaves out the cross terms
+Σ_{m≠m'} ⟨q_m, g_m'⟩; ``watch`` warns (``tied_warning``). Measured with ``compression: none`` and
+``hessian: none`` against the exact scores of the tied model (tests/capture/test_capture_tied.py): the
+scores of a one-layer GPT-2 (d = 16, V = 48, random init) are off by 13–14 % (relative Frobenius error, three
+seeds), of a two-layer one (d = 32) by 9 % (4–15 % over other draws); adding the cross terms makes them exact.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ class Coverage:
     trainable: int
     covered: int
     user_excluded: List[str] = field(default_factory=list)  # modules left out by the user's filters
+    tied: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # parameter -> the ≥ 2 watched modules using it
 
     @property
     def share(self) -> float:
@@ -62,6 +73,9 @@ class Coverage:
                 lines.append(f"  {u.module or '<root>'} ({u.type}) {', '.join(u.params)} [{u.numel:,}]: {u.reason}")
         if self.frozen:
             lines.append(f"frozen (no trainable parameter, not logged): {', '.join(self.frozen)}")
+        for param, modules in self.tied.items():
+            lines.append(f"tied: {param} is used by {', '.join(modules)}, each logged on its own (cross terms of "
+                         "its summed gradient are left out of influence scores)")
         return "\n".join(lines)
 
     def warning(self) -> str:
@@ -75,16 +89,32 @@ class Coverage:
         return (f"analog watches {len(self.watched)} modules covering {100 * self.share:.1f} % of the trainable "
                 f"parameters; not covered: {names}{more}. print(analog.coverage) for the full report")
 
+    def tied_warning(self) -> str:
+        """One message for the parameters that several watched modules use ('' if none): see the module docstring."""
+        if not self.tied:
+            return ""
+        groups = "; ".join(f"{' and '.join(modules)} share {param}" for param, modules in self.tied.items())
+        others = list(next(iter(self.tied.values()))[:-1])  # keep the last (lm_head, called in every pass)
+        return (f"analog watches modules that share one weight matrix: {groups}. Each module logs its own use g_m of "
+                "it, so influence scores sum Σ_m ⟨q_m, g_m⟩ and leave out the cross terms Σ_{m≠m'} ⟨q_m, g_m'⟩ of "
+                "the shared matrix's gradient Σ_m g_m (measured on tiny random-init GPT-2s: 4–15 % relative error "
+                "of plain gradient-dot scores). To attribute through one use alone, watch one module of each group, "
+                f"e.g. watch(..., exclude={others!r}); see README 'Tied weights'")
+
 
 def build_coverage(model: nn.Module, chosen: Dict[str, nn.Module], rules: Dict[str, object],
                    reasons: Dict[str, str], frozen: List[str], user_excluded: List[str]) -> Coverage:
     """``reasons``: module name -> why a module with parameters was not chosen (from the selection)."""
     covered_ids = set()
     watched = {}
+    users: Dict[int, List[str]] = {}  # id(parameter) -> watched modules whose rule covers it
     for name, module in chosen.items():
         params = [p for p in rules[name].covered_params(module).values() if p.requires_grad]
         watched[name] = sum(p.numel() for p in params if id(p) not in covered_ids)
         covered_ids.update(id(p) for p in params)
+        for p in params:
+            users.setdefault(id(p), []).append(name)
+    tied = {pname: tuple(users[id(p)]) for pname, p in model.named_parameters() if len(users.get(id(p), ())) > 1}
     seen, trainable, covered = set(), 0, 0
     uncovered: List[Uncovered] = []
     for mname, module in model.named_modules():
@@ -102,7 +132,7 @@ def build_coverage(model: nn.Module, chosen: Dict[str, nn.Module], rules: Dict[s
             reason = reasons.get(mname) or _default_reason(mname, module)
             uncovered.append(Uncovered(mname, type(module).__name__, tuple(n for n, _ in missing),
                                        sum(k for _, k in missing), reason))
-    return Coverage(watched, uncovered, frozen, trainable, covered, user_excluded)
+    return Coverage(watched, uncovered, frozen, trainable, covered, user_excluded, tied)
 
 
 def _default_reason(name: str, module: nn.Module) -> str:
