@@ -6,6 +6,8 @@
 * frozen modules (no parameter with ``requires_grad``): nothing to log; named in the coverage,
 * configurations a rule cannot log (``LayerRule.unsupported``, e.g. BatchNorm without running stats),
 * modules whose per-sample gradients are not recoverable at their boundary (analog.capture.broadcast),
+* layers whose parent uses their weights directly without calling them (analog.capture.direct_use:
+  the Mamba mixer's ``conv1d`` and ``dt_proj``),
 * layers whose parameters an enclosing layer's rule already covers (``nn.MultiheadAttention.out_proj``
   is used by weight inside its parent's call, never called itself),
 
@@ -27,6 +29,7 @@ from torch import nn
 from analog.capture import find_rule, registered_types
 from analog.capture.broadcast import unrecoverable_reason
 from analog.capture.coverage import Coverage, build_coverage
+from analog.capture.direct_use import used_without_call
 from analog.capture.rules import LayerRule, overridden_forward_reason
 
 
@@ -52,6 +55,7 @@ def watch_model(
     chosen: Dict[str, nn.Module] = {}
     reasons: Dict[str, str] = {}
     frozen, user_excluded, claimed = [], [], set()
+    direct = used_without_call(model)
     for name, module in model.named_modules():
         if not name:
             continue
@@ -74,7 +78,7 @@ def watch_model(
                 raise TypeError(f"module {name!r} ({type(module).__name__}) was selected but analog has no "
                                 f"rule for it; registered: {', '.join(registered_types())}")
             continue
-        reason = rule.unsupported(module) or unrecoverable_reason(name, module)
+        reason = rule.unsupported(module) or unrecoverable_reason(name, module) or direct.get(name)
         if reason:
             if explicit and _name_explicit(name, name_filter or ()):
                 raise ValueError(f"module {name!r} ({type(module).__name__}) cannot be logged: {reason}")

@@ -10,8 +10,9 @@ A parameter is *covered* when a watched module's rule yields its per-sample grad
 (``LayerRule.covered_params``). Every trainable parameter that is not covered is listed under the
 module that holds it, with the reason: no rule for the layer type (recurrent layers among them), a
 bare ``nn.Parameter`` used outside any hookable layer call (ViT's cls token), a configuration the
-rule cannot log, a module whose per-sample gradients are not recoverable at its boundary, or left
-out by ``name_filter``/``type_filter``/``exclude``. Modules with a rule but no trainable parameter
+rule cannot log, a module whose per-sample gradients are not recoverable at its boundary (among them a
+layer whose parent uses its weights without calling it: analog.capture.direct_use), or left out by
+``name_filter``/``type_filter``/``exclude``. Modules with a rule but no trainable parameter
 are listed as frozen (not logged).
 
 *Tied* parameters (``Coverage.tied``): one Parameter object used by two or more watched modules (GPT-2's
