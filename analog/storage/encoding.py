@@ -104,6 +104,11 @@ class FieldLayout:
     """Where each field's values sit in a row: ``sizes[f]`` values from ``offsets[f]`` (C order, field
     after field, analog.storage.rows); ``row_elems`` = Σ sizes."""
 
+    #: keys a codec adds to store.json and requires of a store it reads (none, unless it says), and why
+    #: a store lacking them is refused
+    header: Dict[str, Any] = {}
+    header_missing = ""
+
     def __init__(self, fields: Fields):
         self.fields = fields
         self.sizes = [field_size(f) for f in fields]
@@ -118,8 +123,6 @@ class FieldLayout:
 class FloatRows(FieldLayout):
     """Rows stored as they are, in one floating dtype: ``value_dtype`` on disk and when read."""
 
-    #: keys the codec adds to store.json (and requires of a store it reads): none
-    header: Dict[str, Any] = {}
     #: bytes a ``decode_field`` allocates per value: none (a view, or converted straight into ``out``)
     work_bytes = 0
 
@@ -167,8 +170,6 @@ class ScaledRows(FieldLayout):
 
     value_dtype = torch.float32
     name: str
-    #: keys the codec adds to store.json (and requires of a store it reads)
-    header: Dict[str, Any] = {}
     #: values a byte holds, packed over the whole row (a field may start mid-byte when above 1)
     per_byte: int
     #: bytes ``decode_field`` allocates per value of the field, at most (see each codec's ``unscaled``)
@@ -401,6 +402,7 @@ class Gauss2Rows(ScaledRows):
     #: store.json of an int2 store says which rotation its codes are taken after (analog.storage.rotation);
     #: a store without it was written unrotated by an earlier analog and is refused (analog.storage.layout)
     header = {"rotation": "hadamard-v1"}
+    header_missing = "before 2026-12-06, int2 codes were not rotated"
 
     def __init__(self, fields: Fields):
         super().__init__(fields)

@@ -167,11 +167,12 @@ def _header_problem(header: Any) -> str:
         return f"unsupported format {header.get('format')!r} (this analog reads format {FORMAT_VERSION})"
     if header.get("dtype") not in STORE_DTYPES:
         return f"unknown dtype {header.get('dtype')!r}"
-    for key, value in row_codec(header["dtype"], []).header.items():
+    codec = row_codec(header["dtype"], [])
+    for key, value in codec.header.items():
         if header.get(key) != value:
             return (f"its {header['dtype']} codes need {key!r}: {value!r}, found {header.get(key)!r}: it was written "
-                    f"by an analog whose {header['dtype']} codec differs (before 2026-12-06, int2 codes were not "
-                    "rotated) and would decode wrongly here; log it again")
+                    f"by an analog whose {header['dtype']} codec differs ({codec.header_missing}) and would decode "
+                    "wrongly here; log it again")
     fields = header.get("fields")
     if not isinstance(fields, list) or not all(_field_ok(f) for f in fields):
         return f"'fields' must be a list of {{module, kind, shape}}, found {fields!r}"

@@ -39,7 +39,6 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 #: the Hadamard factors are applied as matrix products of 2^4 = 16 (see _hadamard_block)
 _FACTOR_BITS = 4
 
@@ -94,7 +93,8 @@ class Rotation:
         perm, signs = _permutation_and_signs(self.n)
         self._perm, self._signs = torch.from_numpy(perm), torch.from_numpy(signs)
         self._inverse = torch.from_numpy(np.argsort(perm).astype(np.int64))
-        self._permutes = not bool((perm == np.arange(self.n)).all())
+        self._blocks = blocks(self.n)
+        self._permutes = len(self._blocks) > 1  # π is the identity for one block (n a power of two)
         self._cache: dict = {}
 
     def _on(self, x: torch.Tensor):
@@ -117,11 +117,10 @@ class Rotation:
 
     def _hadamard(self, x: torch.Tensor) -> torch.Tensor:
         """H x for (B, n) x, a new tensor (H is its own inverse)."""
-        parts = blocks(self.n)
-        if len(parts) == 1:
-            return _hadamard_block(x, parts[0][1])
+        if len(self._blocks) == 1:
+            return _hadamard_block(x, self._blocks[0][1])
         out = torch.empty_like(x)
-        for offset, m in blocks(self.n):
+        for offset, m in self._blocks:
             out[:, offset : offset + (1 << m)] = _hadamard_block(x[:, offset : offset + (1 << m)], m)
         return out
 
