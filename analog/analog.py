@@ -278,8 +278,10 @@ class AnaLog:
                 "AnaLog on the project to resume (is_logged() tells which batches its store holds)")
 
     def _agreed(self) -> Dict[str, Any]:
-        """The settings every rank must hold alike (all but PER_RANK_KEYS), one key per setting."""
-        return {k: v for k, v in flatten(self.config.to_dict()).items() if k not in PER_RANK_KEYS}
+        """The settings every rank must hold alike (all but PER_RANK_KEYS), one key per setting, and the
+        project's name (ranks writing to different projects would each hold a share of the data)."""
+        return {"project": self.project,
+                **{k: v for k, v in flatten(self.config.to_dict()).items() if k not in PER_RANK_KEYS}}
 
     def _in_flight(self, what: str) -> Optional[str]:
         """This rank's failure as the collective step ``what`` reports it: the error propagating while it

@@ -188,6 +188,8 @@ def worker_disagree(rank, world, tmp, root):
     attempt("modules", lambda: AnaLog("modules", cfg).watch(model, name_filter=["0", "2"] if rank == 0 else ["0"]))
     seeded = {**cfg, "compression": {"type": "logra", "rank": 2, "seed": rank}}
     attempt("seed", lambda: AnaLog("seed", seeded).watch(model))
+    # ranks naming different projects (e.g. a name built from the rank or a time stamp)
+    attempt("project", lambda: AnaLog(f"named_by_rank{rank}", cfg).watch(model))
 
     run = AnaLog("projection", cfg).watch(model)
     if rank == 1:  # a projection changed behind analog's back on one rank only

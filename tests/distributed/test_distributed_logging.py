@@ -146,6 +146,8 @@ def test_disagreeing_ranks_get_a_clear_error_not_a_hang(tmp_path):
         # a setting in the config (not only what it builds) is compared, at watch(), by its flattened key
         assert messages["seed"] == ("ranks disagree at watch() on settings that must agree: "
                                     "compression.seed: rank 0: 0, rank 1: 1")
+        assert messages["project"] == ("ranks disagree at watch() on settings that must agree: "
+                                       "project: rank 0: 'named_by_rank0', rank 1: 'named_by_rank1'")
         assert "processes disagree on what they log" in messages["projection"]
         assert "crc32" in messages["projection"]
 
