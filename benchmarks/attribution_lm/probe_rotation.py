@@ -3,10 +3,13 @@ sketches, without analog's logging path. Exact per-token gradients of the ``cpu4
 a Kronecker random sketch of k values per module (unwhitened, as LoGra ``init: random``, or K-FAC whitened
 with ``--whiten``), training rows coded by the 2-bit Lloyd–Max code plain, rotated by analog's R, or rotated
 by R with other sign seeds; queries stay float; scores are ``raw`` (probe.raw_scores). Prints recall@2 / LDS
-per codec, and with ``--mse`` the code's relative squared error and the rows' kurtosis per module.
-Results: attribution_lm_summary.md run 16.
+per codec, and with ``--mse`` the code's relative squared error and the rows' kurtosis per module; with
+``--metric``, per module and codec, the error in the metric the scores use: with F̂ = xᵀx / N of the float
+sketches, λ = 0.1 tr(F̂) / k, M = (F̂ + λI)⁻¹ and e_n = x̂_n − β_n x_n (β_n the row's least-squares rescaling,
+which no ranking sees), the ratios Σ‖e‖² / Σ‖x‖², Σ eᵀMe / Σ xᵀMx and Σ (q̃ᵀe)² / Σ (q̃ᵀx)² over queries q
+(q̃ = M q). Results: attribution_lm_summary.md runs 16–17.
 
-    python -m benchmarks.attribution_lm.probe_rotation CACHE [--whiten] [--ks 4096 1024] [--mse]
+    python -m benchmarks.attribution_lm.probe_rotation CACHE [--whiten] [--ks 4096 1024] [--mse | --metric]
 """
 
 import argparse
@@ -24,6 +27,7 @@ parser.add_argument("cache")
 parser.add_argument("--whiten", action="store_true")
 parser.add_argument("--ks", type=int, nargs="*", default=[4096, 1024])
 parser.add_argument("--mse", action="store_true", help="print the code's error and the rows' kurtosis instead")
+parser.add_argument("--metric", action="store_true", help="print the code's error in the scores' metric instead")
 args = parser.parse_args()
 torch.set_num_threads(2)
 task, train, query = captured_cpu_lm(args.cache, "cpu4k")
@@ -72,6 +76,21 @@ for k in args.ks:
             rel = {c: ((codecs[c](x) - x).pow(2).sum(1) / x.pow(2).sum(1)).mean().item() for c in ("plain", "rotated")}
             print(f"k={k} {name:24s} kurtosis (median row) {z.pow(4).mean(1).median().item():5.2f}  relative MSE "
                   f"plain {rel['plain']:.4f} rotated {rel['rotated']:.4f}", flush=True)
+        continue
+    if args.metric:
+        for name in train:
+            xt, xq = (x.double() for x in sketches(name, k))
+            f = xt.T @ xt / len(xt)
+            m = torch.linalg.inv(f + 0.1 * torch.trace(f) / k * torch.eye(k, dtype=f.dtype))
+            qt = xq @ m
+            signal = (xt.pow(2).sum().item(), (xt @ m * xt).sum().item(), (qt @ xt.T).pow(2).sum().item())
+            cells = []
+            for c in ("plain", "rotated", "signs-1", "signs-2"):
+                xh = codecs[c](xt.float()).double()
+                e = xh - (xh * xt).sum(1, keepdim=True) / xt.pow(2).sum(1, keepdim=True) * xt
+                err = (e.pow(2).sum().item(), (e @ m * e).sum().item(), (qt @ e.T).pow(2).sum().item())
+                cells.append(f"{c} " + " ".join(f"{a / b:.3f}" for a, b in zip(err, signal)))
+            print(f"k={k} {name:16s} ‖e‖² eᵀMe (q̃ᵀe)², relative: " + " | ".join(cells), flush=True)
         continue
     for label, code in codecs.items():
         t, total = time.time(), 0
