@@ -8,6 +8,7 @@ checkpoints and which segment is active; ``run`` keeps its writer and curvature.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Dict, Optional
 
 from analog import distributed
@@ -60,6 +61,14 @@ def segment_step(run, ids) -> None:
     """Before a logged batch: start a new segment if the rule says so; a segment's checkpoint is
     taken before its first batch (the parameters its logs start from)."""
     if ids is not None and run.segments.starts_new(ids):
+        if run.segments.batches == 0:  # the repeated ids were logged by an earlier process, not this one
+            warnings.warn(
+                f"project {run.project!r} already holds this batch's ids in segment {run.segments.current.index} "
+                f"(logged by an earlier process, in {run.path}), so this batch starts segment "
+                f"{run.segments.current.index + 1} (segments rule 'repeat'): right when this process continues "
+                "the training (its next epoch); if it re-runs the same logging, the project now holds the data "
+                "twice — use a new project name or remove the project's directory, and to resume an interrupted "
+                "run skip the batches analog.is_logged(ids) reports", stacklevel=4)
         run.new_segment()
     if run.config.segments.checkpoint and run.segments.needs_checkpoint():
         run.segments.snapshot(run.modules)

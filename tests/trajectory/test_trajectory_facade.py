@@ -222,7 +222,9 @@ def test_a_reopened_project_continues_with_a_new_segment(tmp_path):
     assert len(again.segments) == 2 and again.log_path == again.segments.records[1].logs(again.path)
     with pytest.raises(Exception, match=r"already fitted.*analog.new_segment\(\)"):
         log_pass(again, model, x[:8], y[:8], [100 + i for i in range(8)])  # new ids into the fitted segment 1
-    log_pass(again, model, x, y, list(range(len(x))))  # the same ids again: segment 2
+    with pytest.warns(UserWarning, match=r"project 'resume' already holds this batch's ids in segment 1 \(logged "
+                      r"by an earlier process.*starts segment 2.*holds the data twice"):
+        log_pass(again, model, x, y, list(range(len(x))))  # the same ids again: segment 2
     again.finalize()
     assert len(again.segments) == 3
     for record in again.segments.records:
@@ -239,7 +241,9 @@ def test_is_logged_asks_the_current_segment(tmp_path):
     reopened = AnaLog("logged", {"root_dir": str(tmp_path), "compression": {"type": "none"}, "progress": False})
     reopened.watch(model)
     assert reopened.is_logged(list(range(8)))  # segment 0 holds them (a resumed run skips them)
-    log_pass(reopened, model, x, y, list(range(len(x))))  # the next epoch: segment 1
+    with pytest.warns(UserWarning, match="earlier process") as caught:
+        log_pass(reopened, model, x, y, list(range(len(x))))  # the next epoch: segment 1
+    assert len([w for w in caught if "earlier process" in str(w.message)]) == 1  # once, not per batch
     assert len(reopened.segments) == 2 and reopened.is_logged(list(range(8)))
     reopened.new_segment(epoch=2)
     assert not reopened.is_logged(list(range(8)))  # segment 2 holds nothing yet
