@@ -2,7 +2,8 @@
 
 ``watch_model`` picks every module that has a per-sample rule (``analog.capture``), minus
 
-* what ``type_filter`` / ``name_filter`` leave out and what ``exclude`` names (substrings or globs),
+* what ``type_filter`` / ``name_filter`` leave out and what ``exclude`` names (substrings or globs; an
+  ``exclude`` pattern that matches no module name is an error, as a typo would otherwise go unnoticed),
 * frozen modules (no parameter with ``requires_grad``): nothing to log; named in the coverage,
 * configurations a rule cannot log (``LayerRule.unsupported``, e.g. BatchNorm without running stats),
 * modules whose per-sample gradients are not recoverable at their boundary (analog.capture.broadcast),
@@ -52,6 +53,7 @@ def watch_model(
 ) -> Watched:
     """Select the modules of ``model`` to log (see the module docstring); warn when coverage is incomplete."""
     _check_type_filter(type_filter)
+    _check_exclude(model, exclude)
     chosen: Dict[str, nn.Module] = {}
     reasons: Dict[str, str] = {}
     frozen, user_excluded, claimed = [], [], set()
@@ -136,6 +138,19 @@ def _listed(items: list, what: str) -> str:
 def _filters(type_filter, name_filter, exclude) -> str:
     given = {"name_filter": name_filter, "type_filter": type_filter, "exclude": exclude}
     return ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
+
+
+def _check_exclude(model: nn.Module, exclude) -> None:
+    """An ``exclude`` pattern that matches no module name is an error (most likely a typo or another model's name)."""
+    if not exclude:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [p for p in exclude if not any(_excluded(name, [p]) for name in names)]
+    if unmatched:
+        raise ValueError(
+            f"watch(exclude={list(exclude)!r}): {unmatched!r} matched no module of {type(model).__name__} "
+            "(a pattern matches a module name as a substring or a glob); drop or correct it. "
+            f"The model's {_listed(_loggable_names(model), 'loggable modules')}")
 
 
 def _nothing_selected(model, type_filter, name_filter, exclude, reasons, frozen) -> None:

@@ -135,6 +135,13 @@ def test_watch_name_filter_matching_nothing_leads_with_filter_and_module_names(t
     assert "'20'" not in message and "transformers" not in message and len(message) < 600
 
 
+def test_watch_exclude_pattern_matching_nothing_is_an_error(tmp_path):
+    model, run = make(tmp_path)
+    with pytest.raises(ValueError, match=r"\['lm_head'\] matched no module of Sequential.*'0' \(Linear\)"):
+        run.watch(model, exclude=["0", "lm_head"])
+    run.watch(model, exclude=["1", "*2"])  # substring and glob patterns that match still work, as before
+    assert list(run.modules) == ["0"]
+
 def test_nonfinite_allow_stores_the_batch(tmp_path):
     model, run = make(tmp_path, nonfinite="allow")
     run.watch(model)
