@@ -2,7 +2,8 @@
 
 ``watch_model`` picks every module that has a per-sample rule (``analog.capture``), minus
 
-* what ``type_filter`` / ``name_filter`` leave out and what ``exclude`` names (substrings or globs),
+* what ``type_filter`` / ``name_filter`` leave out and what ``exclude`` names (substrings or globs; an
+  ``exclude`` pattern that matches no module name is an error, as a typo would otherwise go unnoticed),
 * frozen modules (no parameter with ``requires_grad``): nothing to log; named in the coverage,
 * configurations a rule cannot log (``LayerRule.unsupported``, e.g. BatchNorm without running stats),
 * modules whose per-sample gradients are not recoverable at their boundary (analog.capture.broadcast),
@@ -52,6 +53,7 @@ def watch_model(
 ) -> Watched:
     """Select the modules of ``model`` to log (see the module docstring); warn when coverage is incomplete."""
     _check_type_filter(type_filter)
+    _check_exclude(model, exclude)
     chosen: Dict[str, nn.Module] = {}
     reasons: Dict[str, str] = {}
     frozen, user_excluded, claimed = [], [], set()
@@ -91,7 +93,7 @@ def watch_model(
             continue
         chosen[name] = module
     if not chosen:
-        _nothing_selected(model, type_filter, name_filter)
+        _nothing_selected(model, type_filter, name_filter, exclude, reasons, frozen)
     rules = {name: find_rule(m) for name, m in chosen.items()}
     coverage = build_coverage(model, chosen, rules, reasons, frozen, user_excluded)
     for message in (coverage.warning(), coverage.tied_warning()):
@@ -117,14 +119,63 @@ def _check_type_filter(type_filter) -> None:
                             f"registered: {', '.join(registered_types())}")
 
 
-def _nothing_selected(model, type_filter, name_filter) -> None:
-    hint = ""
+SHOWN_NAMES = 20  # module names an error lists before "and N more"
+
+
+def _loggable_names(model: nn.Module) -> list:
+    """'name' (Type) of every named submodule with a per-sample rule, in model order."""
+    return [f"{name!r} ({type(m).__name__})" for name, m in model.named_modules()
+            if name and find_rule(m) is not None]
+
+
+def _listed(items: list, what: str) -> str:
+    if not items:
+        return f"no {what}"
+    more = f", and {len(items) - SHOWN_NAMES} more" if len(items) > SHOWN_NAMES else ""
+    return f"{what}: {', '.join(items[:SHOWN_NAMES])}{more}"
+
+
+def _filters(type_filter, name_filter, exclude) -> str:
+    given = {"name_filter": name_filter, "type_filter": type_filter, "exclude": exclude}
+    return ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
+
+
+def _check_exclude(model: nn.Module, exclude) -> None:
+    """An ``exclude`` pattern that matches no module name is an error (most likely a typo or another model's name)."""
+    if not exclude:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [p for p in exclude if not any(_excluded(name, [p]) for name in names)]
+    if unmatched:
+        raise ValueError(
+            f"watch(exclude={list(exclude)!r}): {unmatched!r} matched no module of {type(model).__name__} "
+            "(a pattern matches a module name as a substring or a glob); drop or correct it. "
+            f"The model's {_listed(_loggable_names(model), 'loggable modules')}")
+
+
+def _nothing_selected(model, type_filter, name_filter, exclude, reasons, frozen) -> None:
+    kind = type(model).__name__
     if find_rule(model) is not None and not any(True for _ in model.children()):
-        hint = (f"; the model itself is a bare {type(model).__name__} and analog watches named submodules: "
-                "wrap it, e.g. nn.Sequential(model)")
-    raise ValueError(f"watch() selected no module of {type(model).__name__} "
-                     f"(type_filter={type_filter}, name_filter={name_filter}); loggable types: "
-                     f"{', '.join(registered_types())}{hint}")
+        raise ValueError(
+            f"watch() selected no module: the model itself is a bare {kind} with no submodules, and analog "
+            f"logs a model's named submodules, not the model itself: wrap it, e.g. "
+            f"analog.watch(nn.Sequential(model)) (the {kind} is then logged as module '0')")
+    loggable = _loggable_names(model)
+    filters = _filters(type_filter, name_filter, exclude)
+    if not loggable:
+        torch_types = [t.rsplit(".", 1)[1] for t in registered_types() if t.startswith("torch.")]
+        raise ValueError(
+            f"watch() selected no module: {kind} has no submodule analog can log (torch types it logs: "
+            f"{', '.join(torch_types)}; all: analog.capture.registered_types())")
+    if filters:
+        raise ValueError(
+            f"watch() selected no module: {filters} left none of {kind}'s loggable modules (name_filter and "
+            "exclude patterns match a module name as a substring or a glob). "
+            f"Its {_listed(loggable, 'loggable modules')}")
+    why = [f"{name!r}: {reason}" for name, reason in reasons.items()]
+    why += [f"{name!r}: frozen (no parameter requires grad)" for name in frozen]
+    raise ValueError(f"watch() selected no module: none of {kind}'s loggable modules can be logged; "
+                     f"{_listed(why, 'why')}")
 
 
 def _type_ok(module, type_filter) -> bool:

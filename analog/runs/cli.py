@@ -12,6 +12,7 @@ import sys
 
 from analog.runs.comparator import RunComparator, run_name
 from analog.runs.log_parser import LogParseError, parse_training_log
+from analog.runs.plots import require_matplotlib
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -76,6 +77,7 @@ def _compare(args) -> int:
         return _error(f"{len(args.names)} names for {len(args.logs)} logs")
     names = args.names or [None] * len(args.logs)
     try:
+        require_matplotlib()  # compare/report always draw: say so before parsing, printing or making the folder
         comparator = RunComparator(align=args.align, smoothing=args.smoothing, smooth_window=args.smooth)
         for name, log in zip(names, args.logs):
             comparator.add_run(name, log)
@@ -86,6 +88,7 @@ def _compare(args) -> int:
 
 def _report(args) -> int:
     try:
+        require_matplotlib()  # compare/report always draw: say so before parsing, printing or making the folder
         comparator = RunComparator(align=args.align, smoothing=args.smoothing, smooth_window=args.smooth)
         comparator.add_run(args.name, args.log)
         return _write(comparator, args.output_dir)

@@ -18,6 +18,7 @@ from analog.runs.plots import (
     plot_ppl_comparison,
     plot_throughput_comparison,
     plot_training_curves,
+    require_matplotlib,
     x_values,
 )
 from analog.runs.training_metrics import STEP_SERIES, TrainingMetrics
@@ -264,6 +265,7 @@ class RunComparator:
         if smooth_window is not None:
             check_smoothing(self.smoothing, smooth_window)
             self.smooth_window = smooth_window
+        require_matplotlib()  # before the folder is made: no empty output folder when it is missing
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         kw = {"align": self.align, "smoothing": self.smoothing, "smooth_window": self.smooth_window}

@@ -85,12 +85,21 @@ def paired(xs: Sequence[float], ys: Sequence[float]) -> Tuple[List[float], List[
     return [x for x, _ in keep], [y for _, y in keep]
 
 
-def _new_figure(size) -> "Figure":
+def require_matplotlib() -> None:
+    """Raise ImportError(MATPLOTLIB_MISSING) unless matplotlib's Agg canvas imports: callers that will
+    draw check this before doing other work or creating output folders."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
     except ImportError as error:
         raise ImportError(MATPLOTLIB_MISSING) from error
+
+
+def _new_figure(size) -> "Figure":
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=size, dpi=DPI)
     FigureCanvasAgg(figure)
     return figure

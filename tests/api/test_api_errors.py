@@ -114,6 +114,34 @@ def test_nonfinite_gradient_is_an_error_naming_module_and_ids(tmp_path, bad, dty
     assert torch.isfinite(store.rows(0, len(store))).all()
 
 
+
+def test_watch_bare_layer_says_wrap_it_without_contradiction(tmp_path):
+    _, run = make(tmp_path)
+    with pytest.raises(ValueError) as error:
+        run.watch(nn.Linear(3, 2))
+    message = str(error.value)
+    assert "the model itself is a bare Linear" in message and "nn.Sequential(model)" in message
+    assert "loggable types" not in message and "torch.nn.modules.linear.Linear" not in message
+
+
+def test_watch_name_filter_matching_nothing_leads_with_filter_and_module_names(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(25)])
+    _, run = make(tmp_path)
+    with pytest.raises(ValueError, match=r"^watch\(\) selected no module: name_filter=\['encoder.layer'\]") as error:
+        run.watch(model, name_filter=["encoder.layer"])
+    message = str(error.value)
+    assert "'0' (Linear), '1' (Linear)" in message and "'19' (Linear), and 5 more" in message
+    assert "'20'" not in message and "transformers" not in message and len(message) < 600
+
+
+def test_watch_exclude_pattern_matching_nothing_is_an_error(tmp_path):
+    model, run = make(tmp_path)
+    with pytest.raises(ValueError, match=r"\['lm_head'\] matched no module of Sequential.*'0' \(Linear\)"):
+        run.watch(model, exclude=["0", "lm_head"])
+    run.watch(model, exclude=["1", "*2"])  # substring and glob patterns that match still work, as before
+    assert list(run.modules) == ["0"]
+
 def test_nonfinite_allow_stores_the_batch(tmp_path):
     model, run = make(tmp_path, nonfinite="allow")
     run.watch(model)

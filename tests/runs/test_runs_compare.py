@@ -116,6 +116,32 @@ def test_cli_compare_report_summary(tmp_path, two_logs, capsys):
     assert f"training log {empty} is empty" in capsys.readouterr().err
 
 
+def _hide_matplotlib(monkeypatch):
+    """As on an install without the [plot] extra: every matplotlib import raises ImportError."""
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+@pytest.mark.parametrize("command", ["compare", "report"])
+def test_cli_without_matplotlib_fails_before_any_work_or_folder(tmp_path, two_logs, capsys, monkeypatch, command):
+    _hide_matplotlib(monkeypatch)
+    out = tmp_path / "comparison"
+    logs = [str(p) for p in two_logs] if command == "compare" else [str(two_logs[0])]
+    assert main(["runs", command, *logs, "-o", str(out), "--smooth", "10"]) == 1
+    captured = capsys.readouterr()
+    assert 'need matplotlib, which is not installed: pip install "analog-ml[plot]"' in captured.err
+    assert captured.out == "" and not out.exists()  # no table printed, no empty folder left
+
+
+def test_generate_comparison_without_matplotlib_makes_no_folder(tmp_path, two_logs, monkeypatch):
+    comparator = RunComparator()
+    comparator.add_run(None, str(two_logs[0]))
+    _hide_matplotlib(monkeypatch)
+    with pytest.raises(ImportError, match=r"analog-ml\[plot\]"):
+        comparator.generate_comparison(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_python_dash_m_entry_point(two_logs):
     out = subprocess.run(
         [sys.executable, "-m", "analog", "runs", "summary", str(two_logs[1])],
