@@ -362,7 +362,9 @@ class AnaLog:
                     "would not be counted in it: start a new segment with analog.new_segment() or log into a new "
                     "project (nothing of this batch was written)")
             if training and self.config.save and ids is None:
-                raise ValueError("pass data_id=... to `with analog(...)` when logs are saved")
+                raise ValueError("pass data_id=... to `with analog(...)` when logs are saved; analog is still "
+                                 "logging (training mode): to compute a query gradient instead, call analog.eval() "
+                                 "(it runs finalize()) before this block")
             # factors reach the curvature only once the batch passed the checks in __exit__
             observer = (lambda *f: self._observed.append(f)) if training and self.curvature.needs_factors else None
             kinds = (*self.config.log, "token_grad") if per_token else self.config.log
