@@ -50,7 +50,7 @@ from analog.compression.statistics import StatisticsPass
 from analog.config import Config, given_values, load_config
 from analog.hessian import Curvature, CurvatureError, build_curvature
 from analog.ids import to_ids
-from analog.state import RUNTIME_KEYS, ProjectState, flatten
+from analog.state import RUNTIME_KEYS, ProjectError, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
 from analog.storage.encoding import QUANTISED_DTYPES, value_dtype
 from analog.storage.rows import fields_of
@@ -176,8 +176,9 @@ class AnaLog:
         c = self.config.compression
         self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init, damping=c.damping,
                                          allocate=c.allocate)
-        self.projector.setup(self.dims)
         saved = self.state.load_projection()
+        self._check_logged_shapes(saved)
+        self.projector.setup(self.dims)
         if saved is not None:
             self.projector.load_tensors(saved)
         self._sync_projector(step)
@@ -191,6 +192,38 @@ class AnaLog:
                 f"project {self.project!r} at {self.path} holds a fitted {self.curvature.kind!r} curvature but "
                 f"the config asks for {self.config.hessian!r}; set hessian={self.curvature.kind!r} to use it, "
                 "or log into a new project")
+
+    def _check_logged_shapes(self, projection: Optional[Dict[str, torch.Tensor]]) -> None:
+        """A watched module the project logged under the same name must have the shape it was logged with
+        (state/modules.json; for projects saved before it, the dimensions its saved projection implies):
+        otherwise queries would fail deep in a matrix product, naming no module. A ProjectError naming each
+        such module, its stored shape and its new one."""
+        saved = self.state.saved_modules()
+        differ = []
+        for name, dims in self.dims.items():
+            if saved is not None:
+                if name in saved and tuple(saved[name]) != tuple(dims):
+                    differ.append((name, f"(groups, d_out, d_in) {tuple(dims)}",
+                                   f"{tuple(saved[name])} ({self.state.modules_file.name})"))
+                continue
+            groups, d_out, d_in = dims
+            for side, what, expected in (("out", "(groups, d_out)", (groups, d_out)),
+                                         ("in", "(groups, d_in)", (groups, d_in)),
+                                         ("dense", "groups·d_out·d_in", (groups * d_out * d_in,))):
+                t = (projection or {}).get(f"{name}/{side}")
+                if t is not None and tuple(t.shape[:len(expected)]) != expected:
+                    differ.append((name, f"{what} {expected}", f"{tuple(t.shape[:len(expected)])} (its saved "
+                                   f"projection {name}/{side} in projection.safetensors)"))
+                    break
+        if differ:
+            def bias(name: str) -> str:
+                has_bias = getattr(self.modules[name], "bias", None) is not None
+                return " (d_in includes the bias column)" if has_bias else ""
+
+            lines = "; ".join(f"module {name!r} ({type(self.modules[name]).__name__}) has {new}{bias(name)}, "
+                              f"logged with {stored}" for name, new, stored in differ)
+            raise ProjectError(f"project {self.project!r} at {self.path} was logged from another model: {lines}; "
+                               "watch the model the project was logged with, or log this model into a new project")
 
     def _sync_projector(self, step: str) -> None:
         """Under torch.distributed (the collective step ``step``): check that ranks agree on what is projected,
@@ -517,7 +550,7 @@ class AnaLog:
 
     def _save_state(self) -> None:
         tensors = self.projector.tensors if self.projector is not None else None
-        self.state.save(self.config, tensors, self.curvature, self.curvature_path)
+        self.state.save(self.config, tensors, self.curvature, self.curvature_path, modules=self.dims)
         if self.segments is not None and self.segments.has_logs():
             self.segments.save()
 
