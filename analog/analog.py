@@ -165,10 +165,12 @@ class AnaLog:
         if meta:
             raise ValueError(f"module(s) {meta[:5]} have parameters on the meta device (no values): materialise "
                              "the model (e.g. model.to_empty(device=...) and load its weights) before watch()")
+        dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(watched.modules.items(),
+                                                                                   watched.rules.values())}
+        self._check_logged_shapes(watched.modules, dims)  # before anything changes: a refused watch() keeps none
         self.modules, self.rules, self.coverage = watched.modules, watched.rules, watched.coverage
         self._root = watched.root
-        self.dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(self.modules.items(),
-                                                                                        self.rules.values())}
+        self.dims = dims
         self._setup_state("watch()")
         return self
 
@@ -176,9 +178,8 @@ class AnaLog:
         c = self.config.compression
         self.projector = build_projector(c.type, rank=c.rank, seed=c.seed, init=c.init, damping=c.damping,
                                          allocate=c.allocate)
-        saved = self.state.load_projection()
-        self._check_logged_shapes(saved)
         self.projector.setup(self.dims)
+        saved = self.state.load_projection()
         if saved is not None:
             self.projector.load_tensors(saved)
         self._sync_projector(step)
@@ -193,20 +194,21 @@ class AnaLog:
                 f"the config asks for {self.config.hessian!r}; set hessian={self.curvature.kind!r} to use it, "
                 "or log into a new project")
 
-    def _check_logged_shapes(self, projection: Optional[Dict[str, torch.Tensor]]) -> None:
+    def _check_logged_shapes(self, modules: Dict[str, nn.Module], dims: Dict[str, Tuple[int, int, int]]) -> None:
         """A watched module the project logged under the same name must have the shape it was logged with
         (state/modules.json; for projects saved before it, the dimensions its saved projection implies):
         otherwise queries would fail deep in a matrix product, naming no module. A ProjectError naming each
         such module, its stored shape and its new one."""
         saved = self.state.saved_modules()
+        projection = self.state.load_projection() if saved is None else None
         differ = []
-        for name, dims in self.dims.items():
+        for name, shape in dims.items():
             if saved is not None:
-                if name in saved and tuple(saved[name]) != tuple(dims):
-                    differ.append((name, f"(groups, d_out, d_in) {tuple(dims)}",
+                if name in saved and tuple(saved[name]) != tuple(shape):
+                    differ.append((name, f"(groups, d_out, d_in) {tuple(shape)}",
                                    f"{tuple(saved[name])} ({self.state.modules_file.name})"))
                 continue
-            groups, d_out, d_in = dims
+            groups, d_out, d_in = shape
             for side, what, expected in (("out", "(groups, d_out)", (groups, d_out)),
                                          ("in", "(groups, d_in)", (groups, d_in)),
                                          ("dense", "groups·d_out·d_in", (groups * d_out * d_in,))):
@@ -217,10 +219,10 @@ class AnaLog:
                     break
         if differ:
             def bias(name: str) -> str:
-                has_bias = getattr(self.modules[name], "bias", None) is not None
+                has_bias = getattr(modules[name], "bias", None) is not None
                 return " (d_in includes the bias column)" if has_bias else ""
 
-            lines = "; ".join(f"module {name!r} ({type(self.modules[name]).__name__}) has {new}{bias(name)}, "
+            lines = "; ".join(f"module {name!r} ({type(modules[name]).__name__}) has {new}{bias(name)}, "
                               f"logged with {stored}" for name, new, stored in differ)
             raise ProjectError(f"project {self.project!r} at {self.path} was logged from another model: {lines}; "
                                "watch the model the project was logged with, or log this model into a new project")

@@ -65,6 +65,10 @@ def test_reopen_with_a_model_of_other_shapes_names_the_module_at_watch(tmp_path)
     with pytest.raises(ProjectError, match=r"module '0' \(Linear\) has \(groups, d_out, d_in\) \(1, 8, 6\).*"
                                            r"logged with \(1, 4, 6\) \(modules.json\).*watch the model the project"):
         AnaLog("p", {"root_dir": str(tmp_path)}).watch(wider)
+    reopened = AnaLog("p", {"root_dir": str(tmp_path)}).watch(model)
+    with pytest.raises(ProjectError, match="module '0'"):
+        reopened.watch(wider)
+    assert reopened.modules["0"] is model[0]  # a refused watch() leaves the watched model as it was
     # a project saved before modules.json: the saved projection's dimensions name the module
     (run.state_path / "modules.json").unlink()
     with pytest.raises(ProjectError, match=r"module '0' \(Linear\) has \(groups, d_out\) \(1, 8\).*logged with "
