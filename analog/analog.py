@@ -50,7 +50,7 @@ from analog.compression.statistics import StatisticsPass
 from analog.config import Config, given_values, load_config
 from analog.hessian import Curvature, CurvatureError, build_curvature
 from analog.ids import to_ids
-from analog.state import RUNTIME_KEYS, ProjectState, flatten
+from analog.state import RUNTIME_KEYS, ProjectError, ProjectState, flatten
 from analog.storage import LogStore, LogWriter, build_log_dataloader
 from analog.storage.encoding import QUANTISED_DTYPES, value_dtype
 from analog.storage.rows import fields_of
@@ -165,10 +165,12 @@ class AnaLog:
         if meta:
             raise ValueError(f"module(s) {meta[:5]} have parameters on the meta device (no values): materialise "
                              "the model (e.g. model.to_empty(device=...) and load its weights) before watch()")
+        dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(watched.modules.items(),
+                                                                                   watched.rules.values())}
+        self._check_logged_shapes(watched.modules, dims)  # before anything changes: a refused watch() keeps none
         self.modules, self.rules, self.coverage = watched.modules, watched.rules, watched.coverage
         self._root = watched.root
-        self.dims = {n: (r.groups(m), r.out_dim(m), r.in_dim(m)) for (n, m), r in zip(self.modules.items(),
-                                                                                        self.rules.values())}
+        self.dims = dims
         self._setup_state("watch()")
         return self
 
@@ -191,6 +193,39 @@ class AnaLog:
                 f"project {self.project!r} at {self.path} holds a fitted {self.curvature.kind!r} curvature but "
                 f"the config asks for {self.config.hessian!r}; set hessian={self.curvature.kind!r} to use it, "
                 "or log into a new project")
+
+    def _check_logged_shapes(self, modules: Dict[str, nn.Module], dims: Dict[str, Tuple[int, int, int]]) -> None:
+        """A watched module the project logged under the same name must have the shape it was logged with
+        (state/modules.json; for projects saved before it, the dimensions its saved projection implies):
+        otherwise queries would fail deep in a matrix product, naming no module. A ProjectError naming each
+        such module, its stored shape and its new one."""
+        saved = self.state.saved_modules()
+        projection = self.state.load_projection() if saved is None else None
+        differ = []
+        for name, shape in dims.items():
+            if saved is not None:
+                if name in saved and tuple(saved[name]) != tuple(shape):
+                    differ.append((name, f"(groups, d_out, d_in) {tuple(shape)}",
+                                   f"{tuple(saved[name])} ({self.state.modules_file.name})"))
+                continue
+            groups, d_out, d_in = shape
+            for side, what, expected in (("out", "(groups, d_out)", (groups, d_out)),
+                                         ("in", "(groups, d_in)", (groups, d_in)),
+                                         ("dense", "groups·d_out·d_in", (groups * d_out * d_in,))):
+                t = (projection or {}).get(f"{name}/{side}")
+                if t is not None and tuple(t.shape[:len(expected)]) != expected:
+                    differ.append((name, f"{what} {expected}", f"{tuple(t.shape[:len(expected)])} (its saved "
+                                   f"projection {name}/{side} in projection.safetensors)"))
+                    break
+        if differ:
+            def bias(name: str) -> str:
+                has_bias = getattr(modules[name], "bias", None) is not None
+                return " (d_in includes the bias column)" if has_bias else ""
+
+            lines = "; ".join(f"module {name!r} ({type(modules[name]).__name__}) has {new}{bias(name)}, "
+                              f"logged with {stored}" for name, new, stored in differ)
+            raise ProjectError(f"project {self.project!r} at {self.path} was logged from another model: {lines}; "
+                               "watch the model the project was logged with, or log this model into a new project")
 
     def _sync_projector(self, step: str) -> None:
         """Under torch.distributed (the collective step ``step``): check that ranks agree on what is projected,
@@ -362,7 +397,9 @@ class AnaLog:
                     "would not be counted in it: start a new segment with analog.new_segment() or log into a new "
                     "project (nothing of this batch was written)")
             if training and self.config.save and ids is None:
-                raise ValueError("pass data_id=... to `with analog(...)` when logs are saved")
+                raise ValueError("pass data_id=... to `with analog(...)` when logs are saved; analog is still "
+                                 "logging (training mode): to compute a query gradient instead, call analog.eval() "
+                                 "(it runs finalize()) before this block")
             # factors reach the curvature only once the batch passed the checks in __exit__
             observer = (lambda *f: self._observed.append(f)) if training and self.curvature.needs_factors else None
             kinds = (*self.config.log, "token_grad") if per_token else self.config.log
@@ -515,7 +552,7 @@ class AnaLog:
 
     def _save_state(self) -> None:
         tensors = self.projector.tensors if self.projector is not None else None
-        self.state.save(self.config, tensors, self.curvature, self.curvature_path)
+        self.state.save(self.config, tensors, self.curvature, self.curvature_path, modules=self.dims)
         if self.segments is not None and self.segments.has_logs():
             self.segments.save()
 

@@ -5,6 +5,8 @@ Layout under ``root_dir/project/``::
     logs/                        the log store (see analog.storage.layout); logs/writer.lock
     state/config.json            the settings the logs were written with (Config.to_dict())
     state/projection.safetensors the projection tensors (LoGra P_in / P_out, ...)
+    state/modules.json           {module: [groups, d_out, d_in]} of the watched modules the logs came from
+                                 (a model reopened with other shapes is refused at watch(): AnaLog)
     state/curvature.json         {"kind", "n_samples", "finalized", ...} of the fitted curvature
     state/curvature.safetensors  its tensors
     segments/, trajectory.json   later segments of a training run (analog.trajectory.layout): segment k
@@ -39,7 +41,7 @@ import os
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -154,6 +156,26 @@ class ProjectState:
         return Config.from_dict(merged)
 
     # -- files ------------------------------------------------------------------------------
+    @property
+    def modules_file(self) -> Path:
+        return self.state_path / "modules.json"
+
+    def saved_modules(self) -> Optional[Dict[str, Tuple[int, int, int]]]:
+        """{module: (groups, d_out, d_in)} saved with the logs, or None (a project never written to, or
+        written before modules.json existed)."""
+        file = self.modules_file
+        if not file.exists() and not file.is_symlink():
+            return None
+        try:
+            values = json.loads(_read_regular(file))
+            if not isinstance(values, dict) or not all(isinstance(d, list) and len(d) == 3
+                                                       and all(isinstance(v, int) for v in d) for d in values.values()):
+                raise ValueError("expected {module: [groups, d_out, d_in]}")
+        except ValueError as e:
+            raise ProjectError(f"corrupt module record {file}: {e}; delete it (it only lets watch() refuse a model "
+                               "whose modules differ from the logged ones) and reopen the project") from None
+        return {name: tuple(d) for name, d in values.items()}
+
     def load_projection(self) -> Optional[Dict[str, torch.Tensor]]:
         file = self.state_path / "projection.safetensors"
         if not file.exists():
@@ -167,9 +189,9 @@ class ProjectState:
         return read_curvature(self.state_path if directory is None else directory)
 
     def save(self, config: Config, projection: Optional[Dict[str, torch.Tensor]] = None, curvature=None,
-             curvature_dir: Optional[Path] = None) -> None:
-        """Write config, projection and (when fitted) curvature, the latter to ``curvature_dir`` (default
-        ``state/``); rank 0 only, under the lock."""
+             curvature_dir: Optional[Path] = None, modules: Optional[Dict[str, Tuple[int, int, int]]] = None) -> None:
+        """Write config, projection, the watched ``modules`` (added to those saved before) and (when fitted)
+        curvature, the latter to ``curvature_dir`` (default ``state/``); rank 0 only, under the lock."""
         if self.rank != 0:
             return
         self.acquire()
@@ -179,6 +201,12 @@ class ProjectState:
         # (nonfinite) and may change between versions, the store's dtype may not
         values["storage"]["dtype"] = config.store_dtype
         write_bytes_atomic(self.config_file, json.dumps(values, indent=1).encode())
+        if modules:
+            saved = self.saved_modules() or {}
+            merged = {**saved, **{name: tuple(int(v) for v in d) for name, d in modules.items()}}
+            if merged != saved:
+                write_bytes_atomic(self.modules_file,
+                                   json.dumps({n: list(d) for n, d in merged.items()}, indent=1).encode())
         if projection:
             write_bytes_atomic(self.state_path / "projection.safetensors",
                                save({k: v.contiguous() for k, v in projection.items()}))

@@ -90,10 +90,19 @@ class InfluenceFunction:
     def _check_ready(self) -> None:
         """Queries need a fitted curvature: refuse them before ``finalize()`` (the store may also miss rows)."""
         curvature = self.curvature
-        if curvature is None or not curvature.meta["finalized"]:
-            kind = getattr(curvature, "kind", "no")
-            raise CurvatureError(f"{kind} curvature is not fitted yet: call analog.finalize() (or analog.eval()) "
-                                 "after logging, before influence queries")
+        if curvature is None and self.analog is not None and not self.analog.modules:
+            # watch() loads the project's curvature and projection: without it finalize()/eval() have none
+            raise CurvatureError(
+                f"AnaLog {self.analog.project!r} watches no module, so it has no curvature to query (eval() and "
+                f"finalize() load or fit it only for watched modules): call analog.watch(model) first "
+                f"(the project's modules: {_project_modules(self.analog)}), then analog.eval()")
+        if curvature is None:
+            raise CurvatureError("no curvature is fitted yet: call analog.finalize() (or analog.eval()) after "
+                                 "logging, before influence queries")
+        if not curvature.meta["finalized"]:
+            raise CurvatureError(f"the logs are not finalized: the {curvature.kind!r} curvature is not fitted yet "
+                                 "(and the store may miss rows); call analog.finalize() (or analog.eval()) after "
+                                 "logging, before influence queries")
 
     def _grads(self, log, what: str) -> Tuple[List[Any], Dict[str, torch.Tensor]]:
         ids, logs = log
@@ -332,12 +341,28 @@ class InfluenceFunction:
         if isinstance(log_or_loader, tuple):
             _, g = self._grads(log_or_loader, "self-influence")
             return self._self_scores(g, damping).cpu()
+        self._check_ready()  # before reading the loader: before finalize() the store may be empty or partial
         ids, values = [], []
         for batch in log_or_loader:
             b_ids, g = self._grads(batch, "self-influence")
             ids.extend(b_ids)
             values.append(self._self_scores(g, damping).cpu())
+        if not values:
+            store = getattr(getattr(log_or_loader, "dataset", None), "store", None)
+            where = f" (store {store.path} holds {len(store)} examples)" if store is not None else ""
+            raise ValueError(f"the log loader yielded no batches{where}: nothing to score; log training data "
+                             "inside `with analog(data_id=...)` and call analog.finalize() first")
         return ids, torch.cat(values)
+
+
+def _project_modules(analog) -> str:
+    """The modules the project's store holds, for an error message (or why they are unknown)."""
+    from analog.storage import LogStore
+
+    try:
+        return str(LogStore(analog.log_path).modules)
+    except Exception:  # noqa: BLE001 - only for the message: no store, or one that cannot be read
+        return f"unknown, no readable store at {analog.log_path}"
 
 
 def check_damping(damping: Any) -> Optional[float]:

@@ -8,6 +8,7 @@ so a project that never starts a second segment keeps the layout it always had::
       trajectory.json              manifest: {"format": 1, "run": <run id>, "segments": n}
       state/config.json            project-wide: config and projections (shared by every segment)
       state/projection.safetensors
+      state/modules.json           the watched modules' (groups, d_out, d_in), checked at watch()
       logs/                        segment 0: its log store,
       state/curvature.*            its curvature (fitted on its logs only),
       segment.json                 its record (below),

@@ -65,6 +65,19 @@ def test_saving_without_data_id(tmp_path):
             pass
 
 
+def test_a_query_block_while_still_logging_says_to_call_eval(tmp_path):
+    # a query gradient computed after logging but without analog.eval(): the error keeps the data_id advice
+    # (for a forgotten id while logging) and says what a query needs
+    model, run = make(tmp_path)
+    run.watch(model)
+    step(run, model, [0, 1])
+    with pytest.raises(ValueError, match=r"pass data_id=\.\.\..*to compute a query gradient.*call analog\.eval\(\)"):
+        with run():
+            nn.functional.cross_entropy(model(torch.randn(2, 5)), torch.tensor([0, 1]), reduction="sum").backward()
+    step(run, model, [2, 3])  # logging goes on
+    assert stored(run).ids == [0, 1, 2, 3]
+
+
 def test_duplicate_ids_name_the_id_and_leave_no_trace(tmp_path):
     # segments rule "manual": a repeated id is an error (rule "repeat" would start a new segment)
     model, run = make(tmp_path, segments={"rule": "manual"})

@@ -57,6 +57,31 @@ def test_reopen_with_other_logging_settings_names_every_key(tmp_path):
         again.update({"storage": {"dtype": "bfloat16"}})
 
 
+def test_reopen_with_a_model_of_other_shapes_names_the_module_at_watch(tmp_path):
+    run, model = _logged(tmp_path)
+    assert json.loads((run.state_path / "modules.json").read_text()) == {"0": [1, 4, 6], "2": [1, 3, 5]}
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))  # same names, module '0' is 5 -> 8
+    with pytest.raises(ProjectError, match=r"module '0' \(Linear\) has \(groups, d_out, d_in\) \(1, 8, 6\).*"
+                                           r"logged with \(1, 4, 6\) \(modules.json\).*watch the model the project"):
+        AnaLog("p", {"root_dir": str(tmp_path)}).watch(wider)
+    reopened = AnaLog("p", {"root_dir": str(tmp_path)}).watch(model)
+    with pytest.raises(ProjectError, match="module '0'"):
+        reopened.watch(wider)
+    assert reopened.modules["0"] is model[0]  # a refused watch() leaves the watched model as it was
+    # a project saved before modules.json: the saved projection's dimensions name the module
+    (run.state_path / "modules.json").unlink()
+    with pytest.raises(ProjectError, match=r"module '0' \(Linear\) has \(groups, d_out\) \(1, 8\).*logged with "
+                                           r"\(1, 4\) \(its saved projection 0/out"):
+        AnaLog("p", {"root_dir": str(tmp_path)}).watch(wider)
+    # the model it was logged with, or a subset of its modules, is accepted and queries work
+    AnaLog("p", {"root_dir": str(tmp_path)}).watch(model, name_filter=["2"])
+    again = AnaLog("p", {"root_dir": str(tmp_path)}).watch(model).eval()
+    again.add_analysis({"influence": InfluenceFunction})
+    ids, _ = again.influence.compute_self_influence(again.build_log_dataloader())
+    assert ids == list(range(12))
+
+
 @pytest.mark.parametrize("name", ["../x", "../../x", "a/b", "/abs/path", "..", ".", "", "a\\b"])
 def test_project_names_cannot_escape_root_dir(tmp_path, name):
     root = tmp_path / "root"

@@ -110,6 +110,37 @@ def test_unfitted_hessian_is_a_clear_error(tmp_path):
     assert run.influence.compute_influence(run.get_log(), run.get_log()).scores.shape == (8, 8)
 
 
+def test_self_influence_before_finalize_names_the_cause(tmp_path):
+    # in the logging phase the store is empty (nothing flushed yet): refused before any batch is read
+    model, (x, y) = make_mlp(), make_data(n=8)
+    run = AnaLog(project="early", config={"root_dir": str(tmp_path)}).update({"hessian": "kfac"}).watch(model)
+    run.add_analysis({"influence": InfluenceFunction})
+    with run(data_id=list(range(8))):
+        torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    with pytest.raises(CurvatureError, match=r"logs are not finalized.*'kfac' curvature is not fitted yet.*"
+                                             r"call analog\.finalize\(\)"):
+        run.influence.compute_self_influence(run.build_log_dataloader())
+    run.finalize()
+    ids, scores = run.influence.compute_self_influence(run.build_log_dataloader())
+    assert ids == list(range(8)) and scores.shape == (8,)
+    with pytest.raises(ValueError, match="the log loader yielded no batches: nothing to score"):
+        run.influence.compute_self_influence([])
+
+
+def test_reopened_project_queried_without_watch_says_to_watch(fitted):
+    run, model, x, y = fitted
+    again = AnaLog(project="api", config={"root_dir": run.config.root_dir})
+    again.eval()  # nothing watched: eval() loads no curvature
+    again.add_analysis({"influence": InfluenceFunction})
+    with pytest.raises(CurvatureError, match=r"watches no module.*call analog\.watch\(model\) first "
+                                             r"\(the project's modules: \['0', '2'\]\)") as error:
+        again.influence.compute_self_influence(again.build_log_dataloader())
+    assert "no curvature is not" not in str(error.value)
+    again.watch(model).eval()
+    ids, _ = again.influence.compute_self_influence(again.build_log_dataloader())
+    assert ids == list(range(48))
+
+
 def test_reopening_a_project_with_another_hessian_is_a_clear_error(fitted):
     run, model, x, y = fitted
     again = AnaLog(project="api", config={"root_dir": run.config.root_dir,

@@ -10,6 +10,7 @@ from trajectory_helpers import MODULES, loss_fn, make_data, make_mlp, module_gra
 
 from analog import AnaLog
 from analog.analysis import InfluenceFunction
+from analog.state import ProjectError
 from analog.storage import LogStore
 from analog.trajectory import SegmentError, load_checkpoint
 from analog.trajectory.analysis import TrajectoryInfluence
@@ -162,7 +163,11 @@ def test_bad_input_is_a_clear_error(tmp_path):
     thetas = [perturbed(model, 0.3, seed=s) for s in range(2)]
     run = trajectory_project(tmp_path, model, x, y, thetas, [1.0, 1.0], "none")
 
-    other = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    # a same-named module of another shape is refused at watch() (state/modules.json); one more module is
+    # refused by at_segment, whose checkpoints hold the logged modules only
+    with pytest.raises(ProjectError, match=r"module '2' \(Linear\) has \(groups, d_out, d_in\) \(1, 6, 7\)"):
+        run.watch(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)))
+    other = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 3))
     run.watch(other)
     with pytest.raises(SegmentError, match=r"watched modules \['0', '2', '4'\] differ from the modules \['0', '2'\]"):
         with run.at_segment(0):
