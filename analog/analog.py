@@ -545,7 +545,12 @@ class AnaLog:
         return fitting.is_logged(self, data_id)
 
     def eval(self) -> "AnaLog":
-        """Analysis mode: finalize, then `with` blocks capture queries without storing them."""
+        """Analysis mode: finalize, then `with` blocks capture queries without storing them. Without
+        watch() there is nothing to fit or load (a warning says so; reading the store still works)."""
+        if not self.modules:
+            warnings.warn(f"eval() on AnaLog {self.project!r}, which watches no module: no curvature is fitted or "
+                          "loaded and no query can be captured; call analog.watch(model) first (the model the "
+                          "project was logged with), then eval()", stacklevel=2)
         self.finalize()
         self.mode = "eval"
         return self

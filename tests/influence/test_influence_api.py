@@ -130,7 +130,9 @@ def test_self_influence_before_finalize_names_the_cause(tmp_path):
 def test_reopened_project_queried_without_watch_says_to_watch(fitted):
     run, model, x, y = fitted
     again = AnaLog(project="api", config={"root_dir": run.config.root_dir})
-    again.eval()  # nothing watched: eval() loads no curvature
+    with pytest.warns(UserWarning, match=r"eval\(\) on AnaLog 'api', which watches no module.*call "
+                                         r"analog\.watch\(model\) first"):
+        again.eval()  # nothing watched: eval() loads no curvature, and says so
     again.add_analysis({"influence": InfluenceFunction})
     with pytest.raises(CurvatureError, match=r"watches no module.*call analog\.watch\(model\) first "
                                              r"\(the project's modules: \['0', '2'\]\)") as error:
