@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from analog import AnaLog
 from analog.analysis import InfluenceFunction
+from analog.analysis.evaluation import spearman as column_spearman
 
 KAPPA = 0.1175 / 0.8825
 
@@ -69,9 +70,9 @@ def self_influence(root, dtype, hessian, data, epochs, batch=8):
     return list(ids), scores.double(), noise
 
 
-def spearman(a, b):
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
+def spearman(a, b) -> float:
+    """Spearman correlation of two (N,) vectors (analog.analysis.evaluation.spearman, ties averaged)."""
+    return float(column_spearman(a[:, None], b[:, None])[0])
 
 
 def main():
